@@ -1,0 +1,51 @@
+"""The Python API: trace, analyze, apply, unique_parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lfpass.config import FusionConfig
+from lfpass.fx import apply_plan, find_sites
+from lfpass.plan import FusionPlan
+from lfpass.planner import plan_fusion
+
+
+def unique_parameters(module: nn.Module) -> int:
+    """Parameters of ``module``, counting a tensor shared by several layers once."""
+    seen: set[tuple] = set()
+    total = 0
+    for p in module.parameters():  # already unique by object
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()), p.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += p.numel()
+    return total
+
+
+def analyze(model: nn.Module, config: FusionConfig | None = None, progress: bool = False) -> FusionPlan:
+    """Plan layer fusion for ``model`` (a GraphModule or any nn.Module). Mutates nothing."""
+    config = config or FusionConfig()
+    found = find_sites(model)
+    with torch.no_grad():
+        return plan_fusion(found.sites, found.load, config, unique_parameters(model), progress=progress)
+
+
+def apply(model: nn.Module, plan: FusionPlan, inplace: bool = False) -> nn.Module:
+    """Rewrite ``model`` so each group of ``plan`` shares one merged tensor.
+
+    The input is copied unless ``inplace=True``. The result's unique parameter
+    count equals ``plan.params_after`` when ``plan`` was made for this model.
+    """
+    with torch.no_grad():
+        return apply_plan(model, plan, inplace=inplace)
+
+
+def fuse(model: nn.Module, config: FusionConfig | None = None, **overrides: Any) -> tuple[nn.Module, FusionPlan]:
+    """``analyze`` then ``apply``: the fused copy and its plan."""
+    config = (config or FusionConfig()).replace(**overrides) if overrides else (config or FusionConfig())
+    plan = analyze(model, config)
+    return apply(model, plan), plan

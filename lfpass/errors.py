@@ -1,0 +1,27 @@
+"""Exception types. The CLI turns each into one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class LfpassError(Exception):
+    """A problem the user can act on; the message says what and where."""
+
+
+class ConfigError(LfpassError):
+    """A bad option, pipeline key or value."""
+
+
+class TraceError(LfpassError):
+    """A model could not be turned into a graph."""
+
+
+class PlanError(LfpassError):
+    """A plan does not fit the graph it is applied to, or cannot be read."""
+
+
+class InputError(LfpassError):
+    """A model file or factory that cannot be read."""
+
+
+class OutputError(LfpassError):
+    """An output that cannot be written."""

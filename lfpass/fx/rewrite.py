@@ -1,0 +1,101 @@
+"""Apply a fusion plan to a torch.fx GraphModule (or any nn.Module).
+
+Every member of a group ends up holding the *same* ``nn.Parameter`` object per
+slot (weight, bias), so autograd sums the gradients of every use into it and
+``module.parameters()`` yields it once. In graphs that read weights through
+``get_attr`` (torch.export), the nodes of the members are re-pointed to the
+anchor's name and attributes nothing reads any more are removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from lfpass.errors import PlanError
+from lfpass.fx.sites import FxSites, find_sites
+from lfpass.merge import get_rule
+from lfpass.plan import FusionPlan
+from lfpass.sites import Site
+
+log = logging.getLogger(__name__)
+
+
+def _check(plan: FusionPlan, sites: dict[str, Site]) -> None:
+    """The plan must name sites this module has, with the signatures it planned for."""
+    planned = dict(plan.signatures)
+    for group in plan.groups:
+        for name in group.members:
+            site = sites.get(name)
+            if site is None:
+                raise PlanError(f"plan does not fit this model: it has no layer {name!r}")
+            if name in planned and planned[name] != site.class_key(True):
+                raise PlanError(f"plan does not fit this model: layer {name!r} changed shape or attributes")
+        if len({sites[m].class_key(True) for m in group.members}) != 1:
+            raise PlanError(f"plan groups incompatible layers: {', '.join(group.members)}")
+
+
+def _split(path: str, root: nn.Module) -> tuple[nn.Module, str]:
+    owner, _, attr = path.rpartition(".")
+    return (root.get_submodule(owner) if owner else root), attr
+
+
+def _set(root: nn.Module, path: str, value: nn.Parameter) -> None:
+    owner, attr = _split(path, root)
+    if attr in owner._parameters or isinstance(getattr(owner, attr, None), nn.Parameter):
+        setattr(owner, attr, value)
+    else:  # a buffer used as a constant weight: keep it a buffer
+        owner.register_buffer(attr, value.detach(), persistent=attr not in owner._non_persistent_buffers_set)
+
+
+def apply_plan(module: nn.Module, plan: FusionPlan, inplace: bool = False) -> nn.Module:
+    """Return ``module`` with each group of ``plan`` sharing one merged tensor per slot."""
+    if not inplace:
+        module = copy.deepcopy(module)
+    found: FxSites = find_sites(module)
+    sites = found.by_name()
+    _check(plan, sites)
+    repoint: dict[str, str] = {}
+    for index, group in enumerate(plan.groups):
+        members = [sites[m] for m in group.members]
+        rule = get_rule(group.rule)
+        rng = np.random.default_rng([plan.seed, index])
+        importance = np.array([np.linalg.norm(found.load(s.weight)) for s in members])
+        for slot, anchor_name in enumerate(members[0].tensors):
+            old = found.params[anchor_name]
+            merged = rule([found.load(s.tensors[slot]) for s in members], importance, rng)
+            shared = nn.Parameter(
+                torch.from_numpy(merged).to(device=old.device, dtype=old.dtype),
+                requires_grad=old.requires_grad,
+            )
+            for s in members:
+                for path in found.holders[s.tensors[slot]]:
+                    _set(module, path, shared)
+                    repoint[path] = anchor_name
+    if isinstance(module, fx.GraphModule):
+        _repoint_get_attrs(module, repoint)
+    log.info("applied %d groups", len(plan.groups))
+    return module
+
+
+def _repoint_get_attrs(gm: fx.GraphModule, repoint: dict[str, str]) -> None:
+    """Make members' ``get_attr`` nodes read the anchor, then drop attributes nothing reads."""
+    changed = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in repoint and repoint[node.target] != node.target:
+            changed.add(node.target)
+            node.target = repoint[node.target]
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for path in changed - read:
+        owner_path = path.rpartition(".")[0]
+        if any(c == owner_path or c.startswith(owner_path + ".") or owner_path.startswith(c + ".") for c in called if owner_path):
+            continue
+        owner, attr = _split(path, gm)
+        delattr(owner, attr)
+    gm.graph.lint()
+    gm.recompile()

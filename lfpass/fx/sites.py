@@ -1,0 +1,270 @@
+"""Find the weight-bearing layers of a torch.fx graph (or of a plain nn.Module).
+
+Two shapes of graph carry the same layers:
+
+- ``call_module`` nodes on ``nn.Linear``, ``nn.Conv*d``, ``nn.ConvTranspose*d``
+  and transformers' ``Conv1D`` (weight stored ``[in, out]``), as
+  ``torch.fx.symbolic_trace`` writes them;
+- ``call_function`` nodes (``aten.linear``, ``aten.conv*``, ``aten.convolution``,
+  ``aten.addmm``/``mm``/``matmul`` and their ``torch.nn.functional`` forms) on
+  ``get_attr`` weights, possibly through a transpose, as
+  ``torch.export.export(...).module()`` writes them.
+
+A tensor is one site however many nodes use it, so a module called twice or a
+parameter already tied is planned once.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lfpass.sites import Site, make_signature, role_of
+
+aten = torch.ops.aten
+
+_LINEAR_OPS = {aten.linear.default}
+_CONV_OPS = {
+    aten.conv1d.default: (1, False), aten.conv2d.default: (2, False), aten.conv3d.default: (3, False),
+    aten.conv1d.padding: (1, False), aten.conv2d.padding: (2, False), aten.conv3d.padding: (3, False),
+    aten.conv_transpose1d.default: (1, True), aten.conv_transpose2d.input: (2, True),
+    aten.conv_transpose3d.input: (3, True),
+}
+_MM_OPS = {aten.addmm.default, aten.mm.default, aten.matmul.default}
+_FUNCTIONAL = {
+    F.linear: aten.linear.default,
+    F.conv1d: aten.conv1d.default, F.conv2d: aten.conv2d.default, F.conv3d: aten.conv3d.default,
+    F.conv_transpose1d: aten.conv_transpose1d.default, F.conv_transpose2d: aten.conv_transpose2d.input,
+    F.conv_transpose3d: aten.conv_transpose3d.input,
+    torch.matmul: aten.matmul.default, operator.matmul: aten.matmul.default,
+    torch.mm: aten.mm.default, torch.addmm: aten.addmm.default,
+}
+_PASS_THROUGH = {aten.alias.default, aten.detach.default, torch.Tensor.detach}
+
+
+@dataclass
+class FxSites:
+    """The sites of one module and how to reach their tensors."""
+
+    sites: list[Site]
+    params: dict[str, torch.Tensor]  # canonical tensor name -> tensor
+    holders: dict[str, list[str]] = field(default_factory=dict)  # canonical name -> every attribute path
+
+    def load(self, name: str) -> np.ndarray:
+        return self.params[name].detach().to("cpu", torch.float32).numpy()
+
+    def by_name(self) -> dict[str, Site]:
+        return {s.name: s for s in self.sites}
+
+
+def _tensor_names(module: nn.Module) -> tuple[dict[int, str], dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Canonical name (first path) for every parameter and buffer, and all of its paths."""
+    canonical: dict[int, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    holders: dict[str, list[str]] = {}
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    for path, t in named:
+        name = canonical.setdefault(id(t), path)
+        tensors[name] = t
+        holders.setdefault(name, []).append(path)
+    return canonical, tensors, holders
+
+
+def _is_conv1d_hf(mod: nn.Module) -> bool:
+    """transformers' ``Conv1D``: a linear layer with its weight stored ``[in, out]``."""
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
+
+
+def _ntuple(value: Any, n: int) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value) if len(value) == n else tuple(int(v) for v in value) * (n // len(value))
+    return (int(value),) * n
+
+
+def _module_site(path: str, mod: nn.Module, canonical: dict[int, str]) -> tuple[str, Any, str, tuple[str, ...]] | None:
+    """(kind, signature, layout, tensor names) of a module that is a site, else None."""
+    bias = getattr(mod, "bias", None)
+    if isinstance(mod, nn.Linear) or _is_conv1d_hf(mod):
+        w = mod.weight
+        layout = "out_in" if isinstance(mod, nn.Linear) else "in_out"
+        sig = make_signature(shape=tuple(w.shape), bias=bias is not None, layout=layout, dtype=str(w.dtype))
+        kind = "linear"
+    elif isinstance(mod, nn.modules.conv._ConvNd):
+        w = mod.weight
+        nd = w.dim() - 2
+        kind = "conv_transpose" if mod.transposed else "conv"
+        sig = make_signature(
+            shape=tuple(w.shape), bias=bias is not None, stride=_ntuple(mod.stride, nd),
+            padding=_ntuple(mod.padding, nd), dilation=_ntuple(mod.dilation, nd), groups=int(mod.groups),
+            output_padding=_ntuple(mod.output_padding, nd), padding_mode=mod.padding_mode,
+            layout="in_out" if mod.transposed else "out_in", dtype=str(w.dtype),
+        )
+    else:
+        return None
+    names = (canonical[id(w)],) + ((canonical[id(bias)],) if bias is not None else ())
+    return kind, sig, path, names
+
+
+def _bind(op: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments of an aten call by schema name, defaults filled in."""
+    out: dict[str, Any] = {}
+    for i, a in enumerate(op._schema.arguments):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    t = node.target
+    if node.op == "call_function":
+        if t in (aten.t.default, torch.t):
+            return True
+        if t is aten.transpose.int or t is torch.transpose:
+            return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+        if t is aten.permute.default:
+            return list(node.args[1]) in ([1, 0], [-1, -2])
+        if t is getattr and node.args[1] in ("T", "mT"):
+            return True
+    if node.op == "call_method":
+        if t == "t":
+            return True
+        if t == "transpose":
+            return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+    return False
+
+
+class _Finder:
+    def __init__(self, gm: fx.GraphModule, canonical: dict[int, str]):
+        self.gm = gm
+        self.canonical = canonical
+
+    def const(self, arg: Any) -> tuple[str, bool] | None:
+        """(canonical tensor name, transposed) when ``arg`` is a constant tensor."""
+        transposed = False
+        node = arg
+        while isinstance(node, fx.Node):
+            if node.op == "get_attr":
+                try:
+                    t = self.gm.get_parameter(node.target)
+                except AttributeError:
+                    try:
+                        t = self.gm.get_buffer(node.target)
+                    except AttributeError:
+                        return None
+                name = self.canonical.get(id(t))
+                return (name, transposed) if name else None
+            if _is_transpose(node):
+                transposed = not transposed
+            elif not (node.op == "call_function" and node.target in _PASS_THROUGH):
+                return None
+            node = node.args[0]
+        return None
+
+    def function_site(self, node: fx.Node, tensors: dict[str, torch.Tensor]) -> tuple[str, Any, str, tuple[str, ...]] | None:
+        op = _FUNCTIONAL.get(node.target, node.target)
+        if op in _LINEAR_OPS:
+            a = _bind(op, node.args, node.kwargs)
+            w, b = self.const(a["weight"]), self.const(a["bias"]) if a["bias"] is not None else None
+            if w is None or w[1] or (a["bias"] is not None and b is None):
+                return None
+            shape = tuple(tensors[w[0]].shape)
+            sig = make_signature(shape=shape, bias=b is not None, layout="out_in", dtype=str(tensors[w[0]].dtype))
+            return "linear", sig, w[0], (w[0],) + ((b[0],) if b else ())
+        if op in _CONV_OPS:
+            nd, transposed = _CONV_OPS[op]
+            a = _bind(op, node.args, node.kwargs)
+            if isinstance(a.get("padding"), str) and op in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
+                op = {aten.conv1d.default: aten.conv1d.padding, aten.conv2d.default: aten.conv2d.padding,
+                      aten.conv3d.default: aten.conv3d.padding}[op]
+                a = _bind(op, node.args, node.kwargs)
+            return self._conv(a, nd, transposed, tensors)
+        if op is aten.convolution.default:
+            a = _bind(op, node.args, node.kwargs)
+            nd = len(a["stride"])
+            return self._conv(a, nd, bool(a["transposed"]), tensors)
+        if op in _MM_OPS:
+            a = _bind(op, node.args, node.kwargs)
+            lhs, rhs = (a["mat1"], a["mat2"]) if "mat1" in a else (a["self"], a["other"] if "other" in a else a["mat2"])
+            bias = None
+            if op is aten.addmm.default:
+                if a["beta"] != 1 or a["alpha"] != 1:
+                    return None
+                bias = self.const(a["self"])
+                if bias is None or bias[1]:
+                    return None
+            w, side = self.const(rhs), "right"
+            if w is None and bias is None:
+                w, side = self.const(lhs), "left"
+            if w is None or tensors[w[0]].dim() != 2:
+                return None
+            layout = ("out_in" if w[1] else "in_out") if side == "right" else ("left_in_out" if w[1] else "left_out_in")
+            t = tensors[w[0]]
+            sig = make_signature(shape=tuple(t.shape), bias=bias is not None, layout=layout, dtype=str(t.dtype))
+            return "linear", sig, w[0], (w[0],) + ((bias[0],) if bias else ())
+        return None
+
+    def _conv(self, a: dict, nd: int, transposed: bool, tensors: dict[str, torch.Tensor]):
+        w = self.const(a["weight"])
+        b = self.const(a["bias"]) if a.get("bias") is not None else None
+        if w is None or w[1] or (a.get("bias") is not None and b is None):
+            return None
+        t = tensors[w[0]]
+        sig = make_signature(
+            shape=tuple(t.shape), bias=b is not None, stride=_ntuple(a["stride"], nd),
+            padding=_ntuple(a["padding"], nd), dilation=_ntuple(a["dilation"], nd), groups=int(a["groups"]),
+            output_padding=_ntuple(a.get("output_padding") or 0, nd), padding_mode="zeros",
+            layout="in_out" if transposed else "out_in", dtype=str(t.dtype),
+        )
+        return ("conv_transpose" if transposed else "conv"), sig, w[0], (w[0],) + ((b[0],) if b else ())
+
+
+def find_sites(module: nn.Module) -> FxSites:
+    """Every weight-bearing layer of ``module``, in graph (or module) order."""
+    canonical, tensors, holders = _tensor_names(module)
+    found: dict[str, Site] = {}  # weight name -> site
+    nodes: dict[str, list[str]] = {}
+
+    def add(kind: str, sig: Any, path: str, names: tuple[str, ...], where: str) -> None:
+        if names[0] in found:
+            nodes[names[0]].append(where)
+            return
+        owner = path if path != names[0] else names[0].rpartition(".")[0] or names[0]
+        numel = sum(tensors[n].numel() for n in names)
+        found[names[0]] = Site(owner, kind, role_of(owner), sig, names, numel)
+        nodes[names[0]] = [where]
+
+    if isinstance(module, fx.GraphModule):
+        finder = _Finder(module, canonical)
+        for node in module.graph.nodes:
+            if node.op == "call_module":
+                hit = _module_site(node.target, module.get_submodule(node.target), canonical)
+            elif node.op == "call_function":
+                hit = finder.function_site(node, tensors)
+            else:
+                continue
+            if hit:
+                add(*hit, where=node.name)
+    else:
+        for path, mod in module.named_modules():
+            hit = _module_site(path, mod, canonical)
+            if hit:
+                add(*hit, where=path)
+
+    sites, seen = [], set()
+    for weight, s in found.items():
+        name = s.name if s.name not in seen else f"{s.name}#{len(seen)}"
+        seen.add(name)
+        sites.append(Site(name, s.kind, s.role, s.signature, s.tensors, s.numel, ",".join(nodes[weight])))
+    return FxSites(sites, tensors, holders)

@@ -1,0 +1,119 @@
+"""Similarity of weight tensors, all pairs of one compatibility class at once.
+
+Every metric takes the ``n`` weight tensors of a class (same shape) and returns
+an ``n x n`` float64 matrix on one scale: **higher means more alike**, and a
+tensor compared with an exact copy of itself scores 1. Distances are turned
+into similarities here, so the planner can never keep the least similar pairs
+by reading a distance as a similarity (the authors' code does exactly that).
+
+- ``cosine``: cosine of the flattened weights, in [-1, 1].
+- ``euclidean``: ``1 - ||a - b|| / mean(||a||, ||b||)``, in [-1, 1].
+- ``cov``: the paper's default: Frobenius norm of the covariance of the
+  standardised weight matrix, compared as ``1 - |na - nb| / mean(na, nb)``.
+- ``wasserstein``: 1-D earth mover's distance between the two weight-value
+  distributions (on shared quantiles), over their mean standard deviation,
+  as ``1 - W1 / mean(sa, sb)``. Blind to where each value sits.
+- ``kl``: ``exp(-KL_sym)`` between histograms of weight values on shared bins.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from lfpass.errors import ConfigError
+
+Metric = Callable[[Sequence[np.ndarray]], np.ndarray]
+
+_QUANTILES = 1024
+_BINS = 64
+_EPS = 1e-12
+
+
+def _stack(weights: Sequence[np.ndarray]) -> np.ndarray:
+    return np.stack([np.asarray(w, dtype=np.float32).reshape(-1) for w in weights])
+
+
+def _rel_gap(values: np.ndarray) -> np.ndarray:
+    """``1 - |a - b| / mean(a, b)`` for all pairs of a vector of non-negative values."""
+    gap = np.abs(values[:, None] - values[None, :])
+    scale = (values[:, None] + values[None, :]) / 2.0
+    return 1.0 - np.divide(gap, scale, out=np.zeros_like(gap), where=scale > _EPS)
+
+
+def cosine(weights: Sequence[np.ndarray]) -> np.ndarray:
+    x = _stack(weights).astype(np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    x /= np.where(norms > _EPS, norms, 1.0)[:, None]
+    sim = x @ x.T
+    both_zero = (norms[:, None] <= _EPS) & (norms[None, :] <= _EPS)
+    sim[both_zero] = 1.0
+    np.fill_diagonal(sim, 1.0)
+    return np.clip(sim, -1.0, 1.0)
+
+
+def euclidean(weights: Sequence[np.ndarray]) -> np.ndarray:
+    x = _stack(weights)
+    n = len(x)
+    dist = np.zeros((n, n))
+    for i in range(n - 1):  # one pass per row, exact differences (no Gram cancellation)
+        dist[i, i + 1 :] = np.linalg.norm(x[i + 1 :] - x[i], axis=1)
+    dist = dist + dist.T
+    norms = np.linalg.norm(x, axis=1).astype(np.float64)
+    scale = (norms[:, None] + norms[None, :]) / 2.0
+    return 1.0 - np.divide(dist, scale, out=np.zeros_like(dist), where=scale > _EPS)
+
+
+def _cov_norm(w: np.ndarray) -> float:
+    m = np.asarray(w, dtype=np.float64).reshape(w.shape[0], -1)
+    z = (m - m.mean()) / max(float(m.std()), _EPS)
+    small = z @ z.T if z.shape[0] <= z.shape[1] else z.T @ z  # same Frobenius norm
+    return float(np.linalg.norm(small)) / max(z.shape[0] - 1, 1)
+
+
+def cov(weights: Sequence[np.ndarray]) -> np.ndarray:
+    return _rel_gap(np.array([_cov_norm(w) for w in weights]))
+
+
+def wasserstein(weights: Sequence[np.ndarray]) -> np.ndarray:
+    x = np.sort(_stack(weights), axis=1)
+    d = x.shape[1]
+    idx = np.linspace(0, d - 1, min(d, _QUANTILES)).round().astype(np.int64)
+    q = x[:, idx].astype(np.float64)
+    w1 = np.abs(q[:, None, :] - q[None, :, :]).mean(axis=2)
+    std = x.std(axis=1).astype(np.float64)
+    scale = (std[:, None] + std[None, :]) / 2.0
+    return 1.0 - np.divide(w1, scale, out=np.zeros_like(w1), where=scale > _EPS)
+
+
+def kl(weights: Sequence[np.ndarray]) -> np.ndarray:
+    x = _stack(weights)
+    n = len(x)
+    lo, hi = float(x.min()), float(x.max())
+    width = (hi - lo) or 1.0
+    bins = np.clip(((x - lo) / width * _BINS).astype(np.int64), 0, _BINS - 1)
+    bins += np.arange(n)[:, None] * _BINS
+    counts = np.bincount(bins.ravel(), minlength=n * _BINS).reshape(n, _BINS)
+    p = (counts + 1e-3) / (counts + 1e-3).sum(axis=1, keepdims=True)
+    logp = np.log(p)
+    entropy_term = (p * logp).sum(axis=1)
+    kl_pq = entropy_term[:, None] - p @ logp.T  # KL(p_i || p_j)
+    sym = np.maximum((kl_pq + kl_pq.T) / 2.0, 0.0)
+    return np.exp(-sym)
+
+
+METRICS: dict[str, Metric] = {
+    "cosine": cosine,
+    "cov": cov,
+    "euclidean": euclidean,
+    "wasserstein": wasserstein,
+    "kl": kl,
+}
+
+
+def get_metric(name: str) -> Metric:
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise ConfigError(f"unknown metric {name!r} (known: {', '.join(METRICS)})") from None

@@ -1,0 +1,82 @@
+"""Human-facing views of a plan: a per-class table of the most similar pairs, and a heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lfpass.fileio import atomic_path
+from lfpass.plan import FusionPlan
+
+
+def pairs_table(plan: FusionPlan, top: int = 5) -> str:
+    """The ``top`` most similar pairs of each compatibility class, best first."""
+    where = plan.group_of()
+    members = dict(plan.classes)
+    lines = []
+    for cls, names in sorted(plan.classes, key=lambda kv: -len(kv[1])):
+        inside = set(names)
+        pairs = sorted((c for c in plan.candidates if c.a in inside and c.b in inside), key=lambda c: -c.score)
+        lines.append(f"{cls}  ({len(members[cls])} layers)")
+        for c in pairs[:top]:
+            fused = where.get(c.a) is not None and where.get(c.a) == where.get(c.b)
+            lines.append(f"  {c.score:+.4f}  {c.a}  ~  {c.b}{'  [fused]' if fused else ''}")
+    if not lines:
+        lines.append("no two layers share a signature: nothing can be fused")
+    return "\n".join(lines)
+
+
+def summary(plan: FusionPlan) -> str:
+    lines = [
+        f"groups            {len(plan.groups)}",
+        f"params before     {plan.params_before:,}",
+        f"params after      {plan.params_after:,}",
+        f"ratio (model)     {plan.model_ratio:.3f}",
+        f"ratio (layers)    {plan.layer_ratio:.3f}",
+        f"ceiling ({plan.scope})  {plan.max_ratio:.3f}",
+    ]
+    if plan.message:
+        lines.append(plan.message)
+    return "\n".join(lines)
+
+
+def write_heatmap(plan: FusionPlan, path: str | Path, max_classes: int = 12) -> Path:
+    """One similarity heatmap per compatibility class (largest first), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    classes = sorted(plan.classes, key=lambda kv: -len(kv[1]))[:max_classes]
+    n = max(len(classes), 1)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (cls, _) in zip(axes.flat, classes):
+        names, sim = plan.similarity(cls)
+        ax.set_axis_on()
+        image = ax.imshow(np.ma.masked_invalid(sim), cmap="viridis", vmin=np.nanmin(sim), vmax=1.0)
+        short = [_short(s) for s in names]
+        ticks = range(len(names)) if len(names) <= 24 else range(0, len(names), max(len(names) // 12, 1))
+        ax.set_xticks(list(ticks), [short[i] for i in ticks], rotation=90, fontsize=6)
+        ax.set_yticks(list(ticks), [short[i] for i in ticks], fontsize=6)
+        ax.set_title(_short(cls.split("|")[0], 48), fontsize=8)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    if not classes:
+        axes.flat[0].text(0.5, 0.5, "nothing fusable", ha="center", va="center")
+    fig.suptitle(f"lfpass: {plan.metric} similarity per class (higher = more alike)")
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
