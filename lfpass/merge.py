@@ -31,8 +31,11 @@ class MergeRule(ABC):
     ) -> np.ndarray:
         if transforms is not None:
             tensors = [t if f is None else f(t) for t, f in zip(tensors, transforms)]
-        stacked = np.stack([np.asarray(t, dtype=np.float32) for t in tensors])
-        return self.merge(stacked, np.asarray(importance, dtype=np.float64), rng).astype(np.float32)
+        dtype = np.float64 if any(np.asarray(t).dtype == np.float64 for t in tensors) else np.float32
+        stacked = np.stack([np.asarray(t, dtype=dtype) for t in tensors])
+        if all(np.array_equal(stacked[0], t) for t in stacked[1:]):
+            return stacked[0].copy()  # identical members: exact, so fusing copies is lossless
+        return self.merge(stacked, np.asarray(importance, dtype=np.float64), rng).astype(dtype)
 
     @abstractmethod
     def merge(self, stacked: np.ndarray, importance: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -57,7 +57,8 @@ class FxSites:
     holders: dict[str, list[str]] = field(default_factory=dict)  # canonical name -> every attribute path
 
     def load(self, name: str) -> np.ndarray:
-        return self.params[name].detach().to("cpu", torch.float32).numpy()
+        t = self.params[name].detach().cpu()
+        return (t if t.dtype == torch.float64 else t.float()).numpy()
 
     def by_name(self) -> dict[str, Site]:
         return {s.name: s for s in self.sites}
