@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ def pairs_table(plan: FusionPlan, top: int = 5) -> str:
     for cls, names in sorted(plan.classes, key=lambda kv: -len(kv[1])):
         inside = set(names)
         pairs = sorted((c for c in plan.candidates if c.a in inside and c.b in inside), key=lambda c: -c.score)
-        lines.append(f"{cls}  ({len(members[cls])} layers)")
+        lines.append(f"{class_label(cls)}  ({len(members[cls])} layers)")
         for c in pairs[:top]:
             fused = where.get(c.a) is not None and where.get(c.a) == where.get(c.b)
             lines.append(f"  {c.score:+.4f}  {c.a}  ~  {c.b}{'  [fused]' if fused else ''}")
@@ -34,7 +35,7 @@ def summary(plan: FusionPlan) -> str:
         f"params after      {plan.params_after:,}",
         f"ratio (model)     {plan.model_ratio:.3f}",
         f"ratio (layers)    {plan.layer_ratio:.3f}",
-        f"ceiling ({plan.scope})  {plan.max_ratio:.3f}",
+        f"{'ceiling (' + plan.scope + ')':<18}{plan.max_ratio:.3f}",
     ]
     if plan.message:
         lines.append(plan.message)
@@ -58,13 +59,21 @@ def write_heatmap(plan: FusionPlan, path: str | Path, max_classes: int = 12) -> 
         ax.set_axis_off()
     for ax, (cls, _) in zip(axes.flat, classes):
         names, sim = plan.similarity(cls)
+        np.fill_diagonal(sim, np.nan)  # self-similarity says nothing; keep the scale for the pairs
+        off = sim[np.isfinite(sim)]
+        lo, hi = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
         ax.set_axis_on()
-        image = ax.imshow(np.ma.masked_invalid(sim), cmap="viridis", vmin=np.nanmin(sim), vmax=1.0)
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
+        image = ax.imshow(np.ma.masked_invalid(sim), cmap=cmap, vmin=lo, vmax=max(hi, lo + 1e-9))
+        if len(names) <= 10:
+            for (i, j), v in np.ndenumerate(sim):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6, color="w" if v < (lo + hi) / 2 else "k")
         short = [_short(s) for s in names]
-        ticks = range(len(names)) if len(names) <= 24 else range(0, len(names), max(len(names) // 12, 1))
-        ax.set_xticks(list(ticks), [short[i] for i in ticks], rotation=90, fontsize=6)
-        ax.set_yticks(list(ticks), [short[i] for i in ticks], fontsize=6)
-        ax.set_title(_short(cls.split("|")[0], 48), fontsize=8)
+        ticks = list(range(len(names)) if len(names) <= 24 else range(0, len(names), max(len(names) // 12, 1)))
+        ax.set_xticks(ticks, [short[i] for i in ticks], rotation=90, fontsize=6)
+        ax.set_yticks(ticks, [short[i] for i in ticks], fontsize=6)
+        ax.set_title(class_label(cls, 60), fontsize=8)
         fig.colorbar(image, ax=ax, shrink=0.8)
     if not classes:
         axes.flat[0].text(0.5, 0.5, "nothing fusable", ha="center", va="center")
@@ -76,6 +85,18 @@ def write_heatmap(plan: FusionPlan, path: str | Path, max_classes: int = 12) -> 
     finally:
         plt.close(fig)
     return path
+
+
+def class_label(cls: str, width: int = 100) -> str:
+    """A readable name for a class key: its role, kind and weight shape."""
+    role, _, rest = cls.rpartition("|")
+    kind, _, sig = rest.partition("[")
+    shape = re.search(r"shape=(\([^)]*\))", sig)
+    layout = re.search(r"layout=(\w+)", sig)
+    label = f"{role + '  ' if role else ''}{kind} {shape.group(1) if shape else ''}"
+    if layout and layout.group(1) != "out_in":
+        label += f" {layout.group(1)}"
+    return _short(label, width)
 
 
 def _short(name: str, width: int = 28) -> str:
