@@ -42,7 +42,7 @@ def test_analyze_factory_prints_table_writes_heatmap_and_plan(factory, tmp_path,
     code = main(["analyze", f"{factory}:make", "--heatmap", str(heatmap), "--plan-out", str(plan), "--ratio", "1.5"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "blocks.*|linear" in out and "blocks.0" in out and "[fused]" in out
+    assert "blocks.*  linear (16, 16)  (4 layers)" in out and "blocks.0" in out and "[fused]" in out
     assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(plan.read_text())["ratio"] >= 1.5
 
