@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small CNN on real digits, fuse it, retrain, and compare")
     p.add_argument("--quick", action="store_true", help="a few seconds of training instead of a minute")
-    p.add_argument("--seconds", type=float, default=60.0, help="training budget before fusing")
+    p.add_argument("--seconds", type=float, help="training budget before fusing (default 60, or 5 with --quick)")
     p.add_argument("--out", default="lfpass-demo", help="folder for the demo's files")
     p.set_defaults(func=_cmd_demo)
+    from lfpass.onnx.commands import register
+    register(sub)
     return parser
 
 

@@ -25,3 +25,13 @@ class InputError(LfpassError):
 
 class OutputError(LfpassError):
     """An output that cannot be written."""
+
+
+class ValidationFailed(LfpassError):
+    """A rewritten model's outputs differ from the original's beyond the chosen tolerances.
+
+    ``result`` carries what was measured (for a report), when there is one."""
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result

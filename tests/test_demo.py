@@ -1,0 +1,96 @@
+"""The demo: train on real digits, fuse to 2x and 3.33x, retrain with ties kept."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import lfpass
+from lfpass.cli import main
+from lfpass.data import mnist_digits
+from lfpass.demo import DEPTH, QUICK_TEST, QUICK_TRAIN, RATIOS, build_cnn, evaluate, format_table, run_demo
+from lfpass.fx import find_sites
+from lfpass.plan import FusionPlan
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return run_demo(quick=True, seconds=3, out_dir=out), out
+
+
+def test_cnn_has_one_role_of_same_shaped_convs():
+    sites = find_sites(build_cnn()).sites
+    blocks = [s for s in sites if s.role == "blocks.*.conv"]
+    assert [s.name for s in blocks] == [f"blocks.{i}.conv" for i in range(DEPTH)]
+    assert len({s.class_key() for s in blocks}) == 1
+    assert torch.equal(build_cnn(seed=3).blocks[0].conv.weight, build_cnn(seed=3).blocks[0].conv.weight)
+
+
+def test_demo_rows_reach_each_ratio_within_one_group(demo):
+    result, out = demo
+    rows = result["rows"]
+    assert [r["target_ratio"] for r in rows] == list(RATIOS)
+    for r in rows:
+        plan = FusionPlan.from_json((out / f"plan_r{r['target_ratio']:g}.json").read_text())
+        numel = max(g.numel for g in plan.groups)
+        assert r["params_before"] == result["params"]
+        assert r["measured_ratio"] == pytest.approx(r["params_before"] / r["params_after"])
+        assert r["measured_ratio"] >= r["target_ratio"]
+        assert r["params_before"] / (r["params_after"] + numel) < r["target_ratio"]  # one group fewer falls short
+        assert r["measured_ratio"] == pytest.approx(plan.ratio)
+
+
+def test_demo_learns_and_keeps_ties_through_retraining(demo):
+    result, _ = demo
+    assert result["acc_before"] > 0.5  # chance is 0.1
+    for r in result["rows"]:
+        assert r["params_after_retrain"] == r["params_after"]
+        assert r["acc_retrained"] > 0.5
+        assert r["retrain_steps"] > 0
+
+
+def test_demo_writes_models_and_plans(demo):
+    result, out = demo
+    names = {p.name for p in out.iterdir()}
+    assert {"model.pt", "plan_r2.json", "plan_r3.33.json", "fused_r2.pt", "fused_r3.33.pt", "results.json"} <= names
+    assert not any(n.startswith(".") for n in names)  # no temporary files left behind
+    model = build_cnn()
+    model.load_state_dict(torch.load(out / "model.pt"))
+    data = mnist_digits(seed=0).head(QUICK_TRAIN, QUICK_TEST)
+    assert evaluate(model, data.x_test, data.y_test) == result["acc_before"]
+    plan = FusionPlan.from_json((out / "plan_r3.33.json").read_text())
+    fused = lfpass.apply(model, plan)
+    fused.load_state_dict(torch.load(out / "fused_r3.33.pt"))
+    assert lfpass.unique_parameters(fused) == result["rows"][1]["params_after"]
+
+
+def test_format_table_with_and_without_rich(monkeypatch):
+    rows = [
+        {"target_ratio": 2.0, "planned_ratio": 2.28, "measured_ratio": 2.28, "params_before": 65642,
+         "params_after": 28778, "params_after_retrain": 28778, "acc_fused": 0.8, "acc_retrained": 0.97},
+    ]
+    for text in (format_table(rows, 0.98), _plain(monkeypatch, rows)):
+        assert "65,642 / 28,778 = 2.28" in text and "98.00%" in text and "97.00%" in text
+
+
+def _plain(monkeypatch, rows):
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # importing it now fails
+    text = format_table(rows, 0.98)
+    assert "┃" not in text
+    return text
+
+
+def test_cli_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "cli")]) == 0
+    assert "3.33" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "plan_r3.33.json").is_file()
+
+
+def test_cli_demo_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["demo", "--quick", "--out", str(blocker / "sub")]) == 2
+    assert "cannot create the demo folder" in capsys.readouterr().err
