@@ -1,0 +1,163 @@
+"""``lfpass optimize`` and ``lfpass validate``: the ONNX subcommands.
+
+Exit codes (as for every lfpass command): 0 done; 1 validation outside
+tolerance (the output is still written and marked in the report, unless
+``--strict``); 2 bad input or usage. Tables go to stdout; notes (a target out
+of reach, nothing to fuse) and errors are one line each on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lfpass.cli import EXIT_OK, EXIT_VALIDATION, add_config_options, config_from_args
+from lfpass.config import FusionConfig
+from lfpass.errors import ConfigError, InputError, ValidationFailed
+from lfpass.fileio import write_text
+from lfpass.plan import FusionPlan
+
+_MAX_OUTPUT_LINES = 8
+
+
+def _add_validation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atol", type=float, help="absolute tolerance (default 1e-3, or the pipeline's)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default 1e-2, or the pipeline's)")
+    p.add_argument("--inputs", type=Path, help="an .npz of input arrays named after the model's inputs")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMxDIM",
+                   help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)")
+    p.add_argument("--samples", type=int, default=2, help="generated input batches to compare (default 2)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``optimize`` and ``validate`` to the ``lfpass`` parser."""
+    p = sub.add_parser("optimize", help="fuse an ONNX model's similar layers into shared initializers and check it")
+    p.add_argument("model", type=Path, help="the .onnx file (never modified)")
+    p.add_argument("-o", "--output", type=Path, help="output path (default NAME.fused.onnx)")
+    add_config_options(p)
+    p.add_argument("--plan", type=Path, help="apply this plan (from `analyze --plan-out`) instead of planning")
+    p.add_argument("--dry-run", action="store_true", help="plan and print the predicted figures; write nothing")
+    p.add_argument("--report", type=Path, help="write the figures as JSON")
+    p.add_argument("--explain", action="store_true", help="say why each candidate pair was or was not fused")
+    p.add_argument("--strict", action="store_true", help="write nothing when validation fails")
+    p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the onnxruntime comparison")
+    p.add_argument("--external-data", action="store_true", default=None,
+                   help="store tensors in NAME.onnx.data (default: as the input does, or past 2 GB)")
+    _add_validation_options(p)
+    p.set_defaults(func=_cmd_optimize)
+
+    p = sub.add_parser("validate", help="compare two ONNX models' outputs in onnxruntime (optimisations off)")
+    p.add_argument("reference", type=Path, help="the original model")
+    p.add_argument("candidate", type=Path, help="the model to check against it")
+    p.add_argument("--report", type=Path, help="write the comparison as JSON")
+    _add_validation_options(p)
+    p.set_defaults(func=_cmd_validate)
+
+
+def _tolerances(config: FusionConfig, args: argparse.Namespace) -> FusionConfig:
+    return config.replace(atol=args.atol, rtol=args.rtol)
+
+
+def _read_plan(path: Path) -> FusionPlan:
+    try:
+        return FusionPlan.from_json(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such plan file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the plan ({exc})") from None
+
+
+def _note(text: str) -> None:
+    for line in text.splitlines():
+        if line.strip():
+            print(f"lfpass: {line}", file=sys.stderr)
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from lfpass.onnx.inputs import parse_input_shapes
+    from lfpass.onnx.optimize import optimize
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
+    config = _tolerances(config_from_args(args), args)
+    plan = _read_plan(args.plan) if args.plan else None
+    try:
+        result = optimize(
+            args.model, args.output, config, plan, dry_run=args.dry_run, check=args.validate, strict=args.strict,
+            inputs=args.inputs, input_shapes=parse_input_shapes(args.input_shape), samples=args.samples,
+            external_data=args.external_data, progress=sys.stderr.isatty(),
+        )
+    except ValidationFailed as exc:
+        if exc.result is not None:
+            print(table(exc.result))
+            if args.report:
+                write_text(args.report, json.dumps(exc.result.to_dict(), indent=2))
+        print(f"lfpass: error: {exc}", file=sys.stderr)
+        return EXIT_VALIDATION
+    print(table(result))
+    if args.explain:
+        print(result.plan.explain())
+    if result.message:
+        _note(result.message)
+    if args.report:
+        write_text(args.report, json.dumps(result.to_dict(), indent=2))
+    if result.validation is not None and not result.validation.passed:
+        print(f"lfpass: validation outside tolerance: {result.validation.summary()}", file=sys.stderr)
+        return EXIT_VALIDATION
+    return EXIT_OK
+
+
+def table(result) -> str:
+    """The short summary ``optimize`` prints (``result``: an OptimizeResult)."""
+    after = "after (predicted)" if result.dry_run or not result.written else "after"
+    lines = [
+        f"{'':<11}{'before':>16}{after:>20}{'ratio':>9}",
+        f"{'params':<11}{result.params_before:>16,}{result.params_after:>20,}{result.ratio:>9.3f}",
+        f"{'bytes':<11}{result.bytes_before:>16,}{result.bytes_after:>20,}{result.bytes_ratio:>9.3f}",
+        f"{'groups':<11}{len(result.plan.groups):>16}   predicted {result.plan.model_ratio:.3f} over the model, "
+        f"{result.plan.layer_ratio:.3f} over the layers (ceiling {result.plan.max_ratio:.3f} over the {result.plan.scope})",
+    ]
+    if result.validation is not None:
+        lines.append(f"{'validation':<11}{result.validation.summary()}")
+        if len(result.validation.outputs) <= _MAX_OUTPUT_LINES:
+            lines += [f"  {_output_line(o)}" for o in result.validation.outputs]
+    elif result.written:
+        lines.append(f"{'validation':<11}skipped")
+    lines.append(f"{'output':<11}{result.output if result.written else 'nothing written'}")
+    return "\n".join(lines)
+
+
+def _output_line(o) -> str:
+    text = f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, cosine {o.cosine:.6f}"
+    if o.top1 is not None:
+        text += f", top-1 {100 * o.top1:.1f}%"
+    return text + ("" if o.passed else "  [outside tolerance]")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from lfpass.onnx import inputs as onnx_inputs
+    from lfpass.onnx.load import load_model
+    from lfpass.onnx.validate import score_outputs, validate
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
+    config = _tolerances(FusionConfig(), args)
+    reference, candidate = load_model(args.reference), load_model(args.candidate)
+    names = [v.name for v in onnx_inputs.runtime_inputs(reference)]
+    other = [v.name for v in onnx_inputs.runtime_inputs(candidate)]
+    if sorted(names) != sorted(other):
+        raise InputError(f"{args.candidate}: inputs {other} differ from {args.reference}'s {names}")
+    feeds = (onnx_inputs.load_npz(args.inputs, reference) if args.inputs is not None
+             else onnx_inputs.generate(reference, onnx_inputs.parse_input_shapes(args.input_shape), args.samples))
+    scores = score_outputs(reference)
+    del reference, candidate
+    result = validate(args.reference, args.candidate, feeds, config.atol, config.rtol, scores,
+                      progress=sys.stderr.isatty())
+    print(f"{'validation':<11}{result.summary()}")
+    lines = [f"  {_output_line(o)}" for o in result.outputs]
+    print("\n".join(lines[:_MAX_OUTPUT_LINES * 4]))
+    if args.report:
+        write_text(args.report, json.dumps(result.to_dict(), indent=2))
+    return EXIT_OK if result.passed else EXIT_VALIDATION

@@ -1,0 +1,148 @@
+"""Read an ONNX file into onnx-ir, with external data left on disk.
+
+``onnx.load(..., load_external_data=False)`` parses only the protobuf; tensors
+stored in external data files stay there and onnx-ir memory-maps each one
+when (and only when) it is read. Inline tensors are wrapped, not copied. So a
+model whose weights exceed 2 GB loads in the memory its graph needs.
+
+Loading also rejects what would fail later in a confusing way: a missing or
+empty file, bytes that are not an ONNX model, a truncated file or external
+data file, and a graph with no nodes. Each becomes one :class:`InputError`
+naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from lfpass.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Mute a library logger: a broken file should give one line, not one per node."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_input_file(path: Path) -> None:
+    """The file exists, is a regular file, and is not empty."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file, not an ONNX model")
+
+
+def load_model(path: str | Path) -> ir.Model:
+    """The model at ``path`` as an onnx-ir Model; external tensors stay on disk."""
+    path = Path(path)
+    check_input_file(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: not an ONNX model, or truncated ({_first_line(exc)})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise InputError(f"{path}: not an ONNX model (no IR version or no graph)")
+    if len(proto.graph.node) == 0:
+        raise InputError(f"{path}: the graph is empty (no nodes)")
+    try:
+        with _quiet("onnx_ir"):
+            model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # noqa: BLE001 - any deserialisation failure is a bad file
+        raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    _check_defined(model, path)
+    _check_external(model, path)
+    return model
+
+
+def _check_defined(model: ir.Model, path: Path) -> None:
+    """Every input of a main-graph node is defined: a cut-off file often loses initializers."""
+    for node in model.graph:
+        for value in node.inputs:
+            if value is None or value.producer() is not None:
+                continue
+            if not (value.is_graph_input() or value.is_initializer()):
+                raise InputError(
+                    f"{path}: node {node.name or node.op_type!r} reads {value.name!r}, which nothing defines "
+                    "(truncated or broken model)"
+                )
+
+
+def external_files(model: ir.Model) -> dict[str, Path]:
+    """The external data files the model's initializers live in (by resolved path)."""
+    files: dict[str, Path] = {}
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                files.setdefault(os.path.realpath(tensor.path), Path(tensor.path))
+    return files
+
+
+def _check_external(model: ir.Model, path: Path) -> None:
+    """External data files exist and hold every byte the model says they hold."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            data = Path(tensor.path)
+            if not data.is_file():
+                raise InputError(f"{path}: external data file {data.name} for {value.name!r} is missing")
+            end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+            if data.stat().st_size < end:
+                raise InputError(f"{path}: external data file {data.name} is truncated ({value.name!r} ends past it)")
+
+
+def uses_external_data(model: ir.Model) -> bool:
+    return bool(external_files(model))
+
+
+def disk_bytes(path: str | Path, data_files: list[Path] | None = None) -> int:
+    """Bytes on disk of an ONNX file plus the external data files it uses."""
+    total = Path(path).stat().st_size
+    for data in data_files or ():
+        total += Path(data).stat().st_size
+    return total
+
+
+def _float_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
+                yield node.attributes["value"].as_tensor()
+
+
+def count_params(model: ir.Model) -> int:
+    """Unique parameters: elements of the floating-point tensors the model stores
+    (initializers and ``Constant`` nodes, subgraphs included). A tensor read by
+    several nodes is stored, and counted, once."""
+    return sum(t.size for t in _float_tensors(model) if t.dtype.is_floating_point())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

@@ -1,0 +1,183 @@
+"""Apply a fusion plan to an ONNX graph (onnx-ir), in place.
+
+For each group, member 0 is the anchor. Per slot (weight, then bias) the
+members' tensors are merged with the group's rule (importance = weight norm,
+``rng = default_rng([plan.seed, group_index])``, as the FX frontend does), and
+every member then reads one initializer holding the merged tensor:
+
+- weight slot: a site owns its weight, so every read of a member's weight
+  (through its ``Transpose``/``Cast`` nodes too) is re-pointed to the anchor's
+  tensor, which takes the merged values (a ``Constant`` anchor moves to the
+  top of the graph, so every reader comes after it);
+- bias slot: the legacy exporter lets layers with equal biases read one
+  tensor, so only the members' own bias inputs are re-pointed, to a fresh
+  initializer unless the anchor's bias is read by nothing else.
+
+Only what the rewrite made dead is removed (the members' old tensors and the
+``Identity``/``Transpose``/``Cast``/``Constant`` nodes that fed them), so a
+graph is never changed beyond the plan. Subgraphs are not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from lfpass.errors import PlanError
+from lfpass.merge import get_rule
+from lfpass.onnx.sites import OnnxSites
+from lfpass.plan import FusionPlan
+from lfpass.sites import Site
+
+log = logging.getLogger(__name__)
+
+_REMOVABLE = ("Constant", "Identity", "Transpose", "Cast")
+
+
+def check_plan(plan: FusionPlan, sites: dict[str, Site]) -> None:
+    """The plan names layers this model has, with the signatures it was made for."""
+    planned = dict(plan.signatures)
+    for group in plan.groups:
+        get_rule(group.rule)
+        if len(group.members) < 2 or len(set(group.members)) != len(group.members):
+            raise PlanError(f"plan group {', '.join(group.members)}: needs two or more distinct layers")
+        for name in group.members:
+            site = sites.get(name)
+            if site is None:
+                raise PlanError(f"plan does not fit this model: it has no layer {name!r}")
+            if name in planned and planned[name] != site.class_key(True):
+                raise PlanError(f"plan does not fit this model: layer {name!r} changed shape or attributes")
+        if len({sites[m].class_key(True) for m in group.members}) != 1:
+            raise PlanError(f"plan groups incompatible layers: {', '.join(group.members)}")
+    seen: dict[str, int] = {}
+    for index, group in enumerate(plan.groups):
+        for name in group.members:
+            if seen.setdefault(name, index) != index:
+                raise PlanError(f"plan puts layer {name!r} in two groups")
+
+
+class _Names:
+    """Fresh value names that clash with nothing in the model (subgraphs included)."""
+
+    def __init__(self, model: ir.Model):
+        self.used: set[str] = set()
+        for graph in (model.graph, *model.graph.subgraphs()):
+            self.used.update(v.name for v in (*graph.inputs, *graph.initializers.values()) if v.name)
+            self.used.update(o.name for n in graph for o in n.outputs if o.name)
+
+    def fresh(self, base: str) -> str:
+        name, k = f"{base}.lfpass", 1
+        while name in self.used:
+            k += 1
+            name = f"{base}.lfpass{k}"
+        self.used.add(name)
+        return name
+
+
+def _as_array(merged: np.ndarray, like: ir.TensorProtocol) -> np.ndarray:
+    return np.ascontiguousarray(merged.astype(like.dtype.numpy(), copy=False))
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.Tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def apply_plan(model: ir.Model, found: OnnxSites, plan: FusionPlan) -> int:
+    """Make each group of ``plan`` read one merged tensor per slot; returns groups applied."""
+    sites = found.by_name()
+    check_plan(plan, sites)
+    graph = model.graph
+    names = _Names(model)
+    dead: list[ir.Value] = []
+    for index, group in enumerate(plan.groups):
+        members = [sites[m] for m in group.members]
+        rule = get_rule(group.rule)
+        rng = np.random.default_rng([plan.seed, index])
+        weights = [found.load(s.weight) for s in members]
+        importance = np.array([np.linalg.norm(w) for w in weights])
+        for slot in range(len(members[0].tensors)):
+            holders = [found.values[s.tensors[slot]] for s in members]
+            arrays = weights if slot == 0 else [found.load(s.tensors[slot]) for s in members]
+            merged = rule(arrays, importance, rng)
+            del arrays
+            weights = []
+            like = found.tensor(members[0].tensors[slot])
+            if slot == 0:
+                dead += _share_weight(graph, holders, merged, like)
+            elif any(h is not holders[0] for h in holders):
+                edges = [e for s in members for e in found.bias_edges[s.name]]
+                dead += _share_bias(graph, holders[0], edges, merged, like, names)
+    removed = _remove_dead(graph, dead)
+    log.info("applied %d groups; removed %d dead tensors and nodes", len(plan.groups), removed)
+    return len(plan.groups)
+
+
+def _set_value(graph: ir.Graph, holder: ir.Value, array: np.ndarray, like: ir.TensorProtocol) -> None:
+    """Give ``holder`` the merged values; a ``Constant`` holder moves to the top of the
+    graph, so members that come before it can read it."""
+    changed = not np.array_equal(array, like.numpy())
+    if holder.is_initializer():
+        if changed:
+            holder.const_value = ir.Tensor(array, name=holder.name)
+        return
+    node = holder.producer()
+    if changed:
+        node.attributes["value"] = ir.AttrTensor("value", ir.Tensor(array, name=holder.name))
+    if graph[0] is not node:
+        graph.remove(node)
+        graph.insert_before(graph[0], node)
+
+
+def _share_weight(graph, holders, merged, like) -> list[ir.Value]:
+    anchor = holders[0]
+    _set_value(graph, anchor, _as_array(merged, like), like)
+    for h in holders[1:]:
+        h.replace_all_uses_with(anchor)
+    return holders[1:]
+
+
+def _share_bias(graph, anchor, edges, merged, like, names) -> list[ir.Value]:
+    """Re-point the members' bias inputs; the anchor's bias keeps its value for any other reader."""
+    array = _as_array(merged, like)
+    mine = {(id(n), i) for n, i in edges}
+    if np.array_equal(array, like.numpy()) or all((id(u.node), u.idx) in mine for u in anchor.uses()):
+        _set_value(graph, anchor, array, like)
+        shared = anchor
+    else:
+        shared = _initializer(graph, names.fresh(anchor.name), array)
+    old = []
+    for node, i in edges:
+        if node.inputs[i] is not shared:
+            old.append(node.inputs[i])
+            node.replace_input_with(i, shared)
+    return old
+
+
+def _remove_dead(graph: ir.Graph, values: list[ir.Value]) -> int:
+    """Remove the given values, and the pass-through nodes feeding them, once nothing reads them."""
+    removed = 0
+    work = list(values)
+    while work:
+        value = work.pop()
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.is_initializer():
+            if graph.initializers.get(value.name) is value:
+                del graph.initializers[value.name]
+                removed += 1
+            continue
+        node = value.producer()
+        if node is None or node.graph is not graph or node.op_type not in _REMOVABLE:
+            continue
+        if any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        removed += 1
+        work.extend(inputs)
+    return removed

@@ -1,0 +1,202 @@
+"""Find the weight-bearing layers of an ONNX graph as :class:`lfpass.sites.Site` objects.
+
+A site is a ``Gemm``, ``MatMul``, ``Conv`` or ``ConvTranspose`` node of the
+main graph whose weight is constant: an initializer, a ``Constant`` node, or
+an ``Identity``/``Transpose``/``Cast`` of one (as the exporters write it). The
+signature holds everything that must agree for two layers to share a tensor:
+the weight's shape and dtype, the side it multiplies from and the ops it
+passes through, the bias's shape, and every attribute of the node (defaults
+filled in, so ``strides`` left out equals ``strides=[1, 1]``).
+
+A tensor is one site however many nodes read it. A weight that is a graph
+input (fed at run time, or an initializer a caller may override) is not
+constant: that node is skipped and the reason kept for ``--explain``. So are
+weights read inside an ``If``/``Loop``/``Scan`` body (subgraphs are left
+exactly as they are) and weights that are graph outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from lfpass.onnx.names import layer_name
+from lfpass.sites import Site, make_signature
+
+KINDS = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv", "ConvTranspose": "conv_transpose"}
+_PASS_THROUGH = ("Identity", "Transpose", "Cast")
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class OnnxSites:
+    """The sites of one model and where their tensors live."""
+
+    sites: list[Site]
+    values: dict[str, ir.Value]  # tensor name -> initializer or Constant output holding it
+    bias_edges: dict[str, list[tuple[ir.Node, int]]] = field(default_factory=dict)  # site -> (node, input index)
+    skipped: list[str] = field(default_factory=list)  # "node: why", for --explain
+
+    def tensor(self, name: str) -> ir.TensorProtocol:
+        value = self.values[name]
+        if value.const_value is not None:
+            return value.const_value
+        return value.producer().attributes["value"].as_tensor()
+
+    def load(self, name: str) -> np.ndarray:
+        """A tensor's values as float32 (external data is memory-mapped, read when asked)."""
+        return np.asarray(self.tensor(name).numpy(), dtype=np.float32)
+
+    def by_name(self) -> dict[str, Site]:
+        return {s.name: s for s in self.sites}
+
+
+def _constant(value: ir.Value | None, allow: tuple[str, ...] = _PASS_THROUGH) -> tuple[ir.Value, tuple[str, ...]] | str | None:
+    """``(holder, ops passed through)`` when ``value`` is constant; a reason string
+    when it comes from a graph input; ``None`` when it is computed."""
+    chain: list[str] = []
+    while value is not None:
+        if value.is_graph_input():
+            return f"weight {value.name!r} is a graph input, so not constant"
+        if value.is_initializer():
+            return (value, tuple(reversed(chain))) if value.const_value is not None else None
+        node = value.producer()
+        if node is None or node.domain not in _ONNX_DOMAINS:
+            return None
+        if node.op_type == "Constant":
+            return (value, tuple(reversed(chain))) if "value" in node.attributes else None
+        if node.op_type not in allow or not node.inputs:
+            return None
+        if node.op_type != "Identity":
+            attrs = ",".join(f"{k}={_attr(a)}" for k, a in sorted(node.attributes.items()))
+            chain.append(f"{node.op_type}({attrs})")
+        value = node.inputs[0]
+    return None
+
+
+def _attr(attr: ir.Attr) -> Any:
+    value = attr.value
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value.name if isinstance(value, ir.DataType) else value
+
+
+def _tensor_of(holder: ir.Value) -> ir.TensorProtocol:
+    if holder.const_value is not None:
+        return holder.const_value
+    return holder.producer().attributes["value"].as_tensor()
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if index < len(node.inputs) else None
+
+
+def _conv_attrs(node: ir.Node, weight_shape: tuple[int, ...]) -> dict[str, Any]:
+    nd = len(weight_shape) - 2
+    attrs: dict[str, Any] = {
+        "auto_pad": "NOTSET", "dilations": (1,) * nd, "group": 1, "kernel_shape": tuple(weight_shape[2:]),
+        "pads": (0,) * (2 * nd), "strides": (1,) * nd,
+    }
+    if node.op_type == "ConvTranspose":
+        attrs.update(output_padding=(0,) * nd, output_shape=())
+    attrs.update({k: _attr(a) for k, a in node.attributes.items()})
+    return attrs
+
+
+def _weight_side(node: ir.Node) -> tuple[int, str, tuple[ir.Value, tuple[str, ...]] | str | None]:
+    """Which input holds the weight: ``(index, side, constant-or-reason)``."""
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return 1, "right", _constant(_input(node, 1))
+    a, b = _constant(_input(node, 0)), _constant(_input(node, 1))
+    if isinstance(b, tuple) and isinstance(a, tuple):
+        return 1, "right", None  # both constant: a foldable expression, not a layer
+    if isinstance(b, tuple) or isinstance(a, tuple):
+        return (1, "right", b) if isinstance(b, tuple) else (0, "left", a)
+    return 1, "right", b if isinstance(b, str) else None  # a graph input on the right is a skipped weight
+
+
+def _node_site(node: ir.Node) -> tuple[Any, ir.Value, tuple[ir.Value, int] | None] | str | None:
+    """``(signature, weight holder, (bias holder, bias input index) or None)``,
+    a reason the node was skipped, or ``None`` when it is no layer."""
+    index, side, found = _weight_side(node)
+    if not isinstance(found, tuple):
+        return found
+    holder, chain = found
+    tensor = _tensor_of(holder)
+    shape = tuple(int(d) for d in tensor.shape)
+    if node.op_type == "MatMul" and len(shape) < 2:
+        return None
+    for use in holder.uses():
+        if use.node.graph is not node.graph:
+            return f"weight {holder.name!r} is also read inside a subgraph (left as it is)"
+    if holder.is_graph_output():
+        return f"weight {holder.name!r} is a graph output"
+    fields: dict[str, Any] = dict(shape=shape, dtype=tensor.dtype.name, side=side, via=chain)
+    bias_index = {"Gemm": 2, "Conv": 2, "ConvTranspose": 2}.get(node.op_type)
+    bias = None
+    if bias_index is not None and _input(node, bias_index) is not None:
+        found_bias = _constant(_input(node, bias_index), allow=("Identity",))
+        if isinstance(found_bias, tuple):
+            bias = (found_bias[0], bias_index)
+            btensor = _tensor_of(found_bias[0])
+            fields.update(bias=True, bias_shape=tuple(int(d) for d in btensor.shape), bias_dtype=btensor.dtype.name)
+        else:
+            fields.update(bias="input")  # a bias computed at run time: only shares with the same
+    else:
+        fields.update(bias=False)
+    if node.op_type == "Gemm":
+        attrs = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
+        attrs.update({k: _attr(a) for k, a in node.attributes.items()})
+        fields.update(attrs)
+    elif node.op_type != "MatMul":
+        fields.update(_conv_attrs(node, shape))
+    return make_signature(**fields), holder, bias
+
+
+def find_sites(model: ir.Model) -> OnnxSites:
+    """Every constant-weight layer of the main graph, in graph order."""
+    values: dict[str, ir.Value] = {}
+    found: dict[str, dict[str, Any]] = {}  # weight name -> site fields
+    skipped: list[str] = []
+    for node in model.graph:
+        if node.op_type not in KINDS or node.domain not in _ONNX_DOMAINS:
+            continue
+        hit = _node_site(node)
+        if isinstance(hit, str):
+            skipped.append(f"{node.name or node.op_type}: {hit}")
+            continue
+        if hit is None:
+            continue
+        sig, holder, bias = hit
+        entry = found.get(holder.name)
+        if entry is None:
+            name, role = layer_name(node, holder)
+            found[holder.name] = entry = dict(
+                name=name, role=role, kind=KINDS[node.op_type], sig=sig, weight=holder, bias=bias and bias[0],
+                edges=[], nodes=[],
+            )
+        elif entry["sig"] != sig or (entry["bias"] is not None) != (bias is not None) or (bias and bias[0] is not entry["bias"]):
+            entry["conflict"] = f"weight {holder.name!r} is read by nodes that differ in attributes or bias"
+        entry["nodes"].append(node.name or node.op_type)
+        if bias is not None:
+            entry["edges"].append((node, bias[1]))
+    sites: list[Site] = []
+    bias_edges: dict[str, list[tuple[ir.Node, int]]] = {}
+    seen: set[str] = set()
+    for entry in found.values():
+        if "conflict" in entry:
+            skipped.append(f"{entry['name']}: {entry['conflict']}")
+            continue
+        holders = [entry["weight"]] + ([entry["bias"]] if entry["bias"] is not None else [])
+        name = entry["name"] if entry["name"] not in seen else f"{entry['name']}#{len(seen)}"
+        seen.add(name)
+        for h in holders:
+            values[h.name] = h
+        numel = sum(_tensor_of(h).size for h in holders)
+        tensors = tuple(h.name for h in holders)
+        sites.append(Site(name, entry["kind"], entry["role"], entry["sig"], tensors, numel, ",".join(entry["nodes"])))
+        bias_edges[name] = entry["edges"]
+    return OnnxSites(sites, values, bias_edges, skipped)
