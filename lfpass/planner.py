@@ -82,11 +82,6 @@ def _candidates(cls: _Class) -> list[Candidate]:
     return [Candidate(cls.sites[i].name, cls.sites[j].name, float(cls.sim[i, j])) for i, j in zip(iu, ju)]
 
 
-def _ceiling_saved(n: int, numel: int, max_group_size: int | None) -> int:
-    g = max_group_size or n
-    return (n - math.ceil(n / g)) * numel
-
-
 def plan_fusion(
     sites: Sequence[Site],
     load: LoadTensor,
@@ -102,47 +97,29 @@ def plan_fusion(
     chosen = select_sites(sites, config)
     layer_before = sum(s.numel for s in chosen)
     classes: list[_Class] = []
-    ceiling_saved = 0
     by_key = compatibility_classes(chosen, config.cross_role)
     bar = tqdm(sorted(by_key.items()), desc="similarity", unit="class", disable=not progress, leave=False)
     for key, members in bar:
         if len(members) < 2:
             continue
         sim = metric([load(s.weight) for s in members])
-        link = sim.astype(np.float64, copy=True)
-        np.fill_diagonal(link, -np.inf)
-        classes.append(_Class(key, members, sim, link, [[i] for i in range(len(members))], [math.nan] * len(members)))
-        ceiling_saved += _ceiling_saved(len(members), members[0].numel, config.max_group_size)
+        classes.append(_Class(key, members, sim, np.empty(0), [], []))
 
     def ratio(saved: int) -> float:
         if config.ratio_scope == "model":
             return params_total / max(params_total - saved, 1)
         return layer_before / max(layer_before - saved, 1)
 
-    saved = 0
-    order: list[tuple[_Class, int]] = []  # (class, group index) in merge order
-    while config.target_ratio is None or ratio(saved) < config.target_ratio:
-        best: tuple[float, _Class, int, int] | None = None
-        for cls in classes:
-            link = cls.link
-            if config.max_group_size is not None:
-                sizes = np.array([len(g) for g in cls.groups])
-                link = np.where(sizes[:, None] + sizes[None, :] > config.max_group_size, -np.inf, link)
-            flat = int(np.argmax(link))
-            score = float(link.flat[flat])
-            if score > -np.inf and (best is None or score > best[0]):
-                i, j = divmod(flat, link.shape[1])
-                best = (score, cls, min(i, j), max(i, j))
-        if best is None or (config.threshold is not None and best[0] < config.threshold):
-            break
-        score, cls, i, j = best
-        _merge(cls, i, j, score)
-        saved += cls.numel
-        order = [(c, g) for c, g in order if not (c is cls and g == j)]
-        order = [(c, g - 1 if c is cls and g > j else g) for c, g in order]
-        if (cls, i) not in order:
-            order.append((cls, i))
-
+    # The ceiling is what this planner reaches when nothing stops it but the
+    # signatures and max_group_size (greedy packing may strand groups below the cap).
+    ceiling_saved, _ = _greedy(classes, lambda saved: False, None, config.max_group_size)
+    target = config.target_ratio
+    saved, order = _greedy(
+        classes,
+        lambda saved: target is not None and ratio(saved) >= target,
+        config.threshold,
+        config.max_group_size,
+    )
     groups = tuple(_group(cls, g, config.merge) for cls, g in order)
     max_ratio = ratio(ceiling_saved)
     plan = FusionPlan(
@@ -171,6 +148,47 @@ def plan_fusion(
         )
     log.info("planned %d groups, ratio %.3f (%s)", len(groups), plan.ratio, plan.scope)
     return plan
+
+
+def _greedy(
+    classes: list[_Class],
+    done: Callable[[int], bool],
+    threshold: float | None,
+    max_group_size: int | None,
+) -> tuple[int, list[tuple[_Class, int]]]:
+    """Merge the most similar groups, across classes, until ``done(saved)``.
+
+    Resets and then mutates each class's working state; returns the parameters
+    saved and the (class, group index) of each group, in the order groups formed.
+    """
+    for cls in classes:
+        cls.link = cls.sim.astype(np.float64, copy=True)
+        np.fill_diagonal(cls.link, -np.inf)
+        cls.groups = [[i] for i in range(len(cls.sites))]
+        cls.scores = [math.nan] * len(cls.sites)
+    saved = 0
+    order: list[tuple[_Class, int]] = []
+    while not done(saved):
+        best: tuple[float, _Class, int, int] | None = None
+        for cls in classes:
+            link = cls.link
+            if max_group_size is not None:
+                sizes = np.array([len(g) for g in cls.groups])
+                link = np.where(sizes[:, None] + sizes[None, :] > max_group_size, -np.inf, link)
+            flat = int(np.argmax(link))
+            score = float(link.flat[flat])
+            if score > -np.inf and (best is None or score > best[0]):
+                i, j = divmod(flat, link.shape[1])
+                best = (score, cls, min(i, j), max(i, j))
+        if best is None or (threshold is not None and best[0] < threshold):
+            break
+        score, cls, i, j = best
+        _merge(cls, i, j, score)
+        saved += cls.numel
+        order = [(c, g - 1 if c is cls and g > j else g) for c, g in order if not (c is cls and g == j)]
+        if (cls, i) not in order:
+            order.append((cls, i))
+    return saved, order
 
 
 def _merge(cls: _Class, i: int, j: int, score: float) -> None:

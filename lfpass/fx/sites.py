@@ -10,12 +10,22 @@ Two shapes of graph carry the same layers:
   ``get_attr`` weights, possibly through a transpose, as
   ``torch.export.export(...).module()`` writes them.
 
+A ``call_module`` node on a leaf module that holds such layers
+(``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) yields those layers,
+as the plain module does. Sites are named by layer (``lm_head``, not the tied
+``transformer.wte`` tensor it reads), so a plan fits the module, its
+symbolic trace and its exported graph alike.
+
 A tensor is one site however many nodes use it, so a module called twice or a
-parameter already tied is planned once.
+parameter already tied is planned once. Only parameters are sites (the ratio
+counts parameters; a buffer read as a weight is left alone), and a layer that
+shares any other tensor with an earlier site (a tied bias) is not one, since
+merging it would save less than the plan counts.
 """
 
 from __future__ import annotations
 
+import logging
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +36,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lfpass.sites import Site, make_signature, role_of
+
+log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
@@ -45,7 +57,16 @@ _FUNCTIONAL = {
     torch.matmul: aten.matmul.default, operator.matmul: aten.matmul.default,
     torch.mm: aten.mm.default, torch.addmm: aten.addmm.default,
 }
-_PASS_THROUGH = {aten.alias.default, aten.detach.default, torch.Tensor.detach}
+_PASS_THROUGH = {
+    aten.alias.default, aten.alias_copy.default, aten.detach.default, aten.detach_copy.default,
+    aten.clone.default, aten.contiguous.default, torch.Tensor.detach,
+}
+_PASS_THROUGH_METHODS = {"detach", "contiguous", "clone"}
+_TRANSPOSE_2D = {  # a transpose whenever the tensor is 2-D (sites' weights are checked to be)
+    aten.t.default, aten.t_copy.default, aten.numpy_T.default, aten.mT.default, aten.adjoint.default, torch.t,
+}
+_TRANSPOSE_DIMS = {aten.transpose.int, aten.transpose_copy.int, torch.transpose}
+_PERMUTE = {aten.permute.default, aten.permute_copy.default, torch.permute}
 
 
 @dataclass
@@ -114,6 +135,31 @@ def _module_site(path: str, mod: nn.Module, canonical: dict[int, str]) -> tuple[
     return kind, sig, path, names
 
 
+def _layer_path(path: str) -> str:
+    """The layer an attribute path names: ``blk.weight`` is ``blk``; any other
+    attribute (``blk.w1``, ``attn.in_proj_weight``) is a layer of its own, so two
+    weights of one module never share a name or a role."""
+    parent, _, attr = path.rpartition(".")
+    return parent if attr == "weight" and parent else path
+
+
+def _owner(node: fx.Node, target: str, paths: list[str]) -> str:
+    """The layer a weight read through ``get_attr`` belongs to, named as the module frontend names it.
+
+    The tensor's canonical name would call GPT-2's head ``transformer.wte`` (the
+    tied embedding), and torch.export reads a tied tensor through whichever of
+    its paths it picked, so prefer the module that made the call (recorded in
+    ``nn_module_stack``) when it holds the tensor; else the path the graph reads.
+    """
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        caller = list(stack.values())[-1][0]
+        for path in paths:
+            if path.rpartition(".")[0] == caller:
+                return _layer_path(path)
+    return _layer_path(target)
+
+
 def _bind(op: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Arguments of an aten call by schema name, defaults filled in."""
     out: dict[str, Any] = {}
@@ -130,20 +176,32 @@ def _bind(op: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 def _is_transpose(node: fx.Node) -> bool:
     t = node.target
     if node.op == "call_function":
-        if t in (aten.t.default, torch.t):
+        if t in _TRANSPOSE_2D:
             return True
-        if t is aten.transpose.int or t is torch.transpose:
-            return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
-        if t is aten.permute.default:
-            return list(node.args[1]) in ([1, 0], [-1, -2])
+        if t in _TRANSPOSE_DIMS:
+            return _swaps(node.args[1:3])
+        if t in _PERMUTE:
+            return _swaps_all(node.args[1])
         if t is getattr and node.args[1] in ("T", "mT"):
             return True
     if node.op == "call_method":
         if t == "t":
             return True
         if t == "transpose":
-            return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+            return _swaps(node.args[1:3])
+        if t == "permute":
+            return _swaps_all(node.args[1] if len(node.args) == 2 else node.args[1:])
     return False
+
+
+def _swaps(dims: Any) -> bool:
+    """Two dims that swap the axes of a 2-D tensor."""
+    return len(dims) == 2 and all(isinstance(d, int) for d in dims) and sorted(d % 2 for d in dims) == [0, 1]
+
+
+def _swaps_all(dims: Any) -> bool:
+    """A permutation that transposes a 2-D tensor."""
+    return isinstance(dims, (list, tuple)) and len(dims) == 2 and _swaps(dims) and dims[0] % 2 == 1
 
 
 class _Finder:
@@ -151,24 +209,24 @@ class _Finder:
         self.gm = gm
         self.canonical = canonical
 
-    def const(self, arg: Any) -> tuple[str, bool] | None:
-        """(canonical tensor name, transposed) when ``arg`` is a constant tensor."""
+    def const(self, arg: Any) -> tuple[str, bool, str] | None:
+        """(canonical tensor name, transposed, attribute path read) when ``arg`` is a constant tensor."""
         transposed = False
         node = arg
         while isinstance(node, fx.Node):
             if node.op == "get_attr":
-                try:
+                try:  # parameters only: a buffer is not counted as a parameter, so sharing it saves none
                     t = self.gm.get_parameter(node.target)
                 except AttributeError:
-                    try:
-                        t = self.gm.get_buffer(node.target)
-                    except AttributeError:
-                        return None
+                    return None
                 name = self.canonical.get(id(t))
-                return (name, transposed) if name else None
+                return (name, transposed, node.target) if name else None
             if _is_transpose(node):
                 transposed = not transposed
-            elif not (node.op == "call_function" and node.target in _PASS_THROUGH):
+            elif not (
+                (node.op == "call_function" and node.target in _PASS_THROUGH)
+                or (node.op == "call_method" and node.target in _PASS_THROUGH_METHODS)
+            ):
                 return None
             node = node.args[0]
         return None
@@ -182,7 +240,7 @@ class _Finder:
                 return None
             shape = tuple(tensors[w[0]].shape)
             sig = make_signature(shape=shape, bias=b is not None, layout="out_in", dtype=str(tensors[w[0]].dtype))
-            return "linear", sig, w[0], (w[0],) + ((b[0],) if b else ())
+            return "linear", sig, w[2], (w[0],) + ((b[0],) if b else ())
         if op in _CONV_OPS:
             nd, transposed = _CONV_OPS[op]
             a = _bind(op, node.args, node.kwargs)
@@ -213,7 +271,7 @@ class _Finder:
             layout = ("out_in" if w[1] else "in_out") if side == "right" else ("left_in_out" if w[1] else "left_out_in")
             t = tensors[w[0]]
             sig = make_signature(shape=tuple(t.shape), bias=bias is not None, layout=layout, dtype=str(t.dtype))
-            return "linear", sig, w[0], (w[0],) + ((bias[0],) if bias else ())
+            return "linear", sig, w[2], (w[0],) + ((bias[0],) if bias else ())
         return None
 
     def _conv(self, a: dict, nd: int, transposed: bool, tensors: dict[str, torch.Tensor]):
@@ -228,7 +286,7 @@ class _Finder:
             output_padding=_ntuple(a.get("output_padding") or 0, nd), padding_mode="zeros",
             layout="in_out" if transposed else "out_in", dtype=str(t.dtype),
         )
-        return ("conv_transpose" if transposed else "conv"), sig, w[0], (w[0],) + ((b[0],) if b else ())
+        return ("conv_transpose" if transposed else "conv"), sig, w[2], (w[0],) + ((b[0],) if b else ())
 
 
 def find_sites(module: nn.Module) -> FxSites:
@@ -236,23 +294,36 @@ def find_sites(module: nn.Module) -> FxSites:
     canonical, tensors, holders = _tensor_names(module)
     found: dict[str, Site] = {}  # weight name -> site
     nodes: dict[str, list[str]] = {}
+    owned: set[str] = set()  # every tensor name some site holds
 
     def add(kind: str, sig: Any, path: str, names: tuple[str, ...], where: str) -> None:
         if names[0] in found:
             nodes[names[0]].append(where)
             return
-        owner = path if path != names[0] else names[0].rpartition(".")[0] or names[0]
+        if owned.intersection(names):  # e.g. a bias tied to another layer's: sharing would not save numel
+            log.debug("not a site: %s shares a tensor with another layer", path)
+            return
+        owned.update(names)
         numel = sum(tensors[n].numel() for n in names)
-        found[names[0]] = Site(owner, kind, role_of(owner), sig, names, numel)
+        found[names[0]] = Site(path, kind, role_of(path), sig, names, numel)
         nodes[names[0]] = [where]
 
     if isinstance(module, fx.GraphModule):
         finder = _Finder(module, canonical)
         for node in module.graph.nodes:
             if node.op == "call_module":
-                hit = _module_site(node.target, module.get_submodule(node.target), canonical)
+                called = module.get_submodule(node.target)
+                hit = _module_site(node.target, called, canonical)
+                if not hit:  # a leaf module holding layers (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+                    for path, sub in called.named_modules(prefix=node.target):
+                        inner = _module_site(path, sub, canonical) if path != node.target else None
+                        if inner:
+                            add(*inner, where=node.name)
             elif node.op == "call_function":
                 hit = finder.function_site(node, tensors)
+                if hit:  # name the layer as the module frontend does
+                    kind, sig, target, names = hit
+                    hit = kind, sig, _owner(node, target, holders[names[0]]), names
             else:
                 continue
             if hit:
