@@ -57,7 +57,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if target.endswith(".onnx"):
         from lfpass.onnx import analyze_onnx
 
-        plan = analyze_onnx(Path(target), config, progress=True)
+        plan = analyze_onnx(Path(target), config, progress=sys.stderr.isatty())
         stem = Path(target).with_suffix("").name
     else:
         plan = _analyze_factory(target, config)
@@ -87,7 +87,7 @@ def _analyze_factory(spec: str, config: FusionConfig) -> FusionPlan:
     except TraceError as exc:  # the module tree still names every nn.Linear / nn.Conv*
         log.warning("%s; planning over the module tree instead", exc)
         graph = model
-    return analyze(graph, config, progress=True)
+    return analyze(graph, config, progress=sys.stderr.isatty())
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

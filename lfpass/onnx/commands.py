@@ -12,12 +12,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lfpass.cli import EXIT_OK, EXIT_VALIDATION, add_config_options, config_from_args
 from lfpass.config import FusionConfig
 from lfpass.errors import ConfigError, InputError, ValidationFailed
 from lfpass.fileio import write_text
 from lfpass.plan import FusionPlan
+
+if TYPE_CHECKING:
+    from lfpass.onnx.optimize import OptimizeResult
+    from lfpass.onnx.validate import OutputStats
 
 _MAX_OUTPUT_LINES = 8
 
@@ -109,15 +114,16 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def table(result) -> str:
-    """The short summary ``optimize`` prints (``result``: an OptimizeResult)."""
+def table(result: OptimizeResult) -> str:
+    """The short summary ``optimize`` prints."""
     after = "after (predicted)" if result.dry_run or not result.written else "after"
     lines = [
         f"{'':<11}{'before':>16}{after:>20}{'ratio':>9}",
         f"{'params':<11}{result.params_before:>16,}{result.params_after:>20,}{result.ratio:>9.3f}",
         f"{'bytes':<11}{result.bytes_before:>16,}{result.bytes_after:>20,}{result.bytes_ratio:>9.3f}",
         f"{'groups':<11}{len(result.plan.groups):>16}   predicted {result.plan.model_ratio:.3f} over the model, "
-        f"{result.plan.layer_ratio:.3f} over the layers (ceiling {result.plan.max_ratio:.3f} over the {result.plan.scope})",
+        f"{result.plan.layer_ratio:.3f} over the layers "
+        f"(ceiling {result.plan.max_ratio:.3f} over the {result.plan.scope})",
     ]
     if result.validation is not None:
         lines.append(f"{'validation':<11}{result.validation.summary()}")
@@ -129,7 +135,7 @@ def table(result) -> str:
     return "\n".join(lines)
 
 
-def _output_line(o) -> str:
+def _output_line(o: OutputStats) -> str:
     text = f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, cosine {o.cosine:.6f}"
     if o.top1 is not None:
         text += f", top-1 {100 * o.top1:.1f}%"

@@ -49,7 +49,9 @@ def _shape(value: ir.Value, given: tuple[int, ...] | None, bound: dict[str, int]
     dims = list(value.shape.dims) if value.shape is not None else None
     if given is not None:
         if dims is not None and len(dims) != len(given):
-            raise ConfigError(f"--input-shape {value.name}: the model's input has {len(dims)} dimensions, got {len(given)}")
+            raise ConfigError(
+                f"--input-shape {value.name}: the model's input has {len(dims)} dimensions, got {len(given)}"
+            )
         for dim, size in zip(dims or (), given):
             if isinstance(dim, int) and dim != size:
                 raise ConfigError(f"--input-shape {value.name}: dimension fixed at {dim} in the model, got {size}")
@@ -97,7 +99,8 @@ def generate(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None = Non
     inputs = runtime_inputs(model)
     unknown = sorted(set(shapes) - {v.name for v in inputs})
     if unknown:
-        raise ConfigError(f"--input-shape: the model has no input {unknown[0]!r} (inputs: {', '.join(v.name for v in inputs)})")
+        known = ", ".join(v.name for v in inputs)
+        raise ConfigError(f"--input-shape: the model has no input {unknown[0]!r} (inputs: {known})")
     bound: dict[str, int] = {}
     for v in inputs:  # given shapes bind their dimension names first
         if v.name in shapes:
@@ -126,7 +129,9 @@ def _values(value: ir.Value, shape: tuple[int, ...], rng: np.random.Generator) -
             return np.ones(shape, dtype=dtype)
         high = _index_bound(value) or 2
         return rng.integers(0, high, size=shape).astype(dtype)
-    raise ConfigError(f"input {value.name!r}: cannot generate values of type {value.dtype.name}; give --inputs FILE.npz")
+    raise ConfigError(
+        f"input {value.name!r}: cannot generate values of type {value.dtype.name}; give --inputs FILE.npz"
+    )
 
 
 def load_npz(path: str | Path, model: ir.Model) -> list[Feeds]:
@@ -142,5 +147,7 @@ def load_npz(path: str | Path, model: ir.Model) -> list[Feeds]:
     names = {v.name for v in runtime_inputs(model)}
     missing, extra = sorted(names - set(feed)), sorted(set(feed) - names)
     if missing or extra:
-        raise InputError(f"{path}: inputs do not match the model (missing: {missing or 'none'}, unknown: {extra or 'none'})")
+        raise InputError(
+            f"{path}: inputs do not match the model (missing: {missing or 'none'}, unknown: {extra or 'none'})"
+        )
     return [feed]

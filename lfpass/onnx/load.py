@@ -52,6 +52,22 @@ def check_input_file(path: Path) -> None:
 
 def load_model(path: str | Path) -> ir.Model:
     """The model at ``path`` as an onnx-ir Model; external tensors stay on disk."""
+    return read_model(path)[0]
+
+
+def value_info_names(graph: onnx.GraphProto) -> set[str]:
+    """Names with a ``value_info`` entry in ``graph`` and its subgraphs."""
+    names = {v.name for v in graph.value_info}
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= value_info_names(sub)
+    return names
+
+
+def read_model(path: str | Path) -> tuple[ir.Model, frozenset[str]]:
+    """:func:`load_model`, and the names the file gives a ``value_info`` (onnx-ir
+    writes one for every initializer; a rewrite keeps only the file's own)."""
     path = Path(path)
     check_input_file(path)
     try:
@@ -72,7 +88,7 @@ def load_model(path: str | Path) -> ir.Model:
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     _check_defined(model, path)
     _check_external(model, path)
-    return model
+    return model, frozenset(value_info_names(proto.graph))
 
 
 def _check_defined(model: ir.Model, path: Path) -> None:

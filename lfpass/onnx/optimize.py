@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 from lfpass.config import FusionConfig
-from lfpass.errors import ValidationFailed
+from lfpass.errors import OutputError, ValidationFailed
 from lfpass.onnx import inputs as onnx_inputs
-from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, load_model
+from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
 from lfpass.onnx.rewrite import apply_plan, check_plan
 from lfpass.onnx.save import check_output, needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
@@ -84,7 +84,8 @@ class OptimizeResult:
             "skipped": self.skipped,
             "seconds": self.seconds,
             "plan_groups": [
-                {"members": list(g.members), "rule": g.rule, "score": g.score, "numel": g.numel} for g in self.plan.groups
+                {"members": list(g.members), "rule": g.rule, "score": g.score, "numel": g.numel}
+                for g in self.plan.groups
             ],
         }
 
@@ -98,7 +99,9 @@ def default_output(path: Path) -> Path:
 def _skip_note(skipped: Sequence[str]) -> str:
     if not skipped:
         return ""
-    shown = "; ".join(skipped[:_SHOWN_SKIPS]) + (f"; and {len(skipped) - _SHOWN_SKIPS} more" if len(skipped) > _SHOWN_SKIPS else "")
+    shown = "; ".join(skipped[:_SHOWN_SKIPS])
+    if len(skipped) > _SHOWN_SKIPS:
+        shown += f"; and {len(skipped) - _SHOWN_SKIPS} more"
     return f"skipped {len(skipped)} layer(s) whose weight is not a constant lfpass may share: {shown}"
 
 
@@ -118,7 +121,7 @@ def analyze_onnx(path: Path, config: FusionConfig, progress: bool = False) -> Fu
 
     Layers skipped because their weight is not constant (a graph input, say)
     are named in the plan's ``message``."""
-    model = load_model(path)
+    model = read_model(path)[0]
     found = find_sites(model)
     plan = plan_fusion(found.sites, found.load, config, count_params(model), progress=progress)
     return _with_note(plan, _skip_note(found.skipped))
@@ -171,7 +174,7 @@ def optimize(
     check_input_file(path)
     if not dry_run:
         check_output(output, [path])
-    model = load_model(path)
+    model, value_info = read_model(path)
     data_files = list(external_files(model).values())
     if not dry_run:
         check_output(output, [path, *data_files])
@@ -193,31 +196,38 @@ def optimize(
     if dry_run:
         return result
 
-    feeds, scores = [], score_outputs(model)
+    feeds = []
     if check:
         feeds = (onnx_inputs.load_npz(inputs, model) if inputs is not None
                  else onnx_inputs.generate(model, input_shapes, samples=samples, seed=config.seed))
+    scores = score_outputs(model)
     clock = time.perf_counter()
     apply_plan(model, found, plan)
     result.params_after = count_params(model)
     seconds["rewrite"] = time.perf_counter() - clock
     external = external_data if external_data is not None else bool(data_files) or needs_external(model)
-
+    if not external and needs_external(model):
+        raise OutputError(f"{output}: the tensors exceed protobuf's 2 GB limit; write them as external data")
     clock = time.perf_counter()
     with staged(output, external) as where:
-        write(model, where)
+        write(model, where, value_info)
         del model, found  # onnxruntime loads the files; free the graph before it does
         seconds["write"] = time.perf_counter() - clock
         result.bytes_after = disk_bytes(where.model, [where.data] if where.data else [])
         if check:
-            result.validation = validate(path, where.model, feeds, config.atol, config.rtol, scores,
-                                         progress=progress, fused_label=str(output))
-            seconds["validate"] = result.validation.seconds
-            if strict and not result.validation.passed:
-                raise ValidationFailed(
-                    f"{output}: validation failed, nothing written ({result.validation.summary()})", result
-                )
+            _check(result, where.model, output, feeds, scores, config, strict, progress)
     result.output = output
     log.info("wrote %s: %d -> %d params, %d -> %d bytes", output, params_before, result.params_after,
              bytes_before, result.bytes_after)
     return result
+
+
+def _check(result: OptimizeResult, staged_model: Path, output: Path, feeds, scores: set[str], config: FusionConfig,
+           strict: bool, progress: bool) -> None:
+    """Compare the written model with the input in onnxruntime; under ``strict`` a
+    failure raises, so the staged files are dropped and nothing is written."""
+    result.validation = validate(result.input, staged_model, feeds, config.atol, config.rtol, scores,
+                                 progress=progress, fused_label=str(output))
+    result.seconds["validate"] = result.validation.seconds
+    if strict and not result.validation.passed:
+        raise ValidationFailed(f"{output}: validation failed, nothing written ({result.validation.summary()})", result)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import onnx
 import onnx_ir as ir
 
 from lfpass.errors import OutputError
@@ -74,7 +75,6 @@ def staged(path: Path, external: bool) -> Iterator[Staged]:
     if not external:
         with atomic_path(path, suffix=".onnx") as tmp:
             yield Staged(tmp, None, None)
-            os.chmod(tmp, _file_mode())  # a temporary file is private; the output is not
         return
     folder = path.parent if str(path.parent) else Path(".")
     try:
@@ -90,20 +90,31 @@ def staged(path: Path, external: bool) -> Iterator[Staged]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write(model: ir.Model, where: Staged) -> None:
+def write(model: ir.Model, where: Staged, value_info: frozenset[str] | None = None) -> None:
     """Serialise ``model`` to ``where`` (every tensor of 1 KiB or more in the data file
-    when external). Tensors still on disk are streamed, not loaded whole."""
+    when external; tensors still on disk are streamed, not loaded whole). With
+    ``value_info``, initializers get a ``value_info`` entry only where it names one."""
     try:
-        if where.data_name is None:
-            ir.save(model, where.model)
-        else:
-            ir.save(model, where.model, external_data=where.data_name, size_threshold_bytes=1023)
+        if where.data_name is not None:
+            model = ir.external_data.unload_from_model(model, str(where.model.parent), where.data_name,
+                                                       size_threshold_bytes=1023)
+        else:  # tensors still in the input's data file come inline, or the output would point there
+            ir.external_data.load_to_model(model)
+        proto = ir.serde.serialize_model(model)
+        if value_info is not None:
+            _drop_added_value_info(proto.graph, value_info)
+        onnx.save(proto, str(where.model))
     except OSError as exc:
         raise OutputError(f"{where.model.parent}: cannot write the model ({exc.strerror or exc})") from None
+
+
+def _drop_added_value_info(graph: onnx.GraphProto, keep: frozenset[str]) -> None:
+    initializers = {t.name for t in graph.initializer}
+    for i in reversed(range(len(graph.value_info))):
+        name = graph.value_info[i].name
+        if name in initializers and name not in keep:
+            del graph.value_info[i]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _drop_added_value_info(sub, keep)

@@ -54,7 +54,10 @@ class OnnxSites:
         return {s.name: s for s in self.sites}
 
 
-def _constant(value: ir.Value | None, allow: tuple[str, ...] = _PASS_THROUGH) -> tuple[ir.Value, tuple[str, ...]] | str | None:
+Constant = tuple[ir.Value, tuple[str, ...]]  # the value holding the tensor, and the ops between it and the node
+
+
+def _constant(value: ir.Value | None, allow: tuple[str, ...] = _PASS_THROUGH) -> Constant | str | None:
     """``(holder, ops passed through)`` when ``value`` is constant; a reason string
     when it comes from a graph input; ``None`` when it is computed."""
     chain: list[str] = []
@@ -106,22 +109,22 @@ def _conv_attrs(node: ir.Node, weight_shape: tuple[int, ...]) -> dict[str, Any]:
     return attrs
 
 
-def _weight_side(node: ir.Node) -> tuple[int, str, tuple[ir.Value, tuple[str, ...]] | str | None]:
-    """Which input holds the weight: ``(index, side, constant-or-reason)``."""
+def _weight_side(node: ir.Node) -> tuple[str, Constant | str | None]:
+    """Which side the weight multiplies from, and what ``_constant`` says of it."""
     if node.op_type in ("Conv", "ConvTranspose"):
-        return 1, "right", _constant(_input(node, 1))
+        return "right", _constant(_input(node, 1))
     a, b = _constant(_input(node, 0)), _constant(_input(node, 1))
     if isinstance(b, tuple) and isinstance(a, tuple):
-        return 1, "right", None  # both constant: a foldable expression, not a layer
+        return "right", None  # both constant: a foldable expression, not a layer
     if isinstance(b, tuple) or isinstance(a, tuple):
-        return (1, "right", b) if isinstance(b, tuple) else (0, "left", a)
-    return 1, "right", b if isinstance(b, str) else None  # a graph input on the right is a skipped weight
+        return ("right", b) if isinstance(b, tuple) else ("left", a)
+    return "right", b if isinstance(b, str) else None  # a graph input on the right is a skipped weight
 
 
 def _node_site(node: ir.Node) -> tuple[Any, ir.Value, tuple[ir.Value, int] | None] | str | None:
     """``(signature, weight holder, (bias holder, bias input index) or None)``,
     a reason the node was skipped, or ``None`` when it is no layer."""
-    index, side, found = _weight_side(node)
+    side, found = _weight_side(node)
     if not isinstance(found, tuple):
         return found
     holder, chain = found
@@ -178,7 +181,7 @@ def find_sites(model: ir.Model) -> OnnxSites:
                 name=name, role=role, kind=KINDS[node.op_type], sig=sig, weight=holder, bias=bias and bias[0],
                 edges=[], nodes=[],
             )
-        elif entry["sig"] != sig or (entry["bias"] is not None) != (bias is not None) or (bias and bias[0] is not entry["bias"]):
+        elif entry["sig"] != sig or entry["bias"] is not (bias[0] if bias else None):
             entry["conflict"] = f"weight {holder.name!r} is read by nodes that differ in attributes or bias"
         entry["nodes"].append(node.name or node.op_type)
         if bias is not None:

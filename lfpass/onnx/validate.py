@@ -70,7 +70,8 @@ class Validation:
         verdict = "passed" if self.passed else "FAILED"
         text = f"{verdict} (atol {self.atol:g}, rtol {self.rtol:g}, {self.samples} samples)"
         if worst is not None:
-            text += f": max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g}, cosine {min(o.cosine for o in self.outputs):.6f}"
+            cosine = min(o.cosine for o in self.outputs)
+            text += f": max abs {worst.max_abs:.3g}, max rel {worst.max_rel:.3g}, cosine {cosine:.6f}"
             top = [o.top1 for o in self.outputs if o.top1 is not None]
             if top:
                 text += f", top-1 {100 * min(top):.1f}%"
@@ -110,14 +111,14 @@ def run(path: Path, feeds: Sequence[Feeds], bar: tqdm | None = None, label: str 
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        raise InputError(f"{label or path}: onnxruntime cannot load it ({str(exc).strip().splitlines()[0][:300]})") from None
+        raise InputError(f"{label or path}: onnxruntime cannot load it ({_first_line(exc)})") from None
     names = [o.name for o in session.get_outputs()]
     results = []
     for feed in feeds:
         try:
             values = session.run(names, feed)
         except Exception as exc:  # noqa: BLE001
-            raise InputError(f"{label or path}: onnxruntime cannot run it ({str(exc).strip().splitlines()[0][:300]})") from None
+            raise InputError(f"{label or path}: onnxruntime cannot run it ({_first_line(exc)})") from None
         results.append(dict(zip(names, values)))
         if bar is not None:
             bar.update()
@@ -158,6 +159,11 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
     result.outputs = list(stats.values())
     result.passed = all(s.passed for s in result.outputs)
     return result
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _finite(x) -> float:
