@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from lfpass.errors import PlanError
+from lfpass.merge import get_rule
+from lfpass.sites import Site
 
 PLAN_VERSION = 1
 
@@ -161,3 +163,25 @@ class FusionPlan:
                 why = "kept apart: its groups' average similarity was lower than the pairs merged"
             lines.append(f"  {c.score:+.4f}  {c.a} ~ {c.b}: {why}")
         return "\n".join(lines)
+
+
+def check_plan(plan: FusionPlan, sites: Mapping[str, Site]) -> None:
+    """The plan names layers this model has, with the signatures it was made for."""
+    planned = dict(plan.signatures)
+    for group in plan.groups:
+        get_rule(group.rule)
+        if len(group.members) < 2 or len(set(group.members)) != len(group.members):
+            raise PlanError(f"plan group {', '.join(group.members)}: needs two or more distinct layers")
+        for name in group.members:
+            site = sites.get(name)
+            if site is None:
+                raise PlanError(f"plan does not fit this model: it has no layer {name!r}")
+            if name in planned and planned[name] != site.class_key(True):
+                raise PlanError(f"plan does not fit this model: layer {name!r} changed shape or attributes")
+        if len({sites[m].class_key(True) for m in group.members}) != 1:
+            raise PlanError(f"plan groups incompatible layers: {', '.join(group.members)}")
+    seen: dict[str, int] = {}
+    for index, group in enumerate(plan.groups):
+        for name in group.members:
+            if seen.setdefault(name, index) != index:
+                raise PlanError(f"plan puts layer {name!r} in two groups")

@@ -16,27 +16,11 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from lfpass.errors import PlanError
 from lfpass.fx.sites import FxSites, find_sites
 from lfpass.merge import get_rule
-from lfpass.plan import FusionPlan
-from lfpass.sites import Site
+from lfpass.plan import FusionPlan, check_plan
 
 log = logging.getLogger(__name__)
-
-
-def _check(plan: FusionPlan, sites: dict[str, Site]) -> None:
-    """The plan must name sites this module has, with the signatures it planned for."""
-    planned = dict(plan.signatures)
-    for group in plan.groups:
-        for name in group.members:
-            site = sites.get(name)
-            if site is None:
-                raise PlanError(f"plan does not fit this model: it has no layer {name!r}")
-            if name in planned and planned[name] != site.class_key(True):
-                raise PlanError(f"plan does not fit this model: layer {name!r} changed shape or attributes")
-        if len({sites[m].class_key(True) for m in group.members}) != 1:
-            raise PlanError(f"plan groups incompatible layers: {', '.join(group.members)}")
 
 
 def _split(path: str, root: nn.Module) -> tuple[nn.Module, str]:
@@ -58,7 +42,7 @@ def apply_plan(module: nn.Module, plan: FusionPlan, inplace: bool = False) -> nn
         module = copy.deepcopy(module)
     found: FxSites = find_sites(module)
     sites = found.by_name()
-    _check(plan, sites)
+    check_plan(plan, sites)
     repoint: dict[str, str] = {}
     for index, group in enumerate(plan.groups):
         members = [sites[m] for m in group.members]

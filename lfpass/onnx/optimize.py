@@ -18,11 +18,11 @@ from lfpass.config import FusionConfig
 from lfpass.errors import OutputError, ValidationFailed
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
-from lfpass.onnx.rewrite import apply_plan, check_plan
+from lfpass.onnx.rewrite import apply_plan
 from lfpass.onnx.save import check_output, needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.onnx.validate import Validation, score_outputs, validate
-from lfpass.plan import FusionPlan
+from lfpass.plan import FusionPlan, check_plan
 from lfpass.planner import plan_fusion
 
 log = logging.getLogger(__name__)

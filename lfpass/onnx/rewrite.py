@@ -25,37 +25,13 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.errors import PlanError
 from lfpass.merge import get_rule
 from lfpass.onnx.sites import OnnxSites
-from lfpass.plan import FusionPlan
-from lfpass.sites import Site
+from lfpass.plan import FusionPlan, check_plan
 
 log = logging.getLogger(__name__)
 
 _REMOVABLE = ("Constant", "Identity", "Transpose", "Cast")
-
-
-def check_plan(plan: FusionPlan, sites: dict[str, Site]) -> None:
-    """The plan names layers this model has, with the signatures it was made for."""
-    planned = dict(plan.signatures)
-    for group in plan.groups:
-        get_rule(group.rule)
-        if len(group.members) < 2 or len(set(group.members)) != len(group.members):
-            raise PlanError(f"plan group {', '.join(group.members)}: needs two or more distinct layers")
-        for name in group.members:
-            site = sites.get(name)
-            if site is None:
-                raise PlanError(f"plan does not fit this model: it has no layer {name!r}")
-            if name in planned and planned[name] != site.class_key(True):
-                raise PlanError(f"plan does not fit this model: layer {name!r} changed shape or attributes")
-        if len({sites[m].class_key(True) for m in group.members}) != 1:
-            raise PlanError(f"plan groups incompatible layers: {', '.join(group.members)}")
-    seen: dict[str, int] = {}
-    for index, group in enumerate(plan.groups):
-        for name in group.members:
-            if seen.setdefault(name, index) != index:
-                raise PlanError(f"plan puts layer {name!r} in two groups")
 
 
 class _Names:
