@@ -34,13 +34,6 @@ _MEASURE = textwrap.dedent(
 )
 
 
-ROOT = Path(__file__).resolve().parents[1]
-_SKIP_INIT = (
-    "import sys, types; pkg = types.ModuleType('lfpass'); pkg.__path__ = [{root!r} + '/lfpass']; "
-    "sys.modules['lfpass'] = pkg; from lfpass.cli import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
 def export_gpt2(path: Path, layers: int, width: int, vocab: int, positions: int) -> int:
     """Export a random-init GPT-2 (logits only, no cache) to one inline ONNX file; returns parameters."""
     import torch
@@ -104,9 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         "lfpass optimize": [py, "-m", "lfpass.cli", "optimize", str(model), "-o", str(fused), "--no-validate",
                             "--report", str(report)],
         "lfpass (import only)": [py, "-c", "import lfpass.cli, lfpass.onnx"],
-        # what `lfpass optimize` costs once `import lfpass` no longer pulls in torch (a lazy lfpass/__init__)
-        "lfpass optimize, package __init__ skipped": [py, "-c", _SKIP_INIT.format(root=str(ROOT)), "optimize", str(model),
-                                                      "-o", str(fused), "--no-validate"],
     }
     if not args.no_onnxslim:
         tools["onnxslim"] = [py, "-c", f"import onnxslim; onnxslim.slim({str(model)!r}, {str(slim_out)!r})"]
