@@ -41,10 +41,7 @@ class OnnxSites:
     skipped: list[str] = field(default_factory=list)  # "node: why", for --explain
 
     def tensor(self, name: str) -> ir.TensorProtocol:
-        value = self.values[name]
-        if value.const_value is not None:
-            return value.const_value
-        return value.producer().attributes["value"].as_tensor()
+        return _tensor_of(self.values[name])
 
     def load(self, name: str) -> np.ndarray:
         """A tensor's values as float32 (external data is memory-mapped, read when asked)."""
