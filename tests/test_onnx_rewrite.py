@@ -81,7 +81,7 @@ def test_bit_identical_blocks_fuse_losslessly(tmp_path, form):
     out = tmp_path / "fused.onnx"
     result = optimize(src, out, LOSSLESS)
     assert len(result.plan.groups) == 2  # blocks 0/2/4 and 1/3/5
-    assert result.params_before - result.params_after == 4 * WIDTH * WIDTH
+    assert result.params_before - result.params_after == 4 * (WIDTH * WIDTH + WIDTH)  # weights and Add biases
     onnx.checker.check_model(str(out), full_check=True)
     fused = onnx.load(out)
     weights = {n.input[1] for n in fused.graph.node if n.op_type == "MatMul"}
@@ -106,28 +106,30 @@ def test_constant_anchor_after_its_members_is_hoisted(tmp_path):
     assert np.array_equal(_run(src, X), _run(out, X))
 
 
-def test_bias_shared_with_a_layer_outside_the_group_keeps_its_value(tmp_path):
+def test_bias_read_by_other_layers_stays_out_of_the_group(tmp_path):
     rng = np.random.default_rng(2)
     t = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
-    nodes = [  # like the legacy exporter: a and c read one bias tensor; a and b form a role
+    nodes = [  # like the legacy exporter, which stores equal biases once: a, b and c read one bias tensor
         helper.make_node("Gemm", ["x", "wa", "shared_bias"], ["ya"], name="/l/l.0/Gemm", transB=1),
-        helper.make_node("Gemm", ["ya", "wb", "bb"], ["yb"], name="/l/l.1/Gemm", transB=1),
+        helper.make_node("Gemm", ["ya", "wb", "shared_bias"], ["yb"], name="/l/l.1/Gemm", transB=1),
         helper.make_node("Gemm", ["yb", "wc", "shared_bias"], ["yc"], name="/other/Gemm", transB=1),
+        helper.make_node("Gemm", ["yc", "wd", "bd"], ["yd"], name="/l/l.2/Gemm", transB=1),
     ]
-    inits = [t("wa", (WIDTH, WIDTH)), t("wb", (WIDTH, WIDTH)), t("wc", (WIDTH, WIDTH)),
-             t("shared_bias", (WIDTH,)), t("bb", (WIDTH,))]
+    inits = [t("wa", (WIDTH, WIDTH)), t("wb", (WIDTH, WIDTH)), t("wc", (WIDTH, WIDTH)), t("wd", (WIDTH, WIDTH)),
+             t("shared_bias", (WIDTH,)), t("bd", (WIDTH,))]
     src = _save(tmp_path, nodes, inits)
+    sites = {s.name: s for s in find_sites(load_model(src)).sites}
+    assert sites["l/l.0/Gemm"].tensors == ("wa",) and sites["l/l.2/Gemm"].tensors == ("wd", "bd")
+    assert sites["l/l.0/Gemm"].class_key() != sites["l/l.2/Gemm"].class_key()  # own bias or not: apart
     result = optimize(src, tmp_path / "out.onnx", FusionConfig(target_ratio=1.01), check=False)
     assert [g.members for g in result.plan.groups] == [("l/l.0/Gemm", "l/l.1/Gemm")]
+    assert result.params_before - result.params_after == WIDTH * WIDTH == result.plan.groups[0].saved
     fused = onnx.load(tmp_path / "out.onnx")
     inits_after = {i.name: numpy_helper.to_array(i) for i in fused.graph.initializer}
     reads = {n.name: list(n.input) for n in fused.graph.node}
-    assert reads["/l/l.0/Gemm"][1:] == reads["/l/l.1/Gemm"][1:]  # one weight, one bias
-    assert reads["/other/Gemm"][2] == "shared_bias"
-    assert np.array_equal(inits_after["shared_bias"], numpy_helper.to_array(inits[3]))
-    merged_bias = inits_after[reads["/l/l.0/Gemm"][2]]
-    assert np.allclose(merged_bias, (numpy_helper.to_array(inits[3]) + numpy_helper.to_array(inits[4])) / 2)
-    assert "bb" not in inits_after and "wb" not in inits_after
+    assert reads["/l/l.0/Gemm"][1:] == reads["/l/l.1/Gemm"][1:] == ["wa", "shared_bias"]
+    assert np.array_equal(inits_after["shared_bias"], numpy_helper.to_array(inits[4]))
+    assert "wb" not in inits_after
 
 
 def test_float16_weights_stay_float16(tmp_path):
@@ -208,7 +210,7 @@ def test_lossless_plans_are_exact_on_generated_graphs(tmp_path, pattern):
     result = optimize(src, out, LOSSLESS, check=False)
     distinct, blocks = len(set(pattern)), len(pattern)
     assert len(result.plan.groups) == sum(pattern.count(k) > 1 for k in set(pattern))
-    assert result.params_after == distinct * WIDTH * WIDTH + blocks * WIDTH  # biases sit in Add nodes: not sites
+    assert result.params_after == distinct * (WIDTH * WIDTH + WIDTH)  # a MatMul site owns the bias of its Add
     if result.written:
         onnx.checker.check_model(str(out), full_check=True)
         assert np.array_equal(_run(src, X), _run(out, X))

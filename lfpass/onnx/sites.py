@@ -17,6 +17,7 @@ exactly as they are) and weights that are graph outputs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,9 +119,40 @@ def _weight_side(node: ir.Node) -> tuple[str, Constant | str | None]:
     return "right", b if isinstance(b, str) else None  # a graph input on the right is a skipped weight
 
 
-def _node_site(node: ir.Node) -> tuple[Any, ir.Value, tuple[ir.Value, int] | None] | str | None:
-    """``(signature, weight holder, (bias holder, bias input index) or None)``,
-    a reason the node was skipped, or ``None`` when it is no layer."""
+def _shape_through(shape: tuple[int, ...], chain: tuple[str, ...]) -> tuple[int, ...]:
+    """The weight's shape as the layer reads it, after the chain's Transposes (Casts keep it)."""
+    for op in chain:
+        if op.startswith("Transpose"):
+            perm = re.search(r"perm=\(([^)]*)\)", op)
+            order = [int(p) for p in perm.group(1).split(",") if p.strip()] if perm else list(range(len(shape)))[::-1]
+            shape = tuple(shape[p] for p in order)
+    return shape
+
+
+Bias = tuple[ir.Value, tuple[ir.Node, int]]  # the bias holder, and the node input that reads it
+
+
+def _bias_add(node: ir.Node, out: int) -> Bias | None:
+    """The bias of ``x @ W`` when the product's only reader is ``Add`` of a constant
+    vector of ``out`` values (how exporters write ``nn.Linear`` on 3-D inputs)."""
+    product = node.outputs[0]
+    uses = list(product.uses())
+    if len(uses) != 1 or product.is_graph_output():
+        return None
+    add, index = uses[0].node, uses[0].idx
+    if add.op_type != "Add" or add.domain not in _ONNX_DOMAINS or add.graph is not node.graph or len(add.inputs) != 2:
+        return None
+    other = 1 - index
+    found = _constant(add.inputs[other], allow=("Identity",))
+    if not isinstance(found, tuple) or tuple(int(d) for d in _tensor_of(found[0]).shape) != (out,):
+        return None
+    return found[0], (add, other)
+
+
+def _node_site(node: ir.Node) -> tuple[Any, ir.Value, Bias | None] | str | None:
+    """``(signature, weight holder, bias)``, a reason the node was skipped, or
+    ``None`` when it is no layer. Gemm and Conv carry their bias as an input;
+    MatMul's bias is the constant of the Add that reads its product."""
     side, found = _weight_side(node)
     if not isinstance(found, tuple):
         return found
@@ -140,13 +172,16 @@ def _node_site(node: ir.Node) -> tuple[Any, ir.Value, tuple[ir.Value, int] | Non
     if bias_index is not None and _input(node, bias_index) is not None:
         found_bias = _constant(_input(node, bias_index), allow=("Identity",))
         if isinstance(found_bias, tuple):
-            bias = (found_bias[0], bias_index)
-            btensor = _tensor_of(found_bias[0])
-            fields.update(bias=True, bias_shape=tuple(int(d) for d in btensor.shape), bias_dtype=btensor.dtype.name)
+            bias = (found_bias[0], (node, bias_index))
         else:
             fields.update(bias="input")  # a bias computed at run time: only shares with the same
+    elif node.op_type == "MatMul" and side == "right":
+        bias = _bias_add(node, _shape_through(shape, chain)[-1])
+    if bias is not None:
+        btensor = _tensor_of(bias[0])
+        fields.update(bias=True, bias_shape=tuple(int(d) for d in btensor.shape), bias_dtype=btensor.dtype.name)
     else:
-        fields.update(bias=False)
+        fields.setdefault("bias", False)
     if node.op_type == "Gemm":
         attrs = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
         attrs.update({k: _attr(a) for k, a in node.attributes.items()})
@@ -182,7 +217,8 @@ def find_sites(model: ir.Model) -> OnnxSites:
             entry["conflict"] = f"weight {holder.name!r} is read by nodes that differ in attributes or bias"
         entry["nodes"].append(node.name or node.op_type)
         if bias is not None:
-            entry["edges"].append((node, bias[1]))
+            entry["edges"].append(bias[1])
+    _unshare_biases(found)
     sites: list[Site] = []
     bias_edges: dict[str, list[tuple[ir.Node, int]]] = {}
     seen: set[str] = set()
@@ -200,3 +236,21 @@ def find_sites(model: ir.Model) -> OnnxSites:
         sites.append(Site(name, entry["kind"], entry["role"], entry["sig"], tensors, numel, ",".join(entry["nodes"])))
         bias_edges[name] = entry["edges"]
     return OnnxSites(sites, values, bias_edges, skipped)
+
+
+def _unshare_biases(found: dict[str, dict[str, Any]]) -> None:
+    """A bias tensor that several layers already read (exporters store equal
+    tensors, such as all-zero biases, once) belongs to no single layer: leave it
+    out of those sites (they fuse by weight only, among themselves), so a group
+    saves exactly what its members own."""
+    readers: dict[str, int] = {}
+    for entry in found.values():
+        if entry["bias"] is not None:
+            readers[entry["bias"].name] = readers.get(entry["bias"].name, 0) + 1
+    for entry in found.values():
+        bias = entry["bias"]
+        if bias is not None and (readers[bias.name] > 1 or bias.name in found):
+            entry["bias"], entry["edges"] = None, []
+            # only layers whose bias is shared the same way may share a weight: their sites hold one tensor
+            entry["sig"] = tuple((k, "shared" if k == "bias" else v) for k, v in entry["sig"])
+
