@@ -286,8 +286,8 @@ def run_demo(quick: bool = False, seconds: float | None = None, out_dir: Path = 
     the model, plans and fused models under ``out_dir``.
 
     ``quick`` uses 2000 training digits and, unless ``seconds`` says otherwise,
-    5 seconds of training instead of 60 (for tests). Returns the table rows and
-    what was written.
+    5 seconds of training instead of 60 (for tests). Returns the table rows,
+    the report text (``report``) and what was written.
     """
     if seconds is None:
         seconds = QUICK_SECONDS if quick else FULL_SECONDS
