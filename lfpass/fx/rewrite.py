@@ -30,10 +30,7 @@ def _split(path: str, root: nn.Module) -> tuple[nn.Module, str]:
 
 def _set(root: nn.Module, path: str, value: nn.Parameter) -> None:
     owner, attr = _split(path, root)
-    if attr in owner._parameters or isinstance(getattr(owner, attr, None), nn.Parameter):
-        setattr(owner, attr, value)
-    else:  # a buffer used as a constant weight: keep it a buffer
-        owner.register_buffer(attr, value.detach(), persistent=attr not in owner._non_persistent_buffers_set)
+    setattr(owner, attr, value)  # sites hold parameters only (fx/sites.py), so this re-registers one
 
 
 def apply_plan(module: nn.Module, plan: FusionPlan, inplace: bool = False) -> nn.Module:
