@@ -46,6 +46,5 @@ def apply(model: nn.Module, plan: FusionPlan, inplace: bool = False) -> nn.Modul
 
 def fuse(model: nn.Module, config: FusionConfig | None = None, **overrides: Any) -> tuple[nn.Module, FusionPlan]:
     """``analyze`` then ``apply``: the fused copy and its plan."""
-    config = (config or FusionConfig()).replace(**overrides) if overrides else (config or FusionConfig())
-    plan = analyze(model, config)
+    plan = analyze(model, (config or FusionConfig()).replace(**overrides))
     return apply(model, plan), plan

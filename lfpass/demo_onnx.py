@@ -47,12 +47,10 @@ def export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
 
 
 def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    """The logits onnxruntime computes (graph optimisations off, as validation runs it)."""
+    from lfpass.onnx.validate import run
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT], {INPUT: x})[0]
+    return run(path, [{INPUT: x}])[0][OUTPUT]
 
 
 def onnx_rows(

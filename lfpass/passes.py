@@ -21,8 +21,7 @@ class LayerFusionPass(PassBase):
 
     def __init__(self, config: FusionConfig | None = None, **overrides: Any) -> None:
         super().__init__()
-        base = config or FusionConfig()
-        self.config = base.replace(**overrides) if overrides else base
+        self.config = (config or FusionConfig()).replace(**overrides)
         self.plan: FusionPlan | None = None
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 _INDEX = re.compile(r"^\d+$")
 _SPLIT = re.compile(r"([./])")
@@ -63,7 +63,3 @@ class Site:
 
     def signature_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.signature}
-
-
-def by_name(sites: Iterable[Site]) -> Mapping[str, Site]:
-    return {s.name: s for s in sites}

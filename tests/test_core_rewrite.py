@@ -194,3 +194,9 @@ def test_unique_parameters_counts_shared_once(stack):
     stack.blocks[1].weight = stack.blocks[0].weight
     assert lfpass.unique_parameters(stack) == n - 16 * 16
     assert np.isclose(n, sum(p.numel() for p in type(stack)().parameters()))
+
+
+def test_fuse_is_analyze_then_apply(stack):
+    fused, plan = lfpass.fuse(stack, target_ratio=1.3, merge="keep")
+    assert plan.ratio >= 1.3 and plan.groups[0].rule == "keep"
+    assert lfpass.unique_parameters(fused) == plan.params_after < lfpass.unique_parameters(stack)

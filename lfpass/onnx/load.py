@@ -130,10 +130,6 @@ def _check_external(model: ir.Model, path: Path) -> None:
                 raise InputError(f"{path}: external data file {data.name} is truncated ({value.name!r} ends past it)")
 
 
-def uses_external_data(model: ir.Model) -> bool:
-    return bool(external_files(model))
-
-
 def disk_bytes(path: str | Path, data_files: list[Path] | None = None) -> int:
     """Bytes on disk of an ONNX file plus the external data files it uses."""
     total = Path(path).stat().st_size
