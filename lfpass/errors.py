@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, width: int = 200) -> str:
+    """The first line of a library's error message, for a one-line report (its type if empty)."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:width]
+
+
 class LfpassError(Exception):
     """A problem the user can act on; the message says what and where."""
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lfpass.errors import TraceError
+from lfpass.errors import TraceError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -54,5 +54,4 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+    return f"{type(exc).__name__}: {first_line(exc)}"

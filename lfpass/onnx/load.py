@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from lfpass.errors import InputError
+from lfpass.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def read_model(path: str | Path) -> tuple[ir.Model, frozenset[str]]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
-        raise InputError(f"{path}: not an ONNX model, or truncated ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not an ONNX model, or truncated ({first_line(exc)})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if proto.ir_version <= 0 or not proto.HasField("graph"):
@@ -84,7 +84,7 @@ def read_model(path: str | Path) -> tuple[ir.Model, frozenset[str]]:
         with _quiet("onnx_ir"):
             model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # noqa: BLE001 - any deserialisation failure is a bad file
-        raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     _check_defined(model, path)
     _check_external(model, path)
@@ -153,8 +153,3 @@ def count_params(model: ir.Model) -> int:
     (initializers and ``Constant`` nodes, subgraphs included). A tensor read by
     several nodes is stored, and counted, once."""
     return sum(t.size for t in _float_tensors(model) if t.dtype.is_floating_point())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]

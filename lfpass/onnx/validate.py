@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from lfpass.errors import InputError
+from lfpass.errors import InputError, first_line
 from lfpass.onnx.inputs import Feeds
 
 log = logging.getLogger(__name__)
@@ -111,14 +111,14 @@ def run(path: Path, feeds: Sequence[Feeds], bar: tqdm | None = None, label: str 
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        raise InputError(f"{label or path}: onnxruntime cannot load it ({_first_line(exc)})") from None
+        raise InputError(f"{label or path}: onnxruntime cannot load it ({first_line(exc)})") from None
     names = [o.name for o in session.get_outputs()]
     results = []
     for feed in feeds:
         try:
             values = session.run(names, feed)
         except Exception as exc:  # noqa: BLE001
-            raise InputError(f"{label or path}: onnxruntime cannot run it ({_first_line(exc)})") from None
+            raise InputError(f"{label or path}: onnxruntime cannot run it ({first_line(exc)})") from None
         results.append(dict(zip(names, values)))
         if bar is not None:
             bar.update()
@@ -160,10 +160,6 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
     result.passed = all(s.passed for s in result.outputs)
     return result
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _finite(x) -> float:
