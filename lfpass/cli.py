@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from lfpass.config import FusionConfig, from_mapping, load_pipeline
-from lfpass.errors import LfpassError, TraceError
-from lfpass.fileio import write_text
+from lfpass.errors import LfpassError, TraceError, first_line
+from lfpass.fileio import Terminated, check_paths, cleanup_on_sigterm, write_text
 from lfpass.plan import FusionPlan
 
 log = logging.getLogger("lfpass")
@@ -30,6 +30,7 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", choices=("model", "layers"), help="what the ratio is measured over")
     p.add_argument("--cross-role", action="store_true", default=None, help="let same-shaped layers of any role share")
     p.add_argument("--max-group-size", type=int, help="at most this many layers share one tensor")
+    p.add_argument("--max-overshoot", type=float, help="the ratio may land at most this far past --ratio")
     p.add_argument("--seed", type=int)
 
 
@@ -43,6 +44,7 @@ def config_from_args(args: argparse.Namespace) -> FusionConfig:
     for key, value in (
         ("metric", args.metric), ("merge", args.merge), ("ratio_scope", args.scope),
         ("cross_role", args.cross_role), ("max_group_size", args.max_group_size), ("seed", args.seed),
+        ("max_overshoot", args.max_overshoot),
     ):
         if value is not None:
             data[key] = value
@@ -54,20 +56,24 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     target = args.target
-    if target.endswith(".onnx"):
+    onnx_file = target.endswith(".onnx")
+    stem = Path(target).with_suffix("").name if onnx_file else target.rpartition(":")[2]
+    heatmap = Path(args.heatmap or f"{stem}.similarity.png")
+    writes = {"--heatmap": heatmap, "--plan-out": args.plan_out}
+    source = Path(target if onnx_file else target.rpartition(":")[0])
+    check_paths({"the model": source if source.suffix in (".onnx", ".py") else None, "--pipeline": args.pipeline},
+                writes)
+    if onnx_file:
         from lfpass.onnx import analyze_onnx
 
-        plan = analyze_onnx(Path(target), config, progress=sys.stderr.isatty())
-        stem = Path(target).with_suffix("").name
+        plan = analyze_onnx(Path(target), config, progress=sys.stderr.isatty(), writes=writes)
     else:
         plan = _analyze_factory(target, config)
-        stem = target.rpartition(":")[2]
     print(report.pairs_table(plan, top=args.top))
     print()
     print(report.summary(plan))
     if args.explain:
         print(plan.explain())
-    heatmap = Path(args.heatmap or f"{stem}.similarity.png")
     report.write_heatmap(plan, heatmap)
     print(f"heatmap           {heatmap}")
     if args.plan_out:
@@ -127,13 +133,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="lfpass: %(message)s")
     try:
-        return args.func(args)
+        with cleanup_on_sigterm():
+            return args.func(args)
     except LfpassError as exc:
-        print(f"lfpass: error: {exc}", file=sys.stderr)
+        print(f"lfpass: error: {first_line(exc, width=400)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("lfpass: interrupted", file=sys.stderr)
+        print("lfpass: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("lfpass: terminated; nothing was left half-written", file=sys.stderr)
+        return 143
+    except MemoryError:
+        print("lfpass: error: out of memory", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - a bug in lfpass: still one line, the traceback under -v
+        if args.verbose:
+            raise
+        print(f"lfpass: error: internal error ({type(exc).__name__}: {first_line(exc)}); "
+              "rerun with -v for the traceback and report it", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

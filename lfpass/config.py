@@ -14,13 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from lfpass.errors import ConfigError
+from lfpass.errors import ConfigError, first_line
 from lfpass.merge import MERGE_RULES
 from lfpass.metrics import METRICS
 
 SCOPES = ("model", "layers")
 KINDS = ("linear", "conv", "conv_transpose")
 _META_KEYS = ("name", "description")
+_TUPLE_FIELDS = ("kinds", "include", "exclude")
+_STR_FIELDS = ("metric", "merge", "ratio_scope", "name")
+
+
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int)
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,12 @@ class FusionConfig:
     (the whole model, or only the fusable layers). With ``threshold`` set,
     no pair less similar than it is merged; with only ``threshold``, every pair
     above it is merged. ``cross_role`` lets any same-signature layers share.
+    ``max_overshoot`` bounds how far past ``target_ratio`` the plan may land
+    (in ratio units over the scope); unset, an overshoot is reported.
+
+    Every field is checked on construction, from Python as from a pipeline
+    file: a wrong type is a :class:`ConfigError` naming the field, never a
+    failure later in planning.
     """
 
     metric: str = "cosine"
@@ -40,6 +56,7 @@ class FusionConfig:
     ratio_scope: str = "model"
     cross_role: bool = False
     max_group_size: int | None = None
+    max_overshoot: float | None = None
     kinds: tuple[str, ...] = KINDS
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -50,51 +67,57 @@ class FusionConfig:
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        for name in _TUPLE_FIELDS:  # a list from Python or TOML becomes a tuple; a bare string is a mistake
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, str) for v in value
+            ):
+                raise ConfigError(f"{name}: must be a list of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for name in _STR_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}: must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.cross_role, bool):
+            raise ConfigError(f"cross_role: must be true or false, got {self.cross_role!r}")
         if self.metric not in METRICS:
             raise ConfigError(f"metric: unknown {self.metric!r} (known: {', '.join(METRICS)})")
         if self.merge not in MERGE_RULES:
             raise ConfigError(f"merge: unknown rule {self.merge!r} (known: {', '.join(MERGE_RULES)})")
-        if self.target_ratio is not None:
-            r = self.target_ratio
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 1.0:
-                raise ConfigError(f"target_ratio: must be a finite number > 1, got {r!r}")
-        if self.threshold is not None and (
-            isinstance(self.threshold, bool)
-            or not isinstance(self.threshold, (int, float))
-            or not math.isfinite(self.threshold)
-        ):
+        if self.target_ratio is not None and not (_is_number(self.target_ratio) and self.target_ratio > 1.0):
+            raise ConfigError(f"target_ratio: must be a finite number > 1, got {self.target_ratio!r}")
+        if self.threshold is not None and not _is_number(self.threshold):
             raise ConfigError(f"threshold: must be a finite number, got {self.threshold!r}")
         if self.target_ratio is None and self.threshold is None:
             raise ConfigError("target_ratio and threshold: set at least one")
         if self.ratio_scope not in SCOPES:
             raise ConfigError(f"ratio_scope: must be one of {SCOPES}, got {self.ratio_scope!r}")
-        if self.max_group_size is not None and (
-            isinstance(self.max_group_size, bool) or not isinstance(self.max_group_size, int) or self.max_group_size < 2
-        ):
+        if self.max_group_size is not None and not (_is_int(self.max_group_size) and self.max_group_size >= 2):
             raise ConfigError(f"max_group_size: must be an integer >= 2, got {self.max_group_size!r}")
+        if self.max_overshoot is not None and not (_is_number(self.max_overshoot) and self.max_overshoot >= 0):
+            raise ConfigError(f"max_overshoot: must be a finite number >= 0, got {self.max_overshoot!r}")
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise ConfigError(f"kinds: unknown {bad or 'empty list'} (known: {', '.join(KINDS)})")
         for name in ("atol", "rtol"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not (_is_number(v) and v >= 0):
                 raise ConfigError(f"{name}: must be a finite number >= 0, got {v!r}")
-        if isinstance(self.min_params, bool) or not isinstance(self.min_params, int) or self.min_params < 0:
+        if not (_is_int(self.min_params) and self.min_params >= 0):
             raise ConfigError(f"min_params: must be an integer >= 0, got {self.min_params!r}")
+        if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            raise ConfigError(f"seed: must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
 
     def replace(self, **changes: Any) -> "FusionConfig":
-        """A copy with ``changes`` applied; ``None`` values are ignored (unset CLI flags)."""
-        return from_mapping({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+        """A copy with ``changes`` applied, checked like any config. ``None`` is a value
+        (``target_ratio=None`` unsets the target); only the CLI reads ``None`` as "not given"."""
+        return from_mapping({**self.to_dict(), **changes}, source="config")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(FusionConfig)}
-_TUPLE_FIELDS = {"kinds", "include", "exclude"}
-_BOOL_FIELDS = {"cross_role"}
-_STR_FIELDS = {"metric", "merge", "ratio_scope", "name"}
-_OPTIONAL_FIELDS = {"target_ratio", "threshold", "max_group_size"}  # TOML has no null: "none" or false
+_OPTIONAL_FIELDS = {"target_ratio", "threshold", "max_group_size", "max_overshoot"}  # TOML has no null: "none" or false
 
 
 def from_mapping(data: Mapping[str, Any], source: str = "config") -> FusionConfig:
@@ -107,14 +130,6 @@ def from_mapping(data: Mapping[str, Any], source: str = "config") -> FusionConfi
             raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(_FIELDS))})")
         if key in _OPTIONAL_FIELDS and (value is False or value == "none"):
             value = None
-        elif key in _TUPLE_FIELDS:
-            if isinstance(value, str) or not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{source}: {key} must be a list of strings, got {value!r}")
-            value = tuple(str(v) for v in value)
-        elif key in _BOOL_FIELDS and not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
-        elif key in _STR_FIELDS and not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
         kwargs[key] = value
     try:
         return FusionConfig(**kwargs)
@@ -125,11 +140,15 @@ def from_mapping(data: Mapping[str, Any], source: str = "config") -> FusionConfi
 def load_pipeline(path: str | Path) -> FusionConfig:
     """Read a ``passes/*.toml`` pipeline into a validated :class:`FusionConfig`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a pipeline file")
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such pipeline file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the pipeline ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        raise ConfigError(f"{path}: not valid TOML ({first_line(exc)})") from None
     data.setdefault("name", path.stem)
     return from_mapping(data, source=str(path))

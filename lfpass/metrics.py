@@ -31,8 +31,16 @@ _BINS = 64
 _EPS = 1e-12
 
 
+def _score_dtype(weights: Sequence[np.ndarray]) -> type[np.floating]:
+    """float64 when any tensor is float64 (a float32 view would call near-copies equal), else float32.
+
+    float16 and bfloat16 (ml_dtypes) widen to float32 exactly."""
+    return np.float64 if any(np.asarray(w).dtype == np.float64 for w in weights) else np.float32
+
+
 def _stack(weights: Sequence[np.ndarray]) -> np.ndarray:
-    return np.stack([np.asarray(w, dtype=np.float32).reshape(-1) for w in weights])
+    dtype = _score_dtype(weights)
+    return np.stack([np.asarray(w).astype(dtype, copy=False).reshape(-1) for w in weights])
 
 
 def _rel_gap(values: np.ndarray) -> np.ndarray:
@@ -49,7 +57,8 @@ def _unit_rows(weights: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     ``norms = np.linalg.norm(x, axis=1)``, ``x /= where(norms > eps, norms, 1)``,
     done a row at a time: one float64 copy instead of three temporaries of its size.
     """
-    rows = [np.asarray(w, dtype=np.float32).reshape(-1) for w in weights]
+    dtype = _score_dtype(weights)
+    rows = [np.asarray(w).astype(dtype, copy=False).reshape(-1) for w in weights]
     x = np.empty((len(rows), rows[0].size if rows else 0), dtype=np.float64)
     norms = np.empty(len(rows))
     for i, r in enumerate(rows):

@@ -65,6 +65,8 @@ class FusionPlan:
     candidates: tuple[Candidate, ...] = field(default=(), repr=False)
     signatures: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     classes: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), repr=False)
+    max_overshoot: float | None = None  # planning kept the ratio <= target_ratio + max_overshoot
+    left_out: tuple[tuple[str, str], ...] = ()  # (layer, why) for layers planning left out
 
     # -- figures ---------------------------------------------------------
     @property
@@ -83,6 +85,11 @@ class FusionPlan:
     @property
     def reached(self) -> bool:
         return self.target_ratio is None or self.ratio >= self.target_ratio
+
+    @property
+    def overshoot(self) -> float:
+        """How far the ratio passed the target (0 when it did not, or there is none)."""
+        return max(self.ratio - self.target_ratio, 0.0) if self.target_ratio is not None else 0.0
 
     def take(self, n_groups: int) -> "FusionPlan":
         """The plan cut to its first ``n_groups`` groups (groups are in merge order),
@@ -108,6 +115,8 @@ class FusionPlan:
     def from_json(cls, text: str) -> "FusionPlan":
         try:
             data: dict[str, Any] = json.loads(text)
+            if not isinstance(data, dict):
+                raise PlanError("plan: not a valid lfpass plan (not a JSON object)")
             if data.pop("version", None) != PLAN_VERSION:
                 raise PlanError(f"plan: unsupported version (this lfpass reads version {PLAN_VERSION})")
             data.pop("ratio", None)
@@ -117,6 +126,7 @@ class FusionPlan:
             data["candidates"] = tuple(Candidate(**c) for c in data.get("candidates", ()))
             data["signatures"] = tuple(tuple(s) for s in data.get("signatures", ()))
             data["classes"] = tuple((k, tuple(v)) for k, v in data.get("classes", ()))
+            data["left_out"] = tuple((name, why) for name, why in data.get("left_out", ()))
             return cls(**data)
         except PlanError:
             raise
@@ -140,29 +150,67 @@ class FusionPlan:
 
     def explain(self) -> str:
         """Why each candidate pair was or was not fused."""
-        where = self.group_of()
-        size = {i: len(g.members) for i, g in enumerate(self.groups)}
-        weakest = min((g.score for g in self.groups), default=float("inf"))
         lines = [
             f"metric {self.metric}, scope {self.scope}: ratio {self.ratio:.3f} "
             f"(model {self.model_ratio:.3f}, layers {self.layer_ratio:.3f}, ceiling {self.max_ratio:.3f})"
         ]
         if self.message:
             lines.append(self.message)
+        why = _Reasons(self)
         for c in sorted(self.candidates, key=lambda c: -c.score):
-            ga, gb = where.get(c.a), where.get(c.b)
-            if ga is not None and ga == gb:
-                why = f"fused: group {ga}"
-            elif self.threshold is not None and c.score < self.threshold:
-                why = f"kept apart: below threshold {self.threshold:g}"
-            elif self.max_group_size is not None and size.get(ga, 1) + size.get(gb, 1) > self.max_group_size:
-                why = f"kept apart: joined groups would exceed max_group_size {self.max_group_size}"
-            elif c.score <= weakest or self.reached:
-                why = "kept apart: target reached before this pair"
-            else:
-                why = "kept apart: its groups' average similarity was lower than the pairs merged"
-            lines.append(f"  {c.score:+.4f}  {c.a} ~ {c.b}: {why}")
+            lines.append(f"  {c.score:+.4f}  {c.a} ~ {c.b}: {why(c)}")
         return "\n".join(lines)
+
+
+class _Reasons:
+    """Why a candidate pair ended where it did, read from the plan alone.
+
+    Groups merge by average linkage, so a pair is kept apart by what holds
+    between its two groups (sizes, average similarity), not by its own score.
+    Each reason is one that holds for the plan's final groups; where the
+    plan's kept pairs cannot tell a group average, the reason is the one left
+    once the others are ruled out.
+    """
+
+    def __init__(self, plan: FusionPlan) -> None:
+        self.plan = plan
+        self.where = plan.group_of()
+        self.score = {(c.a, c.b): c.score for c in plan.candidates}
+        self.score.update({(c.b, c.a): c.score for c in plan.candidates})
+
+    def members(self, name: str) -> tuple[str, ...]:
+        g = self.where.get(name)
+        return (name,) if g is None else self.plan.groups[g].members
+
+    def linkage(self, a: tuple[str, ...], b: tuple[str, ...]) -> float | None:
+        """The average similarity between two groups; None if a pair was not kept."""
+        scores = [self.score.get((x, y)) for x in a for y in b]
+        return None if any(s is None for s in scores) else float(np.mean(scores))
+
+    def __call__(self, c: Candidate) -> str:
+        plan, t = self.plan, self.plan.threshold
+        ga, gb = self.where.get(c.a), self.where.get(c.b)
+        if ga is not None and ga == gb:
+            return f"fused: group {ga}"
+        a, b = self.members(c.a), self.members(c.b)
+        if plan.max_group_size is not None and len(a) + len(b) > plan.max_group_size:
+            return f"kept apart: joined groups would exceed max_group_size {plan.max_group_size}"
+        link = self.linkage(a, b)
+        if t is not None and link is not None and link < t:
+            if len(a) == len(b) == 1:
+                return f"kept apart: below threshold {t:g}"
+            return f"kept apart: its groups' average similarity {link:+.4f} is below threshold {t:g}"
+        if plan.target_ratio is not None and plan.reached:
+            return "kept apart: target reached before this pair"
+        if plan.target_ratio is not None and plan.max_overshoot is not None:
+            limit = plan.target_ratio + plan.max_overshoot
+            bound = f"merging would take the ratio past target + max_overshoot ({limit:.3f})"
+            if t is not None and link is None:
+                return f"kept apart: its groups' average similarity is below threshold {t:g}, or {bound}"
+            return f"kept apart: {bound}"
+        if t is not None and link is None:
+            return f"kept apart: its groups' average similarity is below threshold {t:g}"
+        return "kept apart: the plan ends before these groups merge"
 
 
 def check_plan(plan: FusionPlan, sites: Mapping[str, Site]) -> None:

@@ -4,8 +4,15 @@ Inside each compatibility class the planner starts from singletons and, one
 step at a time, merges the two groups with the highest average-linkage
 similarity (over all classes at once), until the target ratio is reached, the
 best remaining pair falls below the threshold, or nothing more can merge.
-Groups never exceed ``max_group_size``. The result is deterministic: ties
+Groups never exceed ``max_group_size``. With ``max_overshoot`` set, a merge
+that would take the ratio past ``target_ratio + max_overshoot`` is skipped and
+smaller merges that fit are taken instead. The result is deterministic: ties
 break by class name, then by site order.
+
+The plan says what it did in its ``message``: layers left out (a weight
+holding NaN/Inf), planning by signature alone (layer names that give no
+roles), a target overshot (with the nearest plan at or below it), or a target
+out of reach (with the options that would raise the ceiling, and to what).
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from lfpass.config import FusionConfig
-from lfpass.metrics import get_metric
+from lfpass.config import KINDS, FusionConfig
+from lfpass.metrics import Metric, get_metric
 from lfpass.plan import Candidate, FusionGroup, FusionPlan
 from lfpass.sites import Site
 
@@ -29,6 +36,12 @@ log = logging.getLogger(__name__)
 LoadTensor = Callable[[str], np.ndarray]
 _MAX_PAIRS_PER_CLASS = 2048
 _TOP_PER_SITE = 8
+# An overshoot is worth a note once it shows at the three decimals ratios are printed with.
+_OVERSHOOT_SHOWN = 5e-4
+_SHOWN_LEFT_OUT = 10
+_GAIN = 1e-9  # a ceiling higher by more than rounding
+NON_FINITE = "weight or bias holds NaN/Inf"
+NO_ROLES = "layer names give no roles; planned by signature only"
 
 
 @dataclass
@@ -45,6 +58,89 @@ class _Class:
     @property
     def numel(self) -> int:
         return self.sites[0].numel
+
+
+@dataclass
+class _Run:
+    """What one greedy pass did."""
+
+    saved: int
+    order: list[tuple[_Class, int]]  # (class, group index) of each group, in the order groups formed
+    last_numel: int = 0  # parameters the last merge saved
+    blocked_numel: int | None = None  # smallest merge left that ``fits`` refused, if any
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """Turns parameters saved into the ratio over the plan's scope."""
+
+    scope: str
+    params_total: int
+    layer_before: int
+
+    def ratio(self, saved: int, layer_before: int | None = None) -> float:
+        if self.scope == "model":
+            before = self.params_total
+        else:
+            before = self.layer_before if layer_before is None else layer_before
+        return before / max(before - saved, 1)
+
+
+def is_finite(weight: np.ndarray) -> bool:
+    """Whether every value of ``weight`` is finite, whatever its float dtype
+    (float16/32/64, or bfloat16 and other ml_dtypes types, which numpy sees as opaque)."""
+    arr = np.asarray(weight)
+    if arr.dtype.kind in "biu":
+        return True
+    if arr.dtype.kind not in "fc":
+        arr = arr.astype(np.float32)  # the ml_dtypes floats are all narrower: exact
+    return bool(np.isfinite(arr).all())
+
+
+class _Scorer:
+    """Loads weights, leaves out those holding NaN/Inf (with a reason), and scores
+    classes; similarity matrices are cached by their members."""
+
+    def __init__(self, load: LoadTensor, metric: Metric) -> None:
+        self._load = load
+        self._metric = metric
+        self._seen: set[str] = set()
+        self._sims: dict[tuple[str, ...], np.ndarray] = {}
+        self.bad: dict[str, str] = {}  # layer name -> why it was left out
+
+    def _keep(self, site: Site, weight: np.ndarray) -> bool:
+        if site.name not in self._seen:
+            self._seen.add(site.name)
+            if not is_finite(weight) or not all(is_finite(self._load(t)) for t in site.tensors[1:]):
+                self.bad[site.name] = NON_FINITE
+                log.warning("layer %s: %s; left out", site.name, NON_FINITE)
+        return site.name not in self.bad
+
+    def finite(self, members: Sequence[Site]) -> list[Site]:
+        """``members`` less those whose weight holds NaN/Inf (loading only unseen ones)."""
+        for s in members:
+            if s.name not in self._seen:
+                self._keep(s, self._load(s.weight))
+        return [s for s in members if s.name not in self.bad]
+
+    def score(self, key: str, members: Sequence[Site]) -> _Class | None:
+        """The class of ``members`` with finite weights, scored; None if fewer than two remain."""
+        names = tuple(s.name for s in members if s.name not in self.bad)
+        if names in self._sims:
+            kept = [s for s in members if s.name not in self.bad]
+            return _Class(key, kept, self._sims[names], np.empty(0), [], [])
+        kept, weights = [], []
+        for s in members:
+            if s.name in self.bad:
+                continue
+            weight = self._load(s.weight)
+            if self._keep(s, weight):
+                kept.append(s)
+                weights.append(weight)
+        if len(kept) < 2:
+            return None
+        sim = self._sims.setdefault(tuple(s.name for s in kept), self._metric(weights))
+        return _Class(key, kept, sim, np.empty(0), [], [])
 
 
 def select_sites(sites: Iterable[Site], config: FusionConfig) -> list[Site]:
@@ -66,10 +162,32 @@ def select_sites(sites: Iterable[Site], config: FusionConfig) -> list[Site]:
 
 
 def compatibility_classes(sites: Iterable[Site], cross_role: bool) -> dict[str, list[Site]]:
+    """Sites by class key: only sites of one class may share a tensor."""
     classes: dict[str, list[Site]] = {}
     for s in sites:
         classes.setdefault(s.class_key(cross_role), []).append(s)
     return classes
+
+
+def role_note(sites: Sequence[Site], config: FusionConfig) -> str:
+    """What the layer names say of planning by role, when that is worth saying.
+
+    A role is a layer's name with its indices starred, so repeated blocks share
+    one. An ONNX node without a usable name gets the empty role: where every
+    layer has it, classes by role are classes by signature alone. Where every
+    layer's role is its own (no repeated structure) nothing can share by role;
+    an out-of-reach target already names cross_role, so this is said only for
+    a threshold-only plan. Either way the plan itself is unchanged.
+    """
+    if config.cross_role or len(sites) < 2:
+        return ""
+    roles = [s.role for s in sites]
+    if not any(roles):
+        return NO_ROLES
+    alike = any(len(m) > 1 for m in compatibility_classes(sites, True).values())
+    if config.target_ratio is None and alike and len(set(roles)) == len(roles):
+        return "no two layers share a role, so none can share by role; cross_role=true lets same-shaped layers share"
+    return ""
 
 
 def _candidates(cls: _Class) -> list[Candidate]:
@@ -80,6 +198,17 @@ def _candidates(cls: _Class) -> list[Candidate]:
         pairs = {(min(i, j), max(i, j)) for i in range(n) for j in order[i]}
         iu, ju = map(np.array, zip(*sorted(pairs)))
     return [Candidate(cls.sites[i].name, cls.sites[j].name, float(cls.sim[i, j])) for i, j in zip(iu, ju)]
+
+
+def _score_classes(sites: Sequence[Site], cross_role: bool, scorer: _Scorer, progress: bool) -> list[_Class]:
+    """The scored classes of two or more sites with finite weights, in key order."""
+    classes = []
+    bar = tqdm(sorted(compatibility_classes(sites, cross_role).items()), desc="similarity", unit="class",
+               disable=not progress, leave=False)
+    for key, members in bar:
+        if len(members) >= 2 and (cls := scorer.score(key, members)) is not None:
+            classes.append(cls)
+    return classes
 
 
 def plan_fusion(
@@ -93,44 +222,24 @@ def plan_fusion(
 
     ``params_total`` is the model's unique parameter count (the ``model`` scope).
     """
-    metric = get_metric(config.metric)
     chosen = select_sites(sites, config)
-    layer_before = sum(s.numel for s in chosen)
-    classes: list[_Class] = []
-    by_key = compatibility_classes(chosen, config.cross_role)
-    bar = tqdm(sorted(by_key.items()), desc="similarity", unit="class", disable=not progress, leave=False)
-    for key, members in bar:
-        if len(members) < 2:
-            continue
-        sim = metric([load(s.weight) for s in members])
-        classes.append(_Class(key, members, sim, np.empty(0), [], []))
-
-    def ratio(saved: int) -> float:
-        if config.ratio_scope == "model":
-            return params_total / max(params_total - saved, 1)
-        return layer_before / max(layer_before - saved, 1)
-
+    scorer = _Scorer(load, get_metric(config.metric))
+    classes = _score_classes(chosen, config.cross_role, scorer, progress)
+    left_out = tuple(scorer.bad.items())
+    scale = _Scale(config.ratio_scope, params_total, sum(s.numel for s in chosen))
     # The ceiling is what this planner reaches when nothing stops it but the
     # signatures and max_group_size (greedy packing may strand groups below the cap).
-    ceiling_saved, _ = _greedy(classes, lambda saved: False, None, config.max_group_size)
-    target = config.target_ratio
-    saved, order = _greedy(
-        classes,
-        lambda saved: target is not None and ratio(saved) >= target,
-        config.threshold,
-        config.max_group_size,
-    )
-    groups = tuple(_group(cls, g, config.merge) for cls, g in order)
-    max_ratio = ratio(ceiling_saved)
+    ceiling = _greedy(classes, lambda saved: False, None, config.max_group_size).saved
+    run = _greedy(classes, _reached(config, scale), config.threshold, config.max_group_size, _fits(config, scale))
     plan = FusionPlan(
-        groups=groups,
+        groups=tuple(_group(cls, g, config.merge) for cls, g in run.order),
         metric=config.metric,
         scope=config.ratio_scope,
         params_before=params_total,
-        params_after=params_total - saved,
-        layer_params_before=layer_before,
-        layer_params_after=layer_before - saved,
-        max_ratio=max_ratio,
+        params_after=params_total - run.saved,
+        layer_params_before=scale.layer_before,
+        layer_params_after=scale.layer_before - run.saved,
+        max_ratio=scale.ratio(ceiling),
         target_ratio=config.target_ratio,
         threshold=config.threshold,
         max_group_size=config.max_group_size,
@@ -138,16 +247,28 @@ def plan_fusion(
         candidates=tuple(c for cls in classes for c in _candidates(cls)),
         signatures=tuple((s.name, s.class_key(True)) for cls in classes for s in cls.sites),
         classes=tuple((cls.key, tuple(s.name for s in cls.sites)) for cls in classes),
+        max_overshoot=config.max_overshoot,
+        left_out=left_out,
     )
-    if not plan.reached:
-        hint = "" if config.cross_role else "; cross_role=true lets same-shaped layers of different roles share"
-        plan = replace(
-            plan,
-            message=f"target ratio {config.target_ratio:g} is out of reach: fused what it could, reaching "
-            f"{plan.ratio:.3f} over the {plan.scope} (ceiling {max_ratio:.3f}){hint}",
-        )
-    log.info("planned %d groups, ratio %.3f (%s)", len(groups), plan.ratio, plan.scope)
+    context = _Context(config, scale, classes, scorer, sites, chosen)
+    notes = (role_note(chosen, config), _left_out_note(left_out), _target_note(plan, run, context))
+    plan = replace(plan, message="\n".join(n for n in notes if n))
+    log.info("planned %d groups, ratio %.3f (%s)", len(plan.groups), plan.ratio, plan.scope)
     return plan
+
+
+def _reached(config: FusionConfig, scale: _Scale) -> Callable[[int], bool]:
+    target = config.target_ratio
+    return lambda saved: target is not None and scale.ratio(saved) >= target
+
+
+def _fits(config: FusionConfig, scale: _Scale) -> Callable[[int], bool] | None:
+    """Whether a plan saving so much stays within ``target_ratio + max_overshoot`` (None: no bound)."""
+    over = config.max_overshoot
+    if config.target_ratio is None or over is None:
+        return None
+    bound = config.target_ratio + over
+    return lambda saved: scale.ratio(saved) <= bound
 
 
 def _greedy(
@@ -155,40 +276,61 @@ def _greedy(
     done: Callable[[int], bool],
     threshold: float | None,
     max_group_size: int | None,
-) -> tuple[int, list[tuple[_Class, int]]]:
+    fits: Callable[[int], bool] | None = None,
+) -> _Run:
     """Merge the most similar groups, across classes, until ``done(saved)``.
 
-    Resets and then mutates each class's working state; returns the parameters
-    saved and the (class, group index) of each group, in the order groups formed.
+    With ``fits``, a merge leaving ``saved`` where ``fits(saved)`` is false is
+    skipped, and planning goes on with the merges that fit. Resets and then
+    mutates each class's working state.
     """
     for cls in classes:
         cls.link = cls.sim.astype(np.float64, copy=True)
         np.fill_diagonal(cls.link, -np.inf)
         cls.groups = [[i] for i in range(len(cls.sites))]
         cls.scores = [math.nan] * len(cls.sites)
-    saved = 0
-    order: list[tuple[_Class, int]] = []
-    while not done(saved):
-        best: tuple[float, _Class, int, int] | None = None
-        for cls in classes:
-            link = cls.link
-            if max_group_size is not None:
-                sizes = np.array([len(g) for g in cls.groups])
-                link = np.where(sizes[:, None] + sizes[None, :] > max_group_size, -np.inf, link)
-            flat = int(np.argmax(link))
-            score = float(link.flat[flat])
-            if score > -np.inf and (best is None or score > best[0]):
-                i, j = divmod(flat, link.shape[1])
-                best = (score, cls, min(i, j), max(i, j))
-        if best is None or (threshold is not None and best[0] < threshold):
+    run = _Run(0, [])
+    while not done(run.saved):
+        best, run.blocked_numel = _best_pair(classes, run.saved, threshold, max_group_size, fits)
+        if best is None:
             break
         score, cls, i, j = best
         _merge(cls, i, j, score)
-        saved += cls.numel
-        order = [(c, g - 1 if c is cls and g > j else g) for c, g in order if not (c is cls and g == j)]
-        if (cls, i) not in order:
-            order.append((cls, i))
-    return saved, order
+        run.saved += cls.numel
+        run.last_numel = cls.numel
+        order = [(c, g - 1 if c is cls and g > j else g) for c, g in run.order if not (c is cls and g == j)]
+        run.order = order if (cls, i) in order else [*order, (cls, i)]
+    return run
+
+
+def _best_pair(
+    classes: list[_Class],
+    saved: int,
+    threshold: float | None,
+    max_group_size: int | None,
+    fits: Callable[[int], bool] | None,
+) -> tuple[tuple[float, _Class, int, int] | None, int | None]:
+    """The most similar pair of groups that may merge (at least ``threshold``
+    alike, within ``max_group_size``) over the classes whose merge fits, and the
+    smallest merge refused only for not fitting (None if none was)."""
+    best: tuple[float, _Class, int, int] | None = None
+    blocked: int | None = None
+    for cls in classes:
+        link = cls.link
+        if max_group_size is not None:
+            sizes = np.array([len(g) for g in cls.groups])
+            link = np.where(sizes[:, None] + sizes[None, :] > max_group_size, -np.inf, link)
+        flat = int(np.argmax(link))
+        score = float(link.flat[flat])
+        if not score > -np.inf or (threshold is not None and score < threshold):
+            continue
+        if fits is not None and not fits(saved + cls.numel):
+            blocked = cls.numel if blocked is None else min(blocked, cls.numel)
+            continue
+        if best is None or score > best[0]:
+            i, j = divmod(flat, link.shape[1])
+            best = (score, cls, min(i, j), max(i, j))
+    return best, blocked
 
 
 def _merge(cls: _Class, i: int, j: int, score: float) -> None:
@@ -216,3 +358,119 @@ def _group(cls: _Class, g: int, rule: str) -> FusionGroup:
         cls=cls.key,
         numel=cls.numel,
     )
+
+
+# -- what the plan says ----------------------------------------------------
+
+
+@dataclass
+class _Context:
+    """What the notes on a plan need to know of how it was made."""
+
+    config: FusionConfig
+    scale: _Scale
+    classes: list[_Class]
+    scorer: _Scorer
+    sites: Sequence[Site]  # all the model's sites
+    chosen: Sequence[Site]  # those the config's filters let through
+
+
+def _left_out_note(left_out: Sequence[tuple[str, str]]) -> str:
+    notes = [f"layer {name}: {why}; left out" for name, why in left_out[:_SHOWN_LEFT_OUT]]
+    if len(left_out) > _SHOWN_LEFT_OUT:
+        notes.append(f"and {len(left_out) - _SHOWN_LEFT_OUT} more layers left out")
+    return "; ".join(notes)
+
+
+def _target_note(plan: FusionPlan, run: _Run, ctx: _Context) -> str:
+    """How the plan stands against its target: out of reach (and why), or overshot."""
+    target, over = plan.target_ratio, plan.max_overshoot
+    if target is None:
+        return ""
+    if not plan.reached and plan.max_ratio < target:
+        return (f"target ratio {target:g} is out of reach: fused what it could, reaching {plan.ratio:.3f} "
+                f"over the {plan.scope} (ceiling {plan.max_ratio:.3f}); {_options_note(plan, ctx)}")
+    if not plan.reached and over is not None and run.blocked_numel is not None:
+        past = ctx.scale.ratio(run.saved + run.blocked_numel)
+        return (f"target ratio {target:g} is out of reach within max_overshoot {over:g}: the plan reaches "
+                f"{plan.ratio:.3f} over the {plan.scope} ({_groups(len(plan.groups))}); the smallest merge left "
+                f"would take it to {past:.3f}, past {target + over:.3f} (ceiling {plan.max_ratio:.3f})")
+    if not plan.reached and plan.threshold is not None:
+        return (f"target ratio {target:g} is out of reach under threshold {plan.threshold:g}: fused what it "
+                f"could, reaching {plan.ratio:.3f} over the {plan.scope} (ceiling {plan.max_ratio:.3f}); "
+                f"a lower threshold would go further")
+    if not plan.reached:  # not from this planner's greedy: say only what is so
+        return f"target ratio {target:g} is not reached: the plan reaches {plan.ratio:.3f} over the {plan.scope}"
+    if over is None and plan.overshoot > _OVERSHOOT_SHOWN:
+        return _overshoot_note(plan, run, ctx)
+    return ""
+
+
+def _groups(n: int) -> str:
+    return f"{n} group" if n == 1 else f"{n} groups"
+
+
+def _overshoot_note(plan: FusionPlan, run: _Run, ctx: _Context) -> str:
+    """The overshoot, and the nearest plan at or below the target: the same greedy
+    order, skipping any merge that would pass the target. Empty when no plan at or
+    below the target fuses anything (every merge passes it): ``plan.overshoot``
+    and the summary still tell the overshoot, but there is nothing nearer to offer."""
+    target = plan.target_ratio
+    assert target is not None
+    config = ctx.config
+    near = _greedy(ctx.classes, _reached(config, ctx.scale), config.threshold, config.max_group_size,
+                   lambda saved: ctx.scale.ratio(saved) <= target)
+    if not near.order:
+        return ""
+    return (f"ratio {plan.ratio:.3f} overshoots the target {target:g} by {plan.overshoot:.3f} "
+            f"(its last merge saved {run.last_numel:,} parameters); the nearest plan at or below the target "
+            f"reaches {ctx.scale.ratio(near.saved):.3f} ({_groups(len(near.order))}); "
+            f"set max_overshoot to bound the overshoot")
+
+
+def _options_note(plan: FusionPlan, ctx: _Context) -> str:
+    """The options that would raise the ceiling, and to what; or that none would."""
+    config = ctx.config
+    options: list[tuple[str, bool, int | None, Sequence[Site]]] = []
+    if not config.cross_role:
+        options.append(("cross_role=true", True, config.max_group_size, ctx.chosen))
+    if config.max_group_size is not None:
+        options.append(("max_group_size unset", config.cross_role, None, ctx.chosen))
+    lifted = [k for k in ("include", "exclude", "min_params") if getattr(config, k)]
+    lifted += ["kinds"] if set(config.kinds) != set(KINDS) else []
+    if lifted:
+        options.append((f"{'/'.join(lifted)} lifted", config.cross_role, config.max_group_size, ctx.sites))
+    if len(options) > 1:
+        options.append(("all of these", True, None, ctx.sites))
+    reach = {name: _reach(ctx, cross_role, cap, sites) for name, cross_role, cap, sites in options}
+    helps = [(name, r) for name, r in reach.items() if r > plan.max_ratio + _GAIN and name != "all of these"]
+    together = reach.get("all of these", 0.0)
+    if together > max((r for _, r in helps), default=plan.max_ratio) + _GAIN:
+        helps.append(("all of these", together))
+    if not helps:
+        return (f"no option raises the ceiling: sharing cannot reach {plan.target_ratio:g} in this model "
+                f"(the most it reaches is {plan.max_ratio:.3f} over the {plan.scope})")
+    return "; ".join(f"{name} would reach {reach:.3f}" for name, reach in helps)
+
+
+def _reach(ctx: _Context, cross_role: bool, max_group_size: int | None, sites: Sequence[Site]) -> float:
+    """The ceiling, over the plan's scope, of planning ``sites`` with these options."""
+    saved = _ceiling(sites, cross_role, max_group_size, ctx.scorer)
+    return ctx.scale.ratio(saved, sum(s.numel for s in sites))
+
+
+def _ceiling(sites: Sequence[Site], cross_role: bool, max_group_size: int | None, scorer: _Scorer) -> int:
+    """Parameters the planner saves when nothing stops it but the classes and the cap.
+
+    Classes do not interact then, so each is planned alone; without a cap a class
+    ends as one group, which needs no similarity.
+    """
+    saved = 0
+    for key, members in sorted(compatibility_classes(sites, cross_role).items()):
+        if len(members) < 2:
+            continue
+        if max_group_size is None:
+            saved += max(len(scorer.finite(members)) - 1, 0) * members[0].numel
+        elif (cls := scorer.score(key, members)) is not None:
+            saved += _greedy([cls], lambda saved: False, None, max_group_size).saved
+    return saved

@@ -29,6 +29,7 @@ def pairs_table(plan: FusionPlan, top: int = 5) -> str:
 
 
 def summary(plan: FusionPlan) -> str:
+    """The plan's figures, one a line (the target and any visible overshoot among them), then its message."""
     lines = [
         f"groups            {len(plan.groups)}",
         f"params before     {plan.params_before:,}",
@@ -37,6 +38,13 @@ def summary(plan: FusionPlan) -> str:
         f"ratio (layers)    {plan.layer_ratio:.3f}",
         f"{'ceiling (' + plan.scope + ')':<18}{plan.max_ratio:.3f}",
     ]
+    if plan.target_ratio is not None:
+        bound = f" (max_overshoot {plan.max_overshoot:g})" if plan.max_overshoot is not None else ""
+        lines.append(f"{'target (' + plan.scope + ')':<18}{plan.target_ratio:g}{bound}")
+        if plan.overshoot >= 5e-4:  # shows at three decimals
+            lines.append(f"{'overshoot':<18}{plan.overshoot:.3f}")
+    if plan.left_out:
+        lines.append(f"{'left out':<18}{len(plan.left_out)} layers")
     if plan.message:
         lines.append(plan.message)
     return "\n".join(lines)

@@ -28,8 +28,8 @@ def test_paper_pipeline_is_the_papers_recipe():
         ('merge = "avg"', "merge: unknown rule 'avg'"),
         ("target_ratio = 0.5", "target_ratio: must be a finite number > 1"),
         ("target_ratio = nan", "target_ratio"),
-        ("cross_role = 1", "cross_role must be true or false"),
-        ('kinds = "linear"', "kinds must be a list"),
+        ("cross_role = 1", "cross_role: must be true or false"),
+        ('kinds = "linear"', "kinds: must be a list"),
         ('kinds = ["lstm"]', "kinds: unknown"),
         ('ratio_scope = "all"', "ratio_scope: must be one of"),
         ("max_group_size = 1", "max_group_size: must be an integer >= 2"),
@@ -51,9 +51,48 @@ def test_missing_pipeline(tmp_path):
 
 
 def test_replace_and_threshold_only():
-    c = FusionConfig().replace(metric="kl", target_ratio=None)
-    assert c.metric == "kl" and c.target_ratio == 2.0  # None means "not given"
+    c = FusionConfig().replace(metric="kl", threshold=0.9, target_ratio=None)
+    assert c.metric == "kl" and c.target_ratio is None  # None is a value in the API: it unsets the target
+    with pytest.raises(ConfigError, match="set at least one"):
+        FusionConfig().replace(target_ratio=None)
     t = from_mapping({"threshold": 0.9, "target_ratio": "none"})
     assert t.target_ratio is None and t.threshold == 0.9
     with pytest.raises(ConfigError):
         FusionConfig(target_ratio=math.inf)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"seed": -1}, "seed: must be an integer from 0"),
+        ({"seed": 1.5}, "seed: must be an integer"),
+        ({"seed": True}, "seed: must be an integer"),
+        ({"cross_role": "yes"}, "cross_role: must be true or false"),
+        ({"include": "*fc*"}, "include: must be a list of strings"),
+        ({"exclude": ["a", 3]}, "exclude: must be a list of strings"),
+        ({"metric": 3}, "metric: must be a string"),
+        ({"max_overshoot": -0.1}, "max_overshoot: must be a finite number >= 0"),
+        ({"min_params": -1}, "min_params: must be an integer >= 0"),
+    ],
+)
+def test_api_config_is_checked_like_a_pipeline(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        FusionConfig(**kwargs)
+
+
+def test_lists_become_tuples_so_configs_compare_and_hash():
+    c = FusionConfig(include=["*fc*"], kinds=["linear"])
+    assert c.include == ("*fc*",) and c == FusionConfig(include=("*fc*",), kinds=("linear",))
+    hash(c)
+
+
+def test_fuse_threshold_only_unsets_the_default_ratio(copies):
+    import lfpass
+
+    _, plan = lfpass.fuse(copies, threshold=0.999999, target_ratio=None)
+    assert plan.target_ratio is None and len(plan.groups) == 1 and len(plan.groups[0].members) == 3
+
+
+def test_pipeline_given_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_pipeline(tmp_path)

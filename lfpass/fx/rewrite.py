@@ -13,11 +13,10 @@ import copy
 import logging
 
 import numpy as np
-import torch
 from torch import fx, nn
 
-from lfpass.fx.sites import FxSites, find_sites
-from lfpass.merge import get_rule
+from lfpass.fx.sites import FxSites, find_sites, to_torch
+from lfpass.merge import get_rule, norms
 from lfpass.plan import FusionPlan, check_plan
 
 log = logging.getLogger(__name__)
@@ -45,14 +44,12 @@ def apply_plan(module: nn.Module, plan: FusionPlan, inplace: bool = False) -> nn
         members = [sites[m] for m in group.members]
         rule = get_rule(group.rule)
         rng = np.random.default_rng([plan.seed, index])
-        importance = np.array([np.linalg.norm(found.load(s.weight)) for s in members])
+        importance = norms([found.load_exact(s.weight) for s in members])
         for slot, anchor_name in enumerate(members[0].tensors):
             old = found.params[anchor_name]
-            merged = rule([found.load(s.tensors[slot]) for s in members], importance, rng)
-            shared = nn.Parameter(
-                torch.from_numpy(merged).to(device=old.device, dtype=old.dtype),
-                requires_grad=old.requires_grad,
-            )
+            labels = [s.name if slot == 0 else f"{s.name} (bias)" for s in members]
+            merged = rule([found.load_exact(s.tensors[slot]) for s in members], importance, rng, names=labels)
+            shared = nn.Parameter(to_torch(merged, old), requires_grad=old.requires_grad)
             for s in members:
                 for path in found.holders[s.tensors[slot]]:
                     _set(module, path, shared)

@@ -20,7 +20,9 @@ A tensor is one site however many nodes use it, so a module called twice or a
 parameter already tied is planned once. Only parameters are sites (the ratio
 counts parameters; a buffer read as a weight is left alone), and a layer that
 shares any other tensor with an earlier site (a tied bias) is not one, since
-merging it would save less than the plan counts.
+merging it would save less than the plan counts. Only float16, bfloat16,
+float32 and float64 tensors are merged (exactly, in their own dtype): a layer
+holding an integer, bool or float8 tensor is no site.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lfpass.errors import PlanError
 from lfpass.sites import Site, make_signature, role_of
 
 log = logging.getLogger(__name__)
@@ -78,11 +82,39 @@ class FxSites:
     holders: dict[str, list[str]] = field(default_factory=dict)  # canonical name -> every attribute path
 
     def load(self, name: str) -> np.ndarray:
+        """A tensor's values for scoring: float32, or float64 when stored so (float16 and bfloat16 widen exactly)."""
         t = self.params[name].detach().cpu()
         return (t if t.dtype == torch.float64 else t.float()).numpy()
 
+    def load_exact(self, name: str) -> np.ndarray:
+        """A tensor's values in its own dtype (bfloat16 as ``ml_dtypes.bfloat16``), for merging."""
+        return to_numpy(self.params[name])
+
     def by_name(self) -> dict[str, Site]:
         return {s.name: s for s in self.sites}
+
+
+MERGEABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # as lfpass.merge
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """``t`` on the CPU as numpy, same dtype and bits (numpy has no bfloat16: ``ml_dtypes`` does)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``array`` as a tensor on ``like``'s device, in its dtype; bits kept (``to_numpy``'s inverse)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype == ml_dtypes.bfloat16:
+        t = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(array)
+    if t.dtype != like.dtype:
+        raise PlanError(f"a merged tensor came back as {t.dtype}, not {like.dtype}")
+    return t.to(device=like.device)
 
 
 def _tensor_names(module: nn.Module) -> tuple[dict[int, str], dict[str, torch.Tensor], dict[str, list[str]]]:
@@ -297,6 +329,10 @@ def find_sites(module: nn.Module) -> FxSites:
     owned: set[str] = set()  # every tensor name some site holds
 
     def add(kind: str, sig: Any, path: str, names: tuple[str, ...], where: str) -> None:
+        odd = [n for n in names if tensors[n].dtype not in MERGEABLE]
+        if odd:  # integer, bool, float8: merging would round them, or average codes
+            log.debug("not a site: %s reads %s, a %s tensor", path, odd[0], tensors[odd[0]].dtype)
+            return
         if names[0] in found:
             nodes[names[0]].append(where)
             return

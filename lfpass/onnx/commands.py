@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 from lfpass.cli import EXIT_OK, EXIT_VALIDATION, add_config_options, config_from_args
 from lfpass.config import FusionConfig
 from lfpass.errors import ConfigError, InputError, ValidationFailed
-from lfpass.fileio import write_text
-from lfpass.plan import FusionPlan
+from lfpass.fileio import check_paths, write_text
 
 if TYPE_CHECKING:
     from lfpass.onnx.optimize import OptimizeResult
@@ -62,16 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _tolerances(config: FusionConfig, args: argparse.Namespace) -> FusionConfig:
-    return config.replace(atol=args.atol, rtol=args.rtol)
-
-
-def _read_plan(path: Path) -> FusionPlan:
-    try:
-        return FusionPlan.from_json(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such plan file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read the plan ({exc})") from None
+    given = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
+    return config.replace(**given)
 
 
 def _note(text: str) -> None:
@@ -87,12 +78,12 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {args.samples}")
     config = _tolerances(config_from_args(args), args)
-    plan = _read_plan(args.plan) if args.plan else None
     try:
         result = optimize(
-            args.model, args.output, config, plan, dry_run=args.dry_run, check=args.validate, strict=args.strict,
-            inputs=args.inputs, input_shapes=parse_input_shapes(args.input_shape), samples=args.samples,
-            external_data=args.external_data, progress=sys.stderr.isatty(),
+            args.model, args.output, config, args.plan, dry_run=args.dry_run, check=args.validate,
+            strict=args.strict, inputs=args.inputs, input_shapes=parse_input_shapes(args.input_shape),
+            samples=args.samples, external_data=args.external_data, progress=sys.stderr.isatty(),
+            reads={"--plan": args.plan, "--pipeline": args.pipeline}, writes={"--report": args.report},
         )
     except ValidationFailed as exc:
         if exc.result is not None:
@@ -136,6 +127,8 @@ def table(result: OptimizeResult) -> str:
 
 
 def _output_line(o: OutputStats) -> str:
+    if o.reason:
+        return f"{o.name}: {o.reason}  [outside tolerance]"
     text = f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, cosine {o.cosine:.6f}"
     if o.top1 is not None:
         text += f", top-1 {100 * o.top1:.1f}%"
@@ -144,13 +137,19 @@ def _output_line(o: OutputStats) -> str:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from lfpass.onnx import inputs as onnx_inputs
-    from lfpass.onnx.load import load_model
+    from lfpass.onnx.load import check_input_file, external_files, load_model
     from lfpass.onnx.validate import score_outputs, validate
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {args.samples}")
     config = _tolerances(FusionConfig(), args)
+    check_input_file(args.reference)
+    check_input_file(args.candidate)
+    reads = {"the reference": args.reference, "the candidate": args.candidate, "--inputs": args.inputs}
+    check_paths(reads, {"--report": args.report})
     reference, candidate = load_model(args.reference), load_model(args.candidate)
+    data_files = [*external_files(reference).values(), *external_files(candidate).values()]
+    check_paths({f"a data file {i}": d for i, d in enumerate(data_files)}, {"--report": args.report})
     names = [v.name for v in onnx_inputs.runtime_inputs(reference)]
     other = [v.name for v in onnx_inputs.runtime_inputs(candidate)]
     if sorted(names) != sorted(other):
@@ -158,12 +157,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     feeds = (onnx_inputs.load_npz(args.inputs, reference) if args.inputs is not None
              else onnx_inputs.generate(reference, onnx_inputs.parse_input_shapes(args.input_shape), args.samples))
     scores = score_outputs(reference)
+    note = onnx_inputs.random_input_note(reference, args.inputs is None)
     del reference, candidate
     result = validate(args.reference, args.candidate, feeds, config.atol, config.rtol, scores,
                       progress=sys.stderr.isatty())
     print(f"{'validation':<11}{result.summary()}")
     lines = [f"  {_output_line(o)}" for o in result.outputs]
     print("\n".join(lines[:_MAX_OUTPUT_LINES * 4]))
+    if note:
+        _note(note)
     if args.report:
         write_text(args.report, json.dumps(result.to_dict(), indent=2))
     return EXIT_OK if result.passed else EXIT_VALIDATION

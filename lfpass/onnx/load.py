@@ -80,28 +80,60 @@ def read_model(path: str | Path) -> tuple[ir.Model, frozenset[str]]:
         raise InputError(f"{path}: not an ONNX model (no IR version or no graph)")
     if len(proto.graph.node) == 0:
         raise InputError(f"{path}: the graph is empty (no nodes)")
+    _check_graph(proto.graph, path)
     try:
         with _quiet("onnx_ir"):
             model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # noqa: BLE001 - any deserialisation failure is a bad file
         raise InputError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
     ir.external_data.set_base_dir(model.graph, str(path.parent))
-    _check_defined(model, path)
     _check_external(model, path)
     return model, frozenset(value_info_names(proto.graph))
 
 
-def _check_defined(model: ir.Model, path: Path) -> None:
-    """Every input of a main-graph node is defined: a cut-off file often loses initializers."""
-    for node in model.graph:
-        for value in node.inputs:
-            if value is None or value.producer() is not None:
+def _check_graph(graph: onnx.GraphProto, path: Path) -> None:
+    """What the ONNX spec requires of the main graph, checked whether or not anything
+    would fuse: initializer names unique, each value produced once, every node
+    input defined by an earlier node, an input or an initializer (so no cycle)."""
+    if len(graph.sparse_initializer):
+        name = graph.sparse_initializer[0].values.name
+        raise InputError(f"{path}: sparse initializer {name!r} is valid ONNX that lfpass does not read; "
+                         "store it as a dense initializer first")
+    initializers: set[str] = set()
+    for tensor in graph.initializer:
+        if tensor.name in initializers:
+            raise InputError(f"{path}: two initializers are named {tensor.name!r} (invalid model)")
+        initializers.add(tensor.name)
+    defined = initializers | {v.name for v in graph.input}
+    produced_by = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    for index, node in enumerate(graph.node):
+        label = node.name or f"{node.op_type} #{index}"
+        for name in node.input:
+            if not name or name in defined:
                 continue
-            if not (value.is_graph_input() or value.is_initializer()):
-                raise InputError(
-                    f"{path}: node {node.name or node.op_type!r} reads {value.name!r}, which nothing defines "
-                    "(truncated or broken model)"
-                )
+            if name not in produced_by:
+                raise InputError(f"{path}: node {label!r} reads {name!r}, which nothing defines "
+                                 "(truncated or broken model)")
+            order = "a cycle" if _reaches(graph, produced_by, name, index) else "nodes out of topological order"
+            raise InputError(f"{path}: node {label!r} reads {name!r} before it is made: {order} (invalid model)")
+        for name in node.output:
+            if name and name in defined:
+                raise InputError(f"{path}: {name!r} is produced twice (by node {label!r}; invalid model)")
+            defined.add(name)
+
+
+def _reaches(graph: onnx.GraphProto, produced_by: dict[str, int], name: str, target: int) -> bool:
+    """Whether the node making ``name`` depends, through any chain, on node ``target``."""
+    seen, work = set(), [produced_by[name]]
+    while work:
+        index = work.pop()
+        if index == target:
+            return True
+        if index in seen:
+            continue
+        seen.add(index)
+        work.extend(produced_by[i] for i in graph.node[index].input if i in produced_by)
+    return False
 
 
 def external_files(model: ir.Model) -> dict[str, Path]:
@@ -123,6 +155,10 @@ def _check_external(model: ir.Model, path: Path) -> None:
             if not isinstance(tensor, ir.ExternalTensor):
                 continue
             data = Path(tensor.path)
+            folder = os.path.realpath(path.parent)
+            if os.path.commonpath([folder, os.path.realpath(data)]) != folder:
+                raise InputError(f"{path}: external data of {value.name!r} lies outside the model's folder; "
+                                 "refused (as onnxruntime refuses it): move the data file beside the model")
             if not data.is_file():
                 raise InputError(f"{path}: external data file {data.name} for {value.name!r} is missing")
             end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)

@@ -12,14 +12,17 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from lfpass.config import FusionConfig
-from lfpass.errors import OutputError, ValidationFailed
+import onnx_ir as ir
+
+from lfpass.config import FusionConfig, from_mapping, load_pipeline
+from lfpass.errors import ConfigError, InputError, OutputError, PlanError, ValidationFailed, first_line
+from lfpass.fileio import check_paths
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
 from lfpass.onnx.rewrite import apply_plan
-from lfpass.onnx.save import check_output, needs_external, staged, write
+from lfpass.onnx.save import needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.onnx.validate import Validation, score_outputs, validate
 from lfpass.plan import FusionPlan, check_plan
@@ -116,12 +119,19 @@ def _plan(found: OnnxSites, config: FusionConfig, params: int, plan: FusionPlan 
     return plan_fusion(found.sites, found.load, config, params, progress=progress)
 
 
-def analyze_onnx(path: Path, config: FusionConfig, progress: bool = False) -> FusionPlan:
+def analyze_onnx(path: str | Path, config: FusionConfig | Mapping[str, Any] | str | Path | None = None,
+                 progress: bool = False, writes: Mapping[str, Path | None] | None = None) -> FusionPlan:
     """Plan layer fusion for the ONNX model at ``path``; reads the file, writes nothing.
 
     Layers skipped because their weight is not constant (a graph input, say)
-    are named in the plan's ``message``."""
+    are named in the plan's ``message``. ``writes`` (files the caller will
+    write) are checked against the model and its data files first."""
+    config, path = as_config(config), Path(path)
+    check_input_file(path)
+    check_paths({"the input model": path}, writes or {})
     model = read_model(path)[0]
+    data_files = external_files(model).values()
+    check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, writes or {})
     found = find_sites(model)
     plan = plan_fusion(found.sites, found.load, config, count_params(model), progress=progress)
     return _with_note(plan, _skip_note(found.skipped))
@@ -140,11 +150,44 @@ def _predicted_bytes(found: OnnxSites, plan: FusionPlan) -> int:
     return sum(found.tensor(t).nbytes for g in plan.groups for m in g.members[1:] for t in sites[m].tensors)
 
 
+def as_config(config: FusionConfig | Mapping[str, Any] | str | Path | None) -> FusionConfig:
+    """A config given as an object, a mapping of its fields, or a ``passes/*.toml`` path."""
+    if config is None:
+        return FusionConfig()
+    if isinstance(config, FusionConfig):
+        return config
+    if isinstance(config, Mapping):
+        return from_mapping(config)
+    if isinstance(config, (str, Path)):
+        return load_pipeline(config)
+    raise ConfigError(f"config: expected a FusionConfig, a mapping or a pipeline path, got {type(config).__name__}")
+
+
+def as_plan(plan: FusionPlan | str | Path | None) -> FusionPlan | None:
+    """A plan given as an object or as the path of its JSON (``analyze --plan-out``)."""
+    if plan is None or isinstance(plan, FusionPlan):
+        return plan
+    if isinstance(plan, (str, Path)):
+        return read_plan(Path(plan))
+    raise PlanError(f"plan: expected a FusionPlan or the path of a plan file, got {type(plan).__name__}")
+
+
+def read_plan(path: Path) -> FusionPlan:
+    try:
+        return FusionPlan.from_json(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such plan file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a plan file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the plan ({first_line(exc)})") from None
+
+
 def optimize(
     path: str | Path,
     output: str | Path | None = None,
-    config: FusionConfig | None = None,
-    plan: FusionPlan | None = None,
+    config: FusionConfig | Mapping[str, Any] | str | Path | None = None,
+    plan: FusionPlan | str | Path | None = None,
     *,
     dry_run: bool = False,
     check: bool = True,
@@ -154,72 +197,89 @@ def optimize(
     samples: int = 2,
     external_data: bool | None = None,
     progress: bool = False,
+    reads: Mapping[str, Path | None] | None = None,
+    writes: Mapping[str, Path | None] | None = None,
 ) -> OptimizeResult:
     """Fuse the model at ``path`` into ``output`` (default ``NAME.fused.onnx``).
 
-    ``plan`` (e.g. from ``analyze --plan-out``) replaces planning with
-    ``config``; ``config``'s atol/rtol still judge validation. With
-    ``check``, both models run in onnxruntime on ``inputs`` (an ``.npz``) or
-    on ``samples`` generated feeds; a failure is marked in the result, or
-    raises :class:`ValidationFailed` (and nothing is written) when ``strict``.
-    ``external_data`` forces (or forbids) an external data file; by default
-    the output keeps the input's form, and goes external past 2 GB.
-    Nothing is written when nothing can be fused, or under ``dry_run``.
+    ``config`` is a :class:`FusionConfig`, a mapping of its fields or a
+    pipeline path; ``plan`` (a plan or its JSON path, from ``analyze
+    --plan-out``) replaces planning; ``config``'s atol/rtol still judge
+    validation. With ``check``, both models run in onnxruntime on ``inputs``
+    (an ``.npz``) or on ``samples`` generated feeds; a failure is marked in the
+    result, or raises :class:`ValidationFailed` (and nothing is written) when
+    ``strict``. ``external_data`` forces (or forbids) an external data file; by
+    default the output keeps the input's form, and goes external past 2 GB.
+    ``reads``/``writes`` name other files the caller reads or will write (a
+    report, say): before any work, no write may land on a read or on another
+    write. Nothing is written when nothing can be fused, or under ``dry_run``.
     """
-    config = config or FusionConfig()
+    config, plan = as_config(config), as_plan(plan)
     path = Path(path)
     output = Path(output) if output is not None else default_output(path)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
     check_input_file(path)
-    if not dry_run:
-        check_output(output, [path])
+    read_paths = {"the input model": path, "--inputs": Path(inputs) if inputs is not None else None, **(reads or {})}
+    write_paths = {"the output": None if dry_run else output, **(writes or {})}
+    check_paths(read_paths, write_paths)
+    clock = time.perf_counter()
     model, value_info = read_model(path)
     data_files = list(external_files(model).values())
-    if not dry_run:
-        check_output(output, [path, *data_files])
+    check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, write_paths)
     found = find_sites(model)
-    params_before = count_params(model)
-    bytes_before = disk_bytes(path, data_files)
-    seconds["load"] = time.perf_counter() - clock
-
+    loaded = time.perf_counter() - clock
     clock = time.perf_counter()
-    plan = _plan(found, config, params_before, plan, progress)
-    message = plan.message if plan.groups else _nothing(plan, found)
-    plan = _with_note(plan, _skip_note(found.skipped))
-    seconds["plan"] = time.perf_counter() - clock
-    result = OptimizeResult(path, None, plan, params_before, plan.params_after, bytes_before,
-                            bytes_before - _predicted_bytes(found, plan), skipped=list(found.skipped),
-                            dry_run=dry_run, message=message, seconds=seconds)
-    if not plan.groups:
+    result = _planned(path, model, found, data_files, config, plan, dry_run, progress)
+    result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
+    if not result.plan.groups or dry_run:
         return result
-    if dry_run:
-        return result
-
-    feeds = []
-    if check:
-        feeds = (onnx_inputs.load_npz(inputs, model) if inputs is not None
-                 else onnx_inputs.generate(model, input_shapes, samples=samples, seed=config.seed))
+    feeds = _feeds(model, config, check, inputs, input_shapes, samples)
+    note = onnx_inputs.random_input_note(model, inputs is None) if check else None
+    if note:
+        result.message = "\n".join(m for m in (result.message, note) if m)
     scores = score_outputs(model)
     clock = time.perf_counter()
-    apply_plan(model, found, plan)
+    apply_plan(model, found, result.plan)
     result.params_after = count_params(model)
-    seconds["rewrite"] = time.perf_counter() - clock
+    result.seconds["rewrite"] = time.perf_counter() - clock
     external = external_data if external_data is not None else bool(data_files) or needs_external(model)
     if not external and needs_external(model):
         raise OutputError(f"{output}: the tensors exceed protobuf's 2 GB limit; write them as external data")
+    keep = [p for p in (*read_paths.values(), *data_files) if p is not None]
     clock = time.perf_counter()
-    with staged(output, external) as where:
+    with staged(output, external, keep) as where:
         write(model, where, value_info)
         del model, found  # onnxruntime loads the files; free the graph before it does
-        seconds["write"] = time.perf_counter() - clock
+        result.seconds["write"] = time.perf_counter() - clock
         result.bytes_after = disk_bytes(where.model, [where.data] if where.data else [])
         if check:
             _check(result, where.model, output, feeds, scores, config, strict, progress)
     result.output = output
-    log.info("wrote %s: %d -> %d params, %d -> %d bytes", output, params_before, result.params_after,
-             bytes_before, result.bytes_after)
+    log.info("wrote %s: %d -> %d params, %d -> %d bytes", output, result.params_before, result.params_after,
+             result.bytes_before, result.bytes_after)
     return result
+
+
+def _planned(path: Path, model: ir.Model, found: OnnxSites, data_files: list[Path], config: FusionConfig,
+             plan: FusionPlan | None, dry_run: bool, progress: bool) -> OptimizeResult:
+    """The plan and the figures it predicts, before anything is rewritten."""
+    params_before = count_params(model)
+    bytes_before = disk_bytes(path, data_files)
+    plan = _plan(found, config, params_before, plan, progress)
+    message = plan.message if plan.groups else _nothing(plan, found)
+    plan = _with_note(plan, _skip_note(found.skipped))
+    return OptimizeResult(path, None, plan, params_before, plan.params_after, bytes_before,
+                          bytes_before - _predicted_bytes(found, plan), skipped=list(found.skipped),
+                          dry_run=dry_run, message=message)
+
+
+def _feeds(model: ir.Model, config: FusionConfig, check: bool, inputs: str | Path | None,
+           input_shapes: dict[str, tuple[int, ...]] | None, samples: int) -> list[onnx_inputs.Feeds]:
+    """The inputs validation runs on: the ``.npz`` given, else generated (read before the rewrite)."""
+    if not check:
+        return []
+    if inputs is not None:
+        return onnx_inputs.load_npz(inputs, model)
+    return onnx_inputs.generate(model, input_shapes, samples=samples, seed=config.seed)
 
 
 def _check(result: OptimizeResult, staged_model: Path, output: Path, feeds, scores: set[str], config: FusionConfig,

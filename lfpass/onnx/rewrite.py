@@ -25,7 +25,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.merge import get_rule
+from lfpass.errors import PlanError
+from lfpass.merge import bit_equal, get_rule, norms
 from lfpass.onnx.sites import OnnxSites
 from lfpass.plan import FusionPlan, check_plan
 
@@ -53,7 +54,10 @@ class _Names:
 
 
 def _as_array(merged: np.ndarray, like: ir.TensorProtocol) -> np.ndarray:
-    return np.ascontiguousarray(merged.astype(like.dtype.numpy(), copy=False))
+    """The merged tensor, contiguous, in ``like``'s dtype (merges already return it: no float32 trip)."""
+    if merged.dtype != like.dtype.numpy():
+        raise PlanError(f"merged {like.name!r} came back as {merged.dtype.name}, not {like.dtype.name}")
+    return np.ascontiguousarray(merged)
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -74,12 +78,13 @@ def apply_plan(model: ir.Model, found: OnnxSites, plan: FusionPlan) -> int:
         members = [sites[m] for m in group.members]
         rule = get_rule(group.rule)
         rng = np.random.default_rng([plan.seed, index])
-        weights = [found.load(s.weight) for s in members]
-        importance = np.array([np.linalg.norm(w) for w in weights])
+        weights = [found.load_exact(s.weight) for s in members]
+        importance = norms(weights)
         for slot in range(len(members[0].tensors)):
             holders = [found.values[s.tensors[slot]] for s in members]
-            arrays = weights if slot == 0 else [found.load(s.tensors[slot]) for s in members]
-            merged = rule(arrays, importance, rng)
+            arrays = weights if slot == 0 else [found.load_exact(s.tensors[slot]) for s in members]
+            labels = [s.name if slot == 0 else f"{s.name} (bias)" for s in members]
+            merged = rule(arrays, importance, rng, names=labels)
             del arrays
             weights = []
             like = found.tensor(members[0].tensors[slot])
@@ -96,7 +101,7 @@ def apply_plan(model: ir.Model, found: OnnxSites, plan: FusionPlan) -> int:
 def _set_value(graph: ir.Graph, holder: ir.Value, array: np.ndarray, like: ir.TensorProtocol) -> None:
     """Give ``holder`` the merged values; a ``Constant`` holder moves to the top of the
     graph, so members that come before it can read it."""
-    changed = not np.array_equal(array, like.numpy())
+    changed = not bit_equal(array, like.numpy())
     if holder.is_initializer():
         if changed:
             holder.const_value = ir.Tensor(array, name=holder.name)
@@ -121,7 +126,7 @@ def _share_bias(graph, anchor, edges, merged, like, names) -> list[ir.Value]:
     """Re-point the members' bias inputs; the anchor's bias keeps its value for any other reader."""
     array = _as_array(merged, like)
     mine = {(id(n), i) for n, i in edges}
-    if np.array_equal(array, like.numpy()) or all((id(u.node), u.idx) in mine for u in anchor.uses()):
+    if bit_equal(array, like.numpy()) or all((id(u.node), u.idx) in mine for u in anchor.uses()):
         _set_value(graph, anchor, array, like)
         shared = anchor
     else:

@@ -1,31 +1,43 @@
 """Write an ONNX model atomically, inline or with its tensors in one external data file.
 
-The model is written beside its final name first, where it can be checked
-(onnxruntime resolves external data relative to the model file, so a model
-and its data file are staged together in a temporary folder next to the
-target). Only when the caller's block succeeds is it renamed into place, data
-file first; on any failure nothing is left behind. A model that would not fit
-the 2 GB protobuf limit inline is always written with external data.
+A model and its data file are never left mismatched, whenever the writer stops
+(a crash, ``kill -9``, a full disk, Ctrl-C, SIGTERM). The order:
+
+1. the data file is written under a name nothing references yet: ``NAME.data``
+   when no such file exists, else a fresh ``NAME.XXXXXXXX.data`` (claimed with
+   an exclusive create, so two writers never share one);
+2. the model is written to a hidden temporary file beside ``NAME``, where the
+   caller can check it (onnxruntime resolves the data file relative to it);
+3. the model is renamed onto ``NAME``: the one instant the output changes,
+   from the old model with its old data to the new model with its new data;
+4. the data file the old model read is removed, when it is one of lfpass's own
+   names for this output and no input reads it.
+
+Before step 3 a stop leaves the old output whole (and, after ``kill -9``, at
+most an unreferenced new data file); after it, the new output whole. No
+staging folder is made. A model that would not fit the 2 GB protobuf limit
+inline is always written with external data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import onnx
 import onnx_ir as ir
 
 from lfpass.errors import OutputError
-from lfpass.fileio import atomic_path
+from lfpass.fileio import _umask, check_writable, same_file, temporary
 
 PROTOBUF_LIMIT = 2**31 - 1
 _INLINE_HEADROOM = 64 << 20  # node and graph protos beside the tensors
+_EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay in the model file, as onnx's own helpers keep them
 
 
 @dataclass(frozen=True)
@@ -38,26 +50,6 @@ class Staged:
     data_name: str | None
 
 
-def check_output(path: Path, inputs: list[Path]) -> None:
-    """Fail early when ``path`` cannot be written, or would overwrite an input."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{path}: cannot write to folder {folder}")
-    if path.exists() and path.is_dir():
-        raise OutputError(f"{path}: is a folder")
-    for source in inputs:
-        if _same(path, source) or _same(Path(f"{path}.data"), source):
-            raise OutputError(f"{path}: would overwrite the input {source}; choose another output path")
-
-
-def _same(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 def tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for g in (model.graph, *model.graph.subgraphs())
                for v in g.initializers.values() if v.const_value is not None)
@@ -68,26 +60,88 @@ def needs_external(model: ir.Model) -> bool:
 
 
 @contextlib.contextmanager
-def staged(path: Path, external: bool) -> Iterator[Staged]:
-    """Yield temporary paths to write ``path`` (and ``path.data``) to; rename them into
-    place when the block ends without error."""
+def staged(path: Path, external: bool, keep: Sequence[Path] = ()) -> Iterator[Staged]:
+    """Yield temporary paths to write ``path`` (and its data file) to; when the block ends
+    without error, put the model in place and remove the data file it replaces.
+
+    ``keep``: files that must survive (the inputs), even if the old output read them."""
     path = Path(path)
-    if not external:
-        with atomic_path(path, suffix=".onnx") as tmp:
-            yield Staged(tmp, None, None)
-        return
+    check_writable("output", path)
+    data = _claim_data_file(path) if external else None
+    placed = False
+    try:
+        with temporary(path, ".onnx") as tmp:
+            yield Staged(tmp, data, data.name if data else None)
+            for written in (data, tmp):
+                if written is not None:
+                    _fsync(written)
+            old = _old_data_files(path)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+            placed = True
+    except BaseException:
+        if data is not None and not placed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(data)
+        raise
+    for stale in old:
+        if (data is None or not same_file(stale, data)) and not any(same_file(stale, k) for k in keep):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+
+
+def _claim_data_file(path: Path) -> Path:
+    """An empty data file for ``path`` under a name no existing file has (exclusive create)."""
     folder = path.parent if str(path.parent) else Path(".")
+    data = folder / f"{path.name}.data"
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+        os.close(os.open(data, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        return data
+    except FileExistsError:
+        fd, name = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".data", dir=folder)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write there ({exc.strerror})") from None
-    data_name = f"{path.name}.data"
+        raise OutputError(f"{path}: cannot write its data file ({exc.strerror})") from None
+    os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
+    return Path(name)
+
+
+def _fsync(path: Path) -> None:
+    """Make ``path``'s bytes durable before a rename makes them reachable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        yield Staged(stage / path.name, stage / data_name, data_name)
-        os.replace(stage / data_name, folder / data_name)
-        os.replace(stage / path.name, path)
+        os.fsync(fd)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        os.close(fd)
+
+
+def _old_data_files(path: Path) -> list[Path]:
+    """The data files the model now at ``path`` reads that are lfpass's own names for it
+    (``NAME.data``, ``NAME.XXXXXXXX.data``): what replacing it leaves unread."""
+    if not path.is_file():
+        return []
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable old output reads nothing we could remove
+        return []
+    folder = path.parent if str(path.parent) else Path(".")
+    ours = re.compile(re.escape(path.name) + r"(\.[A-Za-z0-9_]{1,16})?\.data")
+    found = set()
+    for tensor in _external_tensors(proto.graph):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if ours.fullmatch(location):
+            found.add(location)
+    return [folder / name for name in sorted(found)]
+
+
+def _external_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _external_tensors(sub)
 
 
 def write(model: ir.Model, where: Staged, value_info: frozenset[str] | None = None) -> None:
@@ -95,9 +149,8 @@ def write(model: ir.Model, where: Staged, value_info: frozenset[str] | None = No
     when external; tensors still on disk are streamed, not loaded whole). With
     ``value_info``, initializers get a ``value_info`` entry only where it names one."""
     try:
-        if where.data_name is not None:
-            model = ir.external_data.unload_from_model(model, str(where.model.parent), where.data_name,
-                                                       size_threshold_bytes=1023)
+        if where.data is not None:
+            _unload(model, where)
         else:  # tensors still in the input's data file come inline, or the output would point there
             ir.external_data.load_to_model(model)
         proto = ir.serde.serialize_model(model)
@@ -106,6 +159,30 @@ def write(model: ir.Model, where: Staged, value_info: frozenset[str] | None = No
         onnx.save(proto, str(where.model))
     except OSError as exc:
         raise OutputError(f"{where.model.parent}: cannot write the model ({exc.strerror or exc})") from None
+
+
+def _unload(model: ir.Model, where: Staged) -> None:
+    """Move every initializer of 1 KiB or more into ``where.data``, one tensor at a time
+    (a tensor still in the input's data file is memory-mapped, so it streams through).
+
+    Written here rather than by ``onnx_ir.external_data.unload_from_model``, which
+    stages its file in a folder of its own that a killed writer would leave behind."""
+    written: dict[int, tuple[int, int]] = {}
+    offset = 0
+    with open(where.data, "wb") as out:
+        for graph in (model.graph, *model.graph.subgraphs()):
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or tensor.nbytes < _EXTERNAL_MIN_BYTES:
+                    continue
+                if id(tensor) not in written:
+                    data = tensor.tobytes()
+                    out.write(data)
+                    written[id(tensor)] = (offset, len(data))
+                    offset += len(data)
+                start, length = written[id(tensor)]
+                value.const_value = ir.ExternalTensor(where.data_name, start, length, tensor.dtype, shape=tensor.shape,
+                                                      name=tensor.name or value.name, base_dir=str(where.model.parent))
 
 
 def _drop_added_value_info(graph: onnx.GraphProto, keep: frozenset[str]) -> None:

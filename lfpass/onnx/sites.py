@@ -12,7 +12,10 @@ A tensor is one site however many nodes read it. A weight that is a graph
 input (fed at run time, or an initializer a caller may override) is not
 constant: that node is skipped and the reason kept for ``--explain``. So are
 weights read inside an ``If``/``Loop``/``Scan`` body (subgraphs are left
-exactly as they are) and weights that are graph outputs.
+exactly as they are) and weights that are graph outputs. Only float16,
+bfloat16, float32 and float64 tensors are merged (exactly, in their own
+dtype): a layer whose weight or bias is an integer, bool or float8 tensor is
+skipped, with its reason.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from lfpass.sites import Site, make_signature
 KINDS = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv", "ConvTranspose": "conv_transpose"}
 _PASS_THROUGH = ("Identity", "Transpose", "Cast")
 _ONNX_DOMAINS = ("", "ai.onnx")
+_MERGEABLE = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)  # as lfpass.merge
 
 
 @dataclass
@@ -45,8 +49,14 @@ class OnnxSites:
         return _tensor_of(self.values[name])
 
     def load(self, name: str) -> np.ndarray:
-        """A tensor's values as float32 (external data is memory-mapped, read when asked)."""
-        return np.asarray(self.tensor(name).numpy(), dtype=np.float32)
+        """A tensor's values for scoring: float32, or float64 when stored so (external data
+        is memory-mapped, read when asked). float16 and bfloat16 widen exactly."""
+        array = self.load_exact(name)
+        return array if array.dtype == np.float64 else np.asarray(array, dtype=np.float32)
+
+    def load_exact(self, name: str) -> np.ndarray:
+        """A tensor's values in its own dtype (bfloat16 as ``ml_dtypes.bfloat16``), for merging."""
+        return self.tensor(name).numpy()
 
     def by_name(self) -> dict[str, Site]:
         return {s.name: s for s in self.sites}
@@ -119,6 +129,18 @@ def _weight_side(node: ir.Node) -> tuple[str, Constant | str | None]:
     return "right", b if isinstance(b, str) else None  # a graph input on the right is a skipped weight
 
 
+def _mergeable(tensor: ir.TensorProtocol) -> bool:
+    """float16, bfloat16, float32 or float64: the dtypes a merge keeps exact."""
+    return tensor.dtype in _MERGEABLE
+
+
+def _not_float(slot: str, name: str, tensor: ir.TensorProtocol) -> str:
+    dtype = tensor.dtype.name.lower()
+    if tensor.dtype.is_floating_point():
+        return f"{slot} {name!r} is {dtype}, a quantized floating-point type lfpass does not merge"
+    return f"{slot} {name!r} is {dtype}, not a floating-point tensor"
+
+
 def _shape_through(shape: tuple[int, ...], chain: tuple[str, ...]) -> tuple[int, ...]:
     """The weight's shape as the layer reads it, after the chain's Transposes (Casts keep it)."""
     for op in chain:
@@ -166,6 +188,8 @@ def _node_site(node: ir.Node) -> tuple[Any, ir.Value, Bias | None] | str | None:
             return f"weight {holder.name!r} is also read inside a subgraph (left as it is)"
     if holder.is_graph_output():
         return f"weight {holder.name!r} is a graph output"
+    if not _mergeable(tensor):
+        return _not_float("weight", holder.name, tensor)
     fields: dict[str, Any] = dict(shape=shape, dtype=tensor.dtype.name, side=side, via=chain)
     bias_index = {"Gemm": 2, "Conv": 2, "ConvTranspose": 2}.get(node.op_type)
     bias = None
@@ -179,6 +203,8 @@ def _node_site(node: ir.Node) -> tuple[Any, ir.Value, Bias | None] | str | None:
         bias = _bias_add(node, _shape_through(shape, chain)[-1])
     if bias is not None:
         btensor = _tensor_of(bias[0])
+        if not _mergeable(btensor):
+            return _not_float("bias", bias[0].name, btensor)
         fields.update(bias=True, bias_shape=tuple(int(d) for d in btensor.shape), bias_dtype=btensor.dtype.name)
     else:
         fields.setdefault("bias", False)
