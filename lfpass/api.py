@@ -31,7 +31,7 @@ def analyze(model: nn.Module, config: FusionConfig | None = None, progress: bool
     config = config or FusionConfig()
     found = find_sites(model)
     with torch.no_grad():
-        return plan_fusion(found.sites, found.load, config, unique_parameters(model), progress=progress)
+        return plan_fusion(found.plannable, found.load, config, unique_parameters(model), progress=progress)
 
 
 def apply(model: nn.Module, plan: FusionPlan, inplace: bool = False) -> nn.Module:

@@ -19,10 +19,11 @@ from lfpass.merge import MERGE_RULES
 from lfpass.metrics import METRICS
 
 SCOPES = ("model", "layers")
-KINDS = ("linear", "conv", "conv_transpose")
+KINDS = ("linear", "conv", "conv_transpose", "attention", "mlp")
+GRANULARITIES = ("tensor", "block")
 _META_KEYS = ("name", "description")
 _TUPLE_FIELDS = ("kinds", "include", "exclude")
-_STR_FIELDS = ("metric", "merge", "ratio_scope", "name")
+_STR_FIELDS = ("metric", "merge", "ratio_scope", "granularity", "name")
 
 
 def _is_number(v: Any) -> bool:
@@ -43,6 +44,10 @@ class FusionConfig:
     above it is merged. ``cross_role`` lets any same-signature layers share.
     ``max_overshoot`` bounds how far past ``target_ratio`` the plan may land
     (in ratio units over the scope); unset, an overshoot is reported.
+    ``granularity`` is ``"tensor"`` (each projection by role, the paper's way)
+    or ``"block"`` (one decision fuses a whole attention or MLP unit).
+    Output heads (``lm_head``, ``classifier``, ``pooler``, ``head``) are left
+    alone unless ``heads``.
 
     Every field is checked on construction, from Python as from a pipeline
     file: a wrong type is a :class:`ConfigError` naming the field, never a
@@ -57,6 +62,8 @@ class FusionConfig:
     cross_role: bool = False
     max_group_size: int | None = None
     max_overshoot: float | None = None
+    granularity: str = "tensor"
+    heads: bool = False
     kinds: tuple[str, ...] = KINDS
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -77,8 +84,11 @@ class FusionConfig:
         for name in _STR_FIELDS:
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name}: must be a string, got {getattr(self, name)!r}")
-        if not isinstance(self.cross_role, bool):
-            raise ConfigError(f"cross_role: must be true or false, got {self.cross_role!r}")
+        for name in ("cross_role", "heads"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity: must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.metric not in METRICS:
             raise ConfigError(f"metric: unknown {self.metric!r} (known: {', '.join(METRICS)})")
         if self.merge not in MERGE_RULES:

@@ -16,13 +16,19 @@ floating-point tensors are merged, and never one holding NaN or Inf.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from lfpass.errors import ConfigError, PlanError
 
+if TYPE_CHECKING:
+    from lfpass.plan import FusionPlan
+    from lfpass.sites import Site, Slot
+
 Transform = Callable[[np.ndarray], np.ndarray]
+LoadExact = Callable[[str], np.ndarray]  # a tensor's values by name, in its own dtype
 
 MERGEABLE = ("float16", "bfloat16", "float32", "float64")  # the dtypes lfpass merges (numpy/ml_dtypes names)
 
@@ -174,3 +180,35 @@ def get_rule(name: str) -> MergeRule:
         return MERGE_RULES[name]()
     except KeyError:
         raise ConfigError(f"unknown merge rule {name!r} (known: {', '.join(MERGE_RULES)})") from None
+
+
+@dataclass(frozen=True)
+class MergedSlot:
+    """One slot of one planned group, merged: each member's slot (anchor first) and the
+    tensor they will all share, in the members' own dtype."""
+
+    group: int
+    slot: str
+    members: tuple[Slot, ...]
+    array: np.ndarray
+
+
+def merged_slots(plan: FusionPlan, sites: Mapping[str, Site], load: LoadExact) -> Iterator[MergedSlot]:
+    """The merge of ``plan``, slot by slot: the one place groups are merged, for every frontend.
+
+    ``load(tensor_name)`` gives a tensor in its own dtype. Per group: the rule
+    it names, seeded with ``(plan.seed, group index)``, and each member's
+    importance (the norm of its compared slots); slots in the anchor's order.
+    One slot's tensors are in memory at a time, so a frontend can write each
+    result into its graph before the next is made."""
+    for index, group in enumerate(plan.groups):
+        members = [sites[m] for m in group.members]
+        rule = get_rule(group.rule)
+        rng = np.random.default_rng([plan.seed, index])
+        importance = np.sqrt(sum(norms([load(s.slot(x.name).tensor) for s in members]) ** 2
+                                 for x in members[0].compared))
+        for x in members[0].slots:
+            slots = tuple(s.slot(x.name) for s in members)
+            labels = [s.name if x.name == "weight" else f"{s.name} ({x.name})" for s in members]
+            merged = rule([load(y.tensor) for y in slots], importance, rng, names=labels)
+            yield MergedSlot(index, x.name, slots, merged)

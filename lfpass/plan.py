@@ -16,9 +16,9 @@ import numpy as np
 
 from lfpass.errors import PlanError
 from lfpass.merge import get_rule
-from lfpass.sites import Site
+from lfpass.sites import ClassKey, Site
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: class keys are objects (kind, role, signature), not strings
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class FusionGroup:
     members: tuple[str, ...]
     rule: str
     score: float
-    cls: str
+    cls: ClassKey
     numel: int
 
     @property
@@ -63,8 +63,8 @@ class FusionPlan:
     seed: int = 0
     message: str = ""
     candidates: tuple[Candidate, ...] = field(default=(), repr=False)
-    signatures: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    classes: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), repr=False)
+    signatures: tuple[tuple[str, ClassKey], ...] = field(default=(), repr=False)
+    classes: tuple[tuple[ClassKey, tuple[str, ...]], ...] = field(default=(), repr=False)
     max_overshoot: float | None = None  # planning kept the ratio <= target_ratio + max_overshoot
     left_out: tuple[tuple[str, str], ...] = ()  # (layer, why) for layers planning left out
 
@@ -117,23 +117,26 @@ class FusionPlan:
             data: dict[str, Any] = json.loads(text)
             if not isinstance(data, dict):
                 raise PlanError("plan: not a valid lfpass plan (not a JSON object)")
-            if data.pop("version", None) != PLAN_VERSION:
+            version = data.pop("version", None)
+            if version == 1:
+                raise PlanError("plan: version 1 was written by an older lfpass; make it again with "
+                                "`lfpass analyze --plan-out`")
+            if version != PLAN_VERSION:
                 raise PlanError(f"plan: unsupported version (this lfpass reads version {PLAN_VERSION})")
             data.pop("ratio", None)
-            data["groups"] = tuple(
-                FusionGroup(**{**g, "members": tuple(g["members"])}) for g in data["groups"]
-            )
-            data["candidates"] = tuple(Candidate(**c) for c in data.get("candidates", ()))
-            data["signatures"] = tuple(tuple(s) for s in data.get("signatures", ()))
-            data["classes"] = tuple((k, tuple(v)) for k, v in data.get("classes", ()))
-            data["left_out"] = tuple((name, why) for name, why in data.get("left_out", ()))
+            data["groups"] = tuple(_group_from_json(g) for g in _list(data, "groups"))
+            data["candidates"] = tuple(Candidate(**c) for c in _list(data, "candidates", ()))
+            data["signatures"] = tuple((_name(n), ClassKey.from_json(k)) for n, k in _list(data, "signatures", ()))
+            data["classes"] = tuple((ClassKey.from_json(k), tuple(_name(n) for n in v))
+                                    for k, v in _list(data, "classes", ()))
+            data["left_out"] = tuple((_name(name), str(why)) for name, why in _list(data, "left_out", ()))
             return cls(**data)
         except PlanError:
             raise
         except (ValueError, KeyError, TypeError) as exc:
             raise PlanError(f"plan: not a valid lfpass plan ({exc})") from None
 
-    def similarity(self, cls: str) -> tuple[list[str], np.ndarray]:
+    def similarity(self, cls: ClassKey) -> tuple[list[str], np.ndarray]:
         """The class's members and their similarity matrix (NaN where a pair was not kept)."""
         names = list(dict(self.classes)[cls])
         index = {n: i for i, n in enumerate(names)}
@@ -213,6 +216,34 @@ class _Reasons:
         return "kept apart: the plan ends before these groups merge"
 
 
+def _list(data: Mapping[str, Any], key: str, default: Any = None) -> list:
+    value = data.get(key, default) if default is not None else data[key]
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{key} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"a layer name must be a string, got {value!r}")
+    return value
+
+
+def _group_from_json(g: Any) -> FusionGroup:
+    if not isinstance(g, dict):
+        raise TypeError(f"a group must be an object, got {g!r}")
+    members = g["members"]
+    if not isinstance(members, list):
+        raise TypeError(f"a group's members must be a list of layer names, got {members!r}")
+    score, numel = g["score"], g["numel"]
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise TypeError(f"a group's numel must be a count, got {numel!r}")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise TypeError(f"a group's score must be a number, got {score!r}")
+    return FusionGroup(tuple(_name(m) for m in members), str(g["rule"]), float(score),
+                       ClassKey.from_json(g["cls"]), numel)
+
+
 def check_plan(plan: FusionPlan, sites: Mapping[str, Site]) -> None:
     """The plan names layers this model has, with the signatures it was made for."""
     planned = dict(plan.signatures)
@@ -229,7 +260,12 @@ def check_plan(plan: FusionPlan, sites: Mapping[str, Site]) -> None:
         if len({sites[m].class_key(True) for m in group.members}) != 1:
             raise PlanError(f"plan groups incompatible layers: {', '.join(group.members)}")
     seen: dict[str, int] = {}
+    owner: dict[str, str] = {}  # tensor -> the member that holds it (a unit holds its layers' tensors)
     for index, group in enumerate(plan.groups):
         for name in group.members:
             if seen.setdefault(name, index) != index:
                 raise PlanError(f"plan puts layer {name!r} in two groups")
+            for tensor in sites[name].tensors:
+                if owner.setdefault(tensor, name) != name:
+                    raise PlanError(f"plan fuses {owner[tensor]!r} and {name!r}, which hold the same tensor "
+                                    "(a unit and one of its layers)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from lfpass.config import KINDS, FusionConfig
 from lfpass.metrics import Metric, get_metric
 from lfpass.plan import Candidate, FusionGroup, FusionPlan
-from lfpass.sites import Site
+from lfpass.sites import ClassKey, Site
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ NO_ROLES = "layer names give no roles; planned by signature only"
 class _Class:
     """Working state of one compatibility class during planning."""
 
-    key: str
+    key: ClassKey
     sites: list[Site]
     sim: np.ndarray  # site x site similarity
     link: np.ndarray  # group x group average linkage, -inf where not mergeable
@@ -108,23 +109,30 @@ class _Scorer:
         self._sims: dict[tuple[str, ...], np.ndarray] = {}
         self.bad: dict[str, str] = {}  # layer name -> why it was left out
 
-    def _keep(self, site: Site, weight: np.ndarray) -> bool:
+    def _compared(self, site: Site) -> list[np.ndarray]:
+        return [self._load(x.tensor) for x in site.compared]
+
+    def _keep(self, site: Site, compared: Sequence[np.ndarray]) -> bool:
         if site.name not in self._seen:
             self._seen.add(site.name)
-            if not is_finite(weight) or not all(is_finite(self._load(t)) for t in site.tensors[1:]):
+            others = (self._load(x.tensor) for x in site.slots if not x.compared)
+            if not all(is_finite(w) for w in compared) or not all(is_finite(b) for b in others):
                 self.bad[site.name] = NON_FINITE
                 log.warning("layer %s: %s; left out", site.name, NON_FINITE)
         return site.name not in self.bad
 
     def finite(self, members: Sequence[Site]) -> list[Site]:
-        """``members`` less those whose weight holds NaN/Inf (loading only unseen ones)."""
+        """``members`` less those whose tensors hold NaN/Inf (loading only unseen ones)."""
         for s in members:
             if s.name not in self._seen:
-                self._keep(s, self._load(s.weight))
+                self._keep(s, self._compared(s))
         return [s for s in members if s.name not in self.bad]
 
-    def score(self, key: str, members: Sequence[Site]) -> _Class | None:
-        """The class of ``members`` with finite weights, scored; None if fewer than two remain."""
+    def score(self, key: ClassKey, members: Sequence[Site]) -> _Class | None:
+        """The class of ``members`` with finite tensors, scored; None if fewer than two remain.
+
+        A site with several compared slots (a unit's q, k, v, o) scores the
+        mean of the metric over its slots, so each projection counts alike."""
         names = tuple(s.name for s in members if s.name not in self.bad)
         if names in self._sims:
             kept = [s for s in members if s.name not in self.bad]
@@ -133,25 +141,36 @@ class _Scorer:
         for s in members:
             if s.name in self.bad:
                 continue
-            weight = self._load(s.weight)
-            if self._keep(s, weight):
+            compared = self._compared(s)
+            if self._keep(s, compared):
                 kept.append(s)
-                weights.append(weight)
+                weights.append(compared)
         if len(kept) < 2:
             return None
-        sim = self._sims.setdefault(tuple(s.name for s in kept), self._metric(weights))
+        sim = np.mean([self._metric([w[k] for w in weights]) for k in range(len(weights[0]))], axis=0)
+        sim = self._sims.setdefault(tuple(s.name for s in kept), sim)
         return _Class(key, kept, sim, np.empty(0), [], [])
 
 
 def select_sites(sites: Iterable[Site], config: FusionConfig) -> list[Site]:
-    """The sites the config allows to fuse (kinds, include/exclude patterns, size)."""
+    """The sites the config allows to fuse: the layers, or with ``granularity = "block"``
+    the units in place of the layers they cover; then kinds, heads, include/exclude
+    patterns and size."""
 
     def matches(site: Site, patterns: Sequence[str]) -> bool:
         return any(fnmatch.fnmatchcase(site.role, p) or fnmatch.fnmatchcase(site.name, p) for p in patterns)
 
+    sites = list(sites)
+    if config.granularity == "block":
+        covered = {p for s in sites for p in s.parts}
+        sites = [s for s in sites if s.name not in covered]
+    else:
+        sites = [s for s in sites if not s.parts]
     out = []
     for s in sites:
         if s.kind not in config.kinds or s.numel < config.min_params:
+            continue
+        if not config.heads and is_head(s):
             continue
         if config.include and not matches(s, config.include):
             continue
@@ -161,12 +180,21 @@ def select_sites(sites: Iterable[Site], config: FusionConfig) -> list[Site]:
     return out
 
 
-def compatibility_classes(sites: Iterable[Site], cross_role: bool) -> dict[str, list[Site]]:
-    """Sites by class key: only sites of one class may share a tensor."""
-    classes: dict[str, list[Site]] = {}
+_HEADS = re.compile(r"(^|[./])(lm_head|classifier|pooler|heads?|score)([./]|$)")
+
+
+def is_head(site: Site) -> bool:
+    """An output head (``lm_head``, ``classifier``, ``pooler``, ``head``): fused only when asked."""
+    return bool(_HEADS.search(site.name))
+
+
+def compatibility_classes(sites: Iterable[Site], cross_role: bool) -> dict[ClassKey, list[Site]]:
+    """Sites by class key, in the order of the keys' text (deterministic): only sites
+    of one class may share a tensor."""
+    classes: dict[ClassKey, list[Site]] = {}
     for s in sites:
         classes.setdefault(s.class_key(cross_role), []).append(s)
-    return classes
+    return dict(sorted(classes.items(), key=lambda kv: str(kv[0])))
 
 
 def role_note(sites: Sequence[Site], config: FusionConfig) -> str:
@@ -203,7 +231,7 @@ def _candidates(cls: _Class) -> list[Candidate]:
 def _score_classes(sites: Sequence[Site], cross_role: bool, scorer: _Scorer, progress: bool) -> list[_Class]:
     """The scored classes of two or more sites with finite weights, in key order."""
     classes = []
-    bar = tqdm(sorted(compatibility_classes(sites, cross_role).items()), desc="similarity", unit="class",
+    bar = tqdm(compatibility_classes(sites, cross_role).items(), desc="similarity", unit="class",
                disable=not progress, leave=False)
     for key, members in bar:
         if len(members) >= 2 and (cls := scorer.score(key, members)) is not None:
@@ -466,7 +494,7 @@ def _ceiling(sites: Sequence[Site], cross_role: bool, max_group_size: int | None
     ends as one group, which needs no similarity.
     """
     saved = 0
-    for key, members in sorted(compatibility_classes(sites, cross_role).items()):
+    for key, members in compatibility_classes(sites, cross_role).items():
         if len(members) < 2:
             continue
         if max_group_size is None:

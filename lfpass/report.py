@@ -9,6 +9,7 @@ import numpy as np
 
 from lfpass.fileio import atomic_path
 from lfpass.plan import FusionPlan
+from lfpass.sites import ClassKey
 
 
 def pairs_table(plan: FusionPlan, top: int = 5) -> str:
@@ -95,15 +96,12 @@ def write_heatmap(plan: FusionPlan, path: str | Path, max_classes: int = 12) -> 
     return path
 
 
-def class_label(cls: str, width: int = 100) -> str:
-    """A readable name for a class key: its role, kind and weight shape."""
-    role, _, rest = cls.rpartition("|")
-    kind, _, sig = rest.partition("[")
-    shape = re.search(r"shape=(\([^)]*\))", sig)
-    layout = re.search(r"layout=(\w+)", sig)
-    label = f"{role + '  ' if role else ''}{kind} {shape.group(1) if shape else ''}"
-    if layout and layout.group(1) != "out_in":
-        label += f" {layout.group(1)}"
+def class_label(cls: ClassKey, width: int = 100) -> str:
+    """A readable name for a class: its role, kind and weight shape."""
+    shape, layout = cls.field("shape"), cls.field("layout")
+    label = f"{cls.role + '  ' if cls.role else ''}{cls.kind} {shape if shape is not None else ''}".rstrip()
+    if layout and layout != "out_in":
+        label += f" {layout}"
     return _short(label, width)
 
 

@@ -21,6 +21,7 @@ from lfpass.data import (
     lm_batches,
     mnist_digits,
     sklearn_digits,
+    stratified_split,
     wikitext2,
 )
 from lfpass.errors import InputError
@@ -69,6 +70,32 @@ def test_sklearn_digits():
     assert len(d.x_train) + len(d.x_test) == 1797
     assert d.x_train.dtype == torch.float32 and d.y_test.dtype == torch.int64
     assert abs(d.x_train.mean().item()) < 1e-4 and d.x_train.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_sklearn_digits_split_is_stratified_and_seeded():
+    pytest.importorskip("sklearn")
+    d = sklearn_digits(seed=0, test_fraction=0.25)
+    train_counts = torch.bincount(d.y_train, minlength=10)
+    test_counts = torch.bincount(d.y_test, minlength=10)
+    # every class split in the same proportion (each of the 10 classes has 174 to 183 digits)
+    assert torch.all((test_counts.double() / (train_counts + test_counts) - 0.25).abs() < 0.01)
+    again = sklearn_digits(seed=0, test_fraction=0.25)
+    assert torch.equal(again.x_train, d.x_train) and torch.equal(again.y_test, d.y_test)
+    assert not torch.equal(sklearn_digits(seed=1, test_fraction=0.25).y_train, d.y_train)
+
+
+def test_stratified_split():
+    labels = np.array([0] * 10 + [1] * 20 + [2] * 30)
+    train, test = stratified_split(labels, 0.2, seed=0)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(60))  # disjoint, and nothing lost
+    assert np.bincount(labels[test]).tolist() == [2, 4, 6]
+    assert np.bincount(labels[train]).tolist() == [8, 16, 24]
+    assert not np.array_equal(np.sort(test), test)  # shuffled, not in label order
+    again = stratified_split(labels, 0.2, seed=0)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], test)
+    assert not np.array_equal(stratified_split(labels, 0.2, seed=1)[1], test)
+    with pytest.raises(ValueError, match="test_fraction"):
+        stratified_split(labels, 0.0, seed=0)
 
 
 def test_bad_test_fraction():
@@ -222,6 +249,14 @@ def test_wikitext2_errors(tmp_path, wiki_root):
     (wiki_root / "wikitext-2" / "wiki.test.tokens").write_text("\n\n")
     with pytest.raises(InputError, match="no words"):
         wikitext2(wiki_root, "test")
+
+
+def test_vocab_build_and_encode():
+    vocab = Vocab.build(["b", "a", "b", EOS, "c"])
+    assert vocab.itos == [UNK, EOS, "b", "a", "c"] and len(vocab) == 5  # specials, then first appearance
+    assert vocab.encode(["a", "zzz", "c"]) == [3, 0, 4]  # an unknown word is <unk>
+    with pytest.raises(InputError, match="not in the vocabulary"):
+        Vocab(["a", EOS]).encode(["b"])
 
 
 def test_vocab_rejects_repeats():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 
 import pytest
@@ -83,10 +85,54 @@ def _plain(monkeypatch, rows):
     return text
 
 
+def _cells(line: str) -> list[str]:
+    """The cells of a printed table row, drawn by rich (``│``) or as plain text (two spaces apart)."""
+    return [c for c in re.split(r"\s*│\s*|\s{2,}", line.strip()) if c]
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", "").rstrip("%x"))
+
+
 def test_cli_demo_quick(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path / "cli")]) == 0
-    assert "3.33" in capsys.readouterr().out
-    assert (tmp_path / "cli" / "plan_r3.33.json").is_file()
+    """The tables ``lfpass demo`` prints hold what the demo measured, and the measurements are sane."""
+    out_dir = tmp_path / "cli"
+    assert main(["demo", "--quick", "--out", str(out_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "error" not in captured.err
+    recorded = json.loads((out_dir / "results.json").read_text())
+    lines = captured.out.splitlines()
+
+    rows = [cells for cells in map(_cells, lines) if cells and re.fullmatch(r"[\d.]+ -> [\d.]+", cells[0])]
+    assert [float(r[0].split(" -> ")[0]) for r in rows] == list(RATIOS)
+    params = lfpass.unique_parameters(build_cnn())
+    for cells, row in zip(rows, recorded["rows"]):
+        target, planned = (float(v) for v in cells[0].split(" -> "))
+        counts, ratio = cells[1].split(" = ")
+        before, after = (_number(v) for v in counts.split(" / "))
+        assert before == params == row["params_before"] and after == row["params_after"] < before
+        assert float(ratio) == pytest.approx(before / after, abs=0.005) and float(ratio) >= target
+        assert planned == pytest.approx(before / after, abs=0.005)
+        assert _number(cells[2]) == after  # retraining kept every tie
+        acc_before, acc_fused, acc_retrained = (_number(c) / 100 for c in cells[3:6])
+        assert acc_fused == pytest.approx(row["acc_fused"], abs=5e-5)
+        assert acc_retrained == pytest.approx(row["acc_retrained"], abs=5e-5)
+        assert 0.5 < acc_before <= 1.0 and 0.0 <= acc_fused <= 1.0  # chance is 0.1
+        assert acc_retrained >= acc_fused - 0.05  # retraining does not undo the fused model
+        assert acc_retrained >= acc_before - 0.15  # ... and brings it back near the unfused one
+
+    labels = ("exported original", "lfpass optimize --ratio", "fused x")
+    onnx = [_cells(line) for line in lines if line.strip(" │").startswith(labels)]
+    files = [out_dir / "cnn.onnx", out_dir / "cnn.fused.onnx", out_dir / f"cnn.retrained_r{RATIOS[-1]:g}.onnx"]
+    assert len(onnx) == len(files)
+    sizes = [f.stat().st_size for f in files]
+    for cells, size in zip(onnx, sizes):
+        assert _number(cells[1]) == pytest.approx(size / 1024, abs=0.05)
+        assert _number(cells[2]) == pytest.approx(sizes[0] / size, abs=0.005)
+    assert sizes[1] < sizes[0] / 1.5 and sizes[2] < sizes[0] / 2  # sharing shrinks the files
+    accuracies = [_number(cells[3]) / 100 for cells in onnx]
+    assert accuracies[0] == pytest.approx(recorded["acc_before"], abs=0.005)  # onnxruntime agrees with torch
+    assert accuracies[2] == pytest.approx(recorded["rows"][-1]["acc_retrained"], abs=0.005)
 
 
 def test_cli_demo_unwritable_out(tmp_path, capsys):

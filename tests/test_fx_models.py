@@ -125,7 +125,7 @@ def test_resnet18_per_role_sharing_stops_at_its_ceiling(resnet18_fx, image):
     assert "out of reach" in plan.message
     assert f"{plan.ratio:.3f}" in plan.message and f"{plan.max_ratio:.3f}" in plan.message
     assert "cross_role" in plan.message
-    assert {g.cls.split("|")[0] for g in plan.groups} == {
+    assert {g.cls.role for g in plan.groups} == {
         "layer1.*.conv1", "layer1.*.conv2", "layer2.*.conv2", "layer3.*.conv2", "layer4.*.conv2",
     }
     fuse_and_check(resnet18_fx, plan, image)
@@ -332,7 +332,7 @@ def test_bert_via_torch_export(bert, input_ids, caplog):
     # real runs name ratio_scope="layers").
     plan = lfpass.analyze(gm, FusionConfig(target_ratio=1.5))
     assert plan.reached and plan.model_ratio >= 1.5
-    assert all(g.cls.split("|")[0] in BERT_ROLES for g in plan.groups)
+    assert all(g.cls.role in BERT_ROLES for g in plan.groups)
     fused = fuse_and_check(gm, plan, input_ids=input_ids)
     with torch.no_grad():
         assert fused(input_ids=input_ids).last_hidden_state.shape == (2, 8, 32)
@@ -369,7 +369,7 @@ def test_gpt2_via_torch_export(gpt2, input_ids, caplog):
     # partner, so its targets are stated over the fusable layers.
     plan = lfpass.analyze(gm, FusionConfig(target_ratio=1.5, ratio_scope="layers"))
     assert plan.reached and plan.layer_ratio >= 1.5 and plan.scope == "layers"
-    assert all(g.cls.split("|")[0] in GPT2_ROLES for g in plan.groups)
+    assert all(g.cls.role in GPT2_ROLES for g in plan.groups)
     fused = fuse_and_check(gm, plan, input_ids=input_ids)
     with torch.no_grad():
         assert fused(input_ids=input_ids).logits.shape == (2, 8, VOCAB)
@@ -465,14 +465,24 @@ def test_layers_inside_leaf_modules_are_sites():
     assert {n.target for n in gm.graph.nodes if n.op == "call_module"} == {"layers.0", "layers.1"}
     sites = find_sites(gm).sites
     assert site_key(sites) == site_key(find_sites(model).sites)
-    assert {s.role for s in sites} == {"layers.*.self_attn.out_proj", "layers.*.linear1", "layers.*.linear2"}
+    assert {s.role for s in sites} == {"layers.*.self_attn.in_proj", "layers.*.self_attn.out_proj",
+                                       "layers.*.linear1", "layers.*.linear2"}
     assert {s.location for s in sites} == {"layers_0", "layers_1"}
+    units = {u.name: u.parts for u in find_sites(gm).units}
+    assert units == {"layers.0.self_attn": ("layers.0.self_attn.in_proj", "layers.0.self_attn.out_proj"),
+                     "layers.1.self_attn": ("layers.1.self_attn.in_proj", "layers.1.self_attn.out_proj"),
+                     "layers.0.mlp": ("layers.0.linear1", "layers.0.linear2"),
+                     "layers.1.mlp": ("layers.1.linear1", "layers.1.linear2")}
     plan = lfpass.analyze(gm, FusionConfig(target_ratio=1.5, ratio_scope="layers"))
     assert plan.reached and len(plan.groups) >= 2
     fused = fuse_and_check(gm, plan, x)
+
+    def weight(name):
+        return fused.get_parameter(f"{name}_weight" if name.endswith("in_proj") else f"{name}.weight")
+
     for group in plan.groups:
         anchor, other = group.members
-        assert fused.get_parameter(f"{anchor}.weight") is fused.get_parameter(f"{other}.weight")
+        assert weight(anchor) is weight(other)
 
 
 @pytest.mark.parametrize("frontend", ["module", "symbolic_trace", "export"])

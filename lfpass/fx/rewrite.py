@@ -12,11 +12,10 @@ from __future__ import annotations
 import copy
 import logging
 
-import numpy as np
 from torch import fx, nn
 
 from lfpass.fx.sites import FxSites, find_sites, to_torch
-from lfpass.merge import get_rule, norms
+from lfpass.merge import merged_slots
 from lfpass.plan import FusionPlan, check_plan
 
 log = logging.getLogger(__name__)
@@ -40,20 +39,14 @@ def apply_plan(module: nn.Module, plan: FusionPlan, inplace: bool = False) -> nn
     sites = found.by_name()
     check_plan(plan, sites)
     repoint: dict[str, str] = {}
-    for index, group in enumerate(plan.groups):
-        members = [sites[m] for m in group.members]
-        rule = get_rule(group.rule)
-        rng = np.random.default_rng([plan.seed, index])
-        importance = norms([found.load_exact(s.weight) for s in members])
-        for slot, anchor_name in enumerate(members[0].tensors):
-            old = found.params[anchor_name]
-            labels = [s.name if slot == 0 else f"{s.name} (bias)" for s in members]
-            merged = rule([found.load_exact(s.tensors[slot]) for s in members], importance, rng, names=labels)
-            shared = nn.Parameter(to_torch(merged, old), requires_grad=old.requires_grad)
-            for s in members:
-                for path in found.holders[s.tensors[slot]]:
-                    _set(module, path, shared)
-                    repoint[path] = anchor_name
+    for merged in merged_slots(plan, sites, found.load_exact):
+        anchor = merged.members[0].tensor
+        old = found.params[anchor]
+        shared = nn.Parameter(to_torch(merged.array, old), requires_grad=old.requires_grad)
+        for slot in merged.members:
+            for path in found.holders[slot.tensor]:
+                _set(module, path, shared)
+                repoint[path] = anchor
     if isinstance(module, fx.GraphModule):
         _repoint_get_attrs(module, repoint)
     log.info("applied %d groups", len(plan.groups))

@@ -40,6 +40,7 @@ from torch import fx, nn
 
 from lfpass.errors import PlanError
 from lfpass.sites import Site, make_signature, role_of
+from lfpass.units import find_units
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class FxSites:
     sites: list[Site]
     params: dict[str, torch.Tensor]  # canonical tensor name -> tensor
     holders: dict[str, list[str]] = field(default_factory=dict)  # canonical name -> every attribute path
+    units: list[Site] = field(default_factory=list)  # attention / MLP units over the layer sites
 
     def load(self, name: str) -> np.ndarray:
         """A tensor's values for scoring: float32, or float64 when stored so (float16 and bfloat16 widen exactly)."""
@@ -90,8 +92,13 @@ class FxSites:
         """A tensor's values in its own dtype (bfloat16 as ``ml_dtypes.bfloat16``), for merging."""
         return to_numpy(self.params[name])
 
+    @property
+    def plannable(self) -> list[Site]:
+        """The layers, then the units over them: what the planner chooses from."""
+        return [*self.sites, *self.units]
+
     def by_name(self) -> dict[str, Site]:
-        return {s.name: s for s in self.sites}
+        return {s.name: s for s in self.plannable}
 
 
 MERGEABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # as lfpass.merge
@@ -161,6 +168,10 @@ def _module_site(path: str, mod: nn.Module, canonical: dict[int, str]) -> tuple[
             output_padding=_ntuple(mod.output_padding, nd), padding_mode=mod.padding_mode,
             layout="in_out" if mod.transposed else "out_in", dtype=str(w.dtype),
         )
+    elif isinstance(mod, nn.MultiheadAttention) and getattr(mod, "in_proj_weight", None) is not None:
+        w, bias = mod.in_proj_weight, mod.in_proj_bias  # q, k and v packed in one matrix, as torch.export reads it
+        sig = make_signature(shape=tuple(w.shape), bias=bias is not None, layout="out_in", dtype=str(w.dtype))
+        kind, path = "linear", f"{path}.in_proj"
     else:
         return None
     names = (canonical[id(w)],) + ((canonical[id(bias)],) if bias is not None else ())
@@ -168,11 +179,16 @@ def _module_site(path: str, mod: nn.Module, canonical: dict[int, str]) -> tuple[
 
 
 def _layer_path(path: str) -> str:
-    """The layer an attribute path names: ``blk.weight`` is ``blk``; any other
-    attribute (``blk.w1``, ``attn.in_proj_weight``) is a layer of its own, so two
-    weights of one module never share a name or a role."""
+    """The layer an attribute path names: ``blk.weight`` is ``blk``; ``attn.in_proj_weight``
+    is ``attn.in_proj`` (as the module frontend names it); any other attribute
+    (``blk.w1``) is a layer of its own, so two weights of one module never share
+    a name or a role."""
     parent, _, attr = path.rpartition(".")
-    return parent if attr == "weight" and parent else path
+    if attr == "weight" and parent:
+        return parent
+    if attr.endswith("_weight") and parent:
+        return f"{parent}.{attr[: -len('_weight')]}"
+    return path
 
 
 def _owner(node: fx.Node, target: str, paths: list[str]) -> str:
@@ -347,23 +363,17 @@ def find_sites(module: nn.Module) -> FxSites:
     if isinstance(module, fx.GraphModule):
         finder = _Finder(module, canonical)
         for node in module.graph.nodes:
-            if node.op == "call_module":
+            if node.op == "call_module":  # a layer, or a leaf module holding layers (nn.MultiheadAttention)
                 called = module.get_submodule(node.target)
-                hit = _module_site(node.target, called, canonical)
-                if not hit:  # a leaf module holding layers (nn.MultiheadAttention, nn.TransformerEncoderLayer)
-                    for path, sub in called.named_modules(prefix=node.target):
-                        inner = _module_site(path, sub, canonical) if path != node.target else None
-                        if inner:
-                            add(*inner, where=node.name)
+                for path, sub in called.named_modules(prefix=node.target):
+                    inner = _module_site(path, sub, canonical)
+                    if inner:
+                        add(*inner, where=node.name)
             elif node.op == "call_function":
                 hit = finder.function_site(node, tensors)
                 if hit:  # name the layer as the module frontend does
                     kind, sig, target, names = hit
-                    hit = kind, sig, _owner(node, target, holders[names[0]]), names
-            else:
-                continue
-            if hit:
-                add(*hit, where=node.name)
+                    add(kind, sig, _owner(node, target, holders[names[0]]), names, where=node.name)
     else:
         for path, mod in module.named_modules():
             hit = _module_site(path, mod, canonical)
@@ -375,4 +385,4 @@ def find_sites(module: nn.Module) -> FxSites:
         name = s.name if s.name not in seen else f"{s.name}#{len(seen)}"
         seen.add(name)
         sites.append(Site(name, s.kind, s.role, s.signature, s.tensors, s.numel, ",".join(nodes[weight])))
-    return FxSites(sites, tensors, holders)
+    return FxSites(sites, tensors, holders, units=find_units(sites))

@@ -31,10 +31,17 @@ def _from_node_name(node: ir.Node) -> str | None:
 
 
 def _from_initializer(weight: ir.Value) -> str | None:
+    """``a.b.weight`` is layer ``a.b``; ``attn.in_proj_weight`` is ``attn.in_proj`` (as
+    the FX frontend names them); any other parameter name is a layer of its own."""
     name = weight.name or ""
     if not weight.is_initializer() or not _PARAM_PATH.match(name):
         return None
-    return name.rpartition(".")[0]
+    parent, _, attr = name.rpartition(".")
+    if attr == "weight":
+        return parent
+    if attr.endswith("_weight"):
+        return f"{parent}.{attr[: -len('_weight')]}"
+    return name
 
 
 def _from_namespace(node: ir.Node) -> str | None:

@@ -116,7 +116,7 @@ def _plan(found: OnnxSites, config: FusionConfig, params: int, plan: FusionPlan 
     if plan is not None:
         check_plan(plan, found.by_name())
         return plan
-    return plan_fusion(found.sites, found.load, config, params, progress=progress)
+    return plan_fusion(found.plannable, found.load, config, params, progress=progress)
 
 
 def analyze_onnx(path: str | Path, config: FusionConfig | Mapping[str, Any] | str | Path | None = None,
@@ -133,7 +133,7 @@ def analyze_onnx(path: str | Path, config: FusionConfig | Mapping[str, Any] | st
     data_files = external_files(model).values()
     check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, writes or {})
     found = find_sites(model)
-    plan = plan_fusion(found.sites, found.load, config, count_params(model), progress=progress)
+    plan = plan_fusion(found.plannable, found.load, config, count_params(model), progress=progress)
     return _with_note(plan, _skip_note(found.skipped))
 
 

@@ -1,9 +1,9 @@
 """Apply a fusion plan to an ONNX graph (onnx-ir), in place.
 
-For each group, member 0 is the anchor. Per slot (weight, then bias) the
-members' tensors are merged with the group's rule (importance = weight norm,
-``rng = default_rng([plan.seed, group_index])``, as the FX frontend does), and
-every member then reads one initializer holding the merged tensor:
+For each group, member 0 is the anchor. The core merges each slot
+(:func:`lfpass.merge.merged_slots`, as for the FX frontend); this module only
+writes the result into the graph, so every member reads one initializer
+holding the merged tensor:
 
 - weight slot: a site owns its weight, so every read of a member's weight
   (through its ``Transpose``/``Cast`` nodes too) is re-pointed to the anchor's
@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lfpass.errors import PlanError
-from lfpass.merge import bit_equal, get_rule, norms
+from lfpass.merge import bit_equal, merged_slots
 from lfpass.onnx.sites import OnnxSites
 from lfpass.plan import FusionPlan, check_plan
 
@@ -74,25 +74,14 @@ def apply_plan(model: ir.Model, found: OnnxSites, plan: FusionPlan) -> int:
     graph = model.graph
     names = _Names(model)
     dead: list[ir.Value] = []
-    for index, group in enumerate(plan.groups):
-        members = [sites[m] for m in group.members]
-        rule = get_rule(group.rule)
-        rng = np.random.default_rng([plan.seed, index])
-        weights = [found.load_exact(s.weight) for s in members]
-        importance = norms(weights)
-        for slot in range(len(members[0].tensors)):
-            holders = [found.values[s.tensors[slot]] for s in members]
-            arrays = weights if slot == 0 else [found.load_exact(s.tensors[slot]) for s in members]
-            labels = [s.name if slot == 0 else f"{s.name} (bias)" for s in members]
-            merged = rule(arrays, importance, rng, names=labels)
-            del arrays
-            weights = []
-            like = found.tensor(members[0].tensors[slot])
-            if slot == 0:
-                dead += _share_weight(graph, holders, merged, like)
-            elif any(h is not holders[0] for h in holders):
-                edges = [e for s in members for e in found.bias_edges[s.name]]
-                dead += _share_bias(graph, holders[0], edges, merged, like, names)
+    for merged in merged_slots(plan, sites, found.load_exact):
+        holders = [found.values[x.tensor] for x in merged.members]
+        like = found.tensor(merged.members[0].tensor)
+        if merged.members[0].kind == "weight":
+            dead += _share_weight(graph, holders, merged.array, like)
+        elif any(h is not holders[0] for h in holders):
+            edges = [e for x in merged.members for e in found.bias_edges[x.tensor]]
+            dead += _share_bias(graph, holders[0], edges, merged.array, like, names)
     removed = _remove_dead(graph, dead)
     log.info("applied %d groups; removed %d dead tensors and nodes", len(plan.groups), removed)
     return len(plan.groups)

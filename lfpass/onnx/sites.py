@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from lfpass.onnx.names import layer_name
 from lfpass.sites import Site, make_signature
+from lfpass.units import find_units
 
 KINDS = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv", "ConvTranspose": "conv_transpose"}
 _PASS_THROUGH = ("Identity", "Transpose", "Cast")
@@ -42,8 +43,9 @@ class OnnxSites:
 
     sites: list[Site]
     values: dict[str, ir.Value]  # tensor name -> initializer or Constant output holding it
-    bias_edges: dict[str, list[tuple[ir.Node, int]]] = field(default_factory=dict)  # site -> (node, input index)
+    bias_edges: dict[str, list[tuple[ir.Node, int]]] = field(default_factory=dict)  # bias tensor -> its readers
     skipped: list[str] = field(default_factory=list)  # "node: why", for --explain
+    units: list[Site] = field(default_factory=list)  # attention / MLP units over the layer sites
 
     def tensor(self, name: str) -> ir.TensorProtocol:
         return _tensor_of(self.values[name])
@@ -58,8 +60,13 @@ class OnnxSites:
         """A tensor's values in its own dtype (bfloat16 as ``ml_dtypes.bfloat16``), for merging."""
         return self.tensor(name).numpy()
 
+    @property
+    def plannable(self) -> list[Site]:
+        """The layers, then the units over them: what the planner chooses from."""
+        return [*self.sites, *self.units]
+
     def by_name(self) -> dict[str, Site]:
-        return {s.name: s for s in self.sites}
+        return {s.name: s for s in self.plannable}
 
 
 Constant = tuple[ir.Value, tuple[str, ...]]  # the value holding the tensor, and the ops between it and the node
@@ -260,8 +267,9 @@ def find_sites(model: ir.Model) -> OnnxSites:
         numel = sum(_tensor_of(h).size for h in holders)
         tensors = tuple(h.name for h in holders)
         sites.append(Site(name, entry["kind"], entry["role"], entry["sig"], tensors, numel, ",".join(entry["nodes"])))
-        bias_edges[name] = entry["edges"]
-    return OnnxSites(sites, values, bias_edges, skipped)
+        if entry["bias"] is not None:
+            bias_edges[entry["bias"].name] = entry["edges"]
+    return OnnxSites(sites, values, bias_edges, skipped, units=find_units(sites))
 
 
 def _unshare_biases(found: dict[str, dict[str, Any]]) -> None:

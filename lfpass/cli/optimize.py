@@ -12,27 +12,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from lfpass.cli import EXIT_OK, EXIT_VALIDATION, add_config_options, config_from_args
+from lfpass.cli.options import (
+    EXIT_OK,
+    EXIT_VALIDATION,
+    add_config_options,
+    add_validation_options,
+    config_from_args,
+    with_tolerances,
+)
+from lfpass.cli.output import MAX_OUTPUT_LINES, note, output_line, table
 from lfpass.config import FusionConfig
 from lfpass.errors import ConfigError, InputError, ValidationFailed
 from lfpass.fileio import check_paths, write_text
-
-if TYPE_CHECKING:
-    from lfpass.onnx.optimize import OptimizeResult
-    from lfpass.onnx.validate import OutputStats
-
-_MAX_OUTPUT_LINES = 8
-
-
-def _add_validation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--atol", type=float, help="absolute tolerance (default 1e-3, or the pipeline's)")
-    p.add_argument("--rtol", type=float, help="relative tolerance (default 1e-2, or the pipeline's)")
-    p.add_argument("--inputs", type=Path, help="an .npz of input arrays named after the model's inputs")
-    p.add_argument("--input-shape", action="append", metavar="NAME:DIMxDIM",
-                   help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)")
-    p.add_argument("--samples", type=int, default=2, help="generated input batches to compare (default 2)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,35 +41,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the onnxruntime comparison")
     p.add_argument("--external-data", action="store_true", default=None,
                    help="store tensors in NAME.onnx.data (default: as the input does, or past 2 GB)")
-    _add_validation_options(p)
-    p.set_defaults(func=_cmd_optimize)
+    add_validation_options(p)
+    p.set_defaults(func=run_optimize)
 
     p = sub.add_parser("validate", help="compare two ONNX models' outputs in onnxruntime (optimisations off)")
     p.add_argument("reference", type=Path, help="the original model")
     p.add_argument("candidate", type=Path, help="the model to check against it")
     p.add_argument("--report", type=Path, help="write the comparison as JSON")
-    _add_validation_options(p)
-    p.set_defaults(func=_cmd_validate)
+    add_validation_options(p)
+    p.set_defaults(func=run_validate)
 
 
-def _tolerances(config: FusionConfig, args: argparse.Namespace) -> FusionConfig:
-    given = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
-    return config.replace(**given)
+def _check_samples(args: argparse.Namespace) -> None:
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
 
 
-def _note(text: str) -> None:
-    for line in text.splitlines():
-        if line.strip():
-            print(f"lfpass: {line}", file=sys.stderr)
-
-
-def _cmd_optimize(args: argparse.Namespace) -> int:
+def run_optimize(args: argparse.Namespace) -> int:
     from lfpass.onnx.inputs import parse_input_shapes
     from lfpass.onnx.optimize import optimize
 
-    if args.samples < 1:
-        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
-    config = _tolerances(config_from_args(args), args)
+    _check_samples(args)
+    config = with_tolerances(config_from_args(args), args)
     try:
         result = optimize(
             args.model, args.output, config, args.plan, dry_run=args.dry_run, check=args.validate,
@@ -96,7 +81,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.explain:
         print(result.plan.explain())
     if result.message:
-        _note(result.message)
+        note(result.message)
     if args.report:
         write_text(args.report, json.dumps(result.to_dict(), indent=2))
     if result.validation is not None and not result.validation.passed:
@@ -105,44 +90,13 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def table(result: OptimizeResult) -> str:
-    """The short summary ``optimize`` prints."""
-    after = "after (predicted)" if result.dry_run or not result.written else "after"
-    lines = [
-        f"{'':<11}{'before':>16}{after:>20}{'ratio':>9}",
-        f"{'params':<11}{result.params_before:>16,}{result.params_after:>20,}{result.ratio:>9.3f}",
-        f"{'bytes':<11}{result.bytes_before:>16,}{result.bytes_after:>20,}{result.bytes_ratio:>9.3f}",
-        f"{'groups':<11}{len(result.plan.groups):>16}   predicted {result.plan.model_ratio:.3f} over the model, "
-        f"{result.plan.layer_ratio:.3f} over the layers "
-        f"(ceiling {result.plan.max_ratio:.3f} over the {result.plan.scope})",
-    ]
-    if result.validation is not None:
-        lines.append(f"{'validation':<11}{result.validation.summary()}")
-        if len(result.validation.outputs) <= _MAX_OUTPUT_LINES:
-            lines += [f"  {_output_line(o)}" for o in result.validation.outputs]
-    elif result.written:
-        lines.append(f"{'validation':<11}skipped")
-    lines.append(f"{'output':<11}{result.output if result.written else 'nothing written'}")
-    return "\n".join(lines)
-
-
-def _output_line(o: OutputStats) -> str:
-    if o.reason:
-        return f"{o.name}: {o.reason}  [outside tolerance]"
-    text = f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, cosine {o.cosine:.6f}"
-    if o.top1 is not None:
-        text += f", top-1 {100 * o.top1:.1f}%"
-    return text + ("" if o.passed else "  [outside tolerance]")
-
-
-def _cmd_validate(args: argparse.Namespace) -> int:
+def run_validate(args: argparse.Namespace) -> int:
     from lfpass.onnx import inputs as onnx_inputs
     from lfpass.onnx.load import check_input_file, external_files, load_model
     from lfpass.onnx.validate import score_outputs, validate
 
-    if args.samples < 1:
-        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
-    config = _tolerances(FusionConfig(), args)
+    _check_samples(args)
+    config = with_tolerances(FusionConfig(), args)
     check_input_file(args.reference)
     check_input_file(args.candidate)
     reads = {"the reference": args.reference, "the candidate": args.candidate, "--inputs": args.inputs}
@@ -157,15 +111,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     feeds = (onnx_inputs.load_npz(args.inputs, reference) if args.inputs is not None
              else onnx_inputs.generate(reference, onnx_inputs.parse_input_shapes(args.input_shape), args.samples))
     scores = score_outputs(reference)
-    note = onnx_inputs.random_input_note(reference, args.inputs is None)
+    random_note = onnx_inputs.random_input_note(reference, args.inputs is None)
     del reference, candidate
     result = validate(args.reference, args.candidate, feeds, config.atol, config.rtol, scores,
                       progress=sys.stderr.isatty())
     print(f"{'validation':<11}{result.summary()}")
-    lines = [f"  {_output_line(o)}" for o in result.outputs]
-    print("\n".join(lines[:_MAX_OUTPUT_LINES * 4]))
-    if note:
-        _note(note)
+    lines = [f"  {output_line(o)}" for o in result.outputs]
+    print("\n".join(lines[:MAX_OUTPUT_LINES * 4]))
+    if random_note:
+        note(random_note)
     if args.report:
         write_text(args.report, json.dumps(result.to_dict(), indent=2))
     return EXIT_OK if result.passed else EXIT_VALIDATION

@@ -22,6 +22,7 @@ from torch import nn
 
 from lfpass.config import FusionConfig
 from lfpass.data import Split
+from lfpass.demo.tables import render_table
 from lfpass.fileio import atomic_path
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ def _torch_logits(model: nn.Module, data: Split) -> np.ndarray:
         return model.eval()(data.x_test).numpy()
 
 
-def format_onnx_table(rows: list[dict[str, Any]], render) -> str:
+def format_onnx_table(rows: list[dict[str, Any]]) -> str:
+    """The ONNX rows as a table, with the line ``lfpass optimize``'s validation printed."""
     head = ("ONNX file (onnxruntime, all test digits)", "KB", "size ratio", "accuracy",
             "top-1 = original", "max |logit diff| vs PyTorch")
     base = rows[0]["bytes"]
@@ -111,7 +113,7 @@ def format_onnx_table(rows: list[dict[str, Any]], render) -> str:
         )
         for r in rows
     ]
-    text = render("the deployment path: ONNX files checked in onnxruntime", head, cells)
+    text = render_table("the deployment path: ONNX files checked in onnxruntime", head, cells)
     if rows[1].get("validation"):
         text += f"lfpass optimize validation on {VALIDATION_DIGITS} digits: {rows[1]['validation']}\n"
     return text

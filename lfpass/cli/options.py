@@ -1,0 +1,66 @@
+"""What every ``lfpass`` subcommand shares: exit codes, the options that build a
+:class:`~lfpass.config.FusionConfig`, and the validation options.
+
+Options live in one config object: the flags here only override the fields of
+a ``passes/*.toml`` pipeline (or the defaults), so the CLI, the Python API and
+the pipelines cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lfpass.config import FusionConfig, from_mapping, load_pipeline
+
+EXIT_OK, EXIT_VALIDATION, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """The options that build a FusionConfig; shared by every subcommand that plans."""
+    p.add_argument("--pipeline", type=Path, help="a passes/*.toml pipeline (flags given here override it)")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--ratio", type=float, help="target compression ratio (unique params before / after)")
+    goal.add_argument("--threshold", type=float, help="fuse every pair at least this similar instead")
+    p.add_argument("--metric", help="cosine | cov | euclidean | wasserstein | kl")
+    p.add_argument("--merge", help="mean | weighted | keep | mix")
+    p.add_argument("--scope", choices=("model", "layers"), help="what the ratio is measured over")
+    p.add_argument("--cross-role", action="store_true", default=None, help="let same-shaped layers of any role share")
+    p.add_argument("--max-group-size", type=int, help="at most this many layers share one tensor")
+    p.add_argument("--max-overshoot", type=float, help="the ratio may land at most this far past --ratio")
+    p.add_argument("--seed", type=int)
+
+
+def config_from_args(args: argparse.Namespace) -> FusionConfig:
+    """The pipeline's config (or the defaults) with every flag given on the command line applied."""
+    base = load_pipeline(args.pipeline) if args.pipeline else FusionConfig()
+    data = base.to_dict()
+    if args.threshold is not None:
+        data.update(threshold=args.threshold, target_ratio=None)
+    if args.ratio is not None:
+        data.update(target_ratio=args.ratio)
+    for key, value in (
+        ("metric", args.metric), ("merge", args.merge), ("ratio_scope", args.scope),
+        ("cross_role", args.cross_role), ("max_group_size", args.max_group_size), ("seed", args.seed),
+        ("max_overshoot", args.max_overshoot),
+    ):
+        if value is not None:
+            data[key] = value
+    return from_mapping(data, source="options")
+
+
+def add_validation_options(p: argparse.ArgumentParser) -> None:
+    """The options of the onnxruntime comparison; shared by ``optimize`` and ``validate``."""
+    p.add_argument("--atol", type=float, help="absolute tolerance (default 1e-3, or the pipeline's)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default 1e-2, or the pipeline's)")
+    p.add_argument("--inputs", type=Path, help="an .npz of input arrays named after the model's inputs")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMxDIM",
+                   help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)")
+    p.add_argument("--samples", type=int, default=2, help="generated input batches to compare (default 2)")
+
+
+def with_tolerances(config: FusionConfig, args: argparse.Namespace) -> FusionConfig:
+    """``config`` with ``--atol`` / ``--rtol`` applied where given."""
+    given = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
+    return config.replace(**given)

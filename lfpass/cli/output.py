@@ -1,0 +1,51 @@
+"""What the ONNX subcommands print: the ``optimize`` summary table, one line per
+compared output, and notes (one ``lfpass:`` line each on stderr)."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lfpass.onnx.optimize import OptimizeResult
+    from lfpass.onnx.validate import OutputStats
+
+MAX_OUTPUT_LINES = 8
+
+
+def note(text: str) -> None:
+    """Each non-blank line of ``text`` on stderr, prefixed ``lfpass:``."""
+    for line in text.splitlines():
+        if line.strip():
+            print(f"lfpass: {line}", file=sys.stderr)
+
+
+def table(result: OptimizeResult) -> str:
+    """The short summary ``optimize`` prints."""
+    after = "after (predicted)" if result.dry_run or not result.written else "after"
+    lines = [
+        f"{'':<11}{'before':>16}{after:>20}{'ratio':>9}",
+        f"{'params':<11}{result.params_before:>16,}{result.params_after:>20,}{result.ratio:>9.3f}",
+        f"{'bytes':<11}{result.bytes_before:>16,}{result.bytes_after:>20,}{result.bytes_ratio:>9.3f}",
+        f"{'groups':<11}{len(result.plan.groups):>16}   predicted {result.plan.model_ratio:.3f} over the model, "
+        f"{result.plan.layer_ratio:.3f} over the layers "
+        f"(ceiling {result.plan.max_ratio:.3f} over the {result.plan.scope})",
+    ]
+    if result.validation is not None:
+        lines.append(f"{'validation':<11}{result.validation.summary()}")
+        if len(result.validation.outputs) <= MAX_OUTPUT_LINES:
+            lines += [f"  {output_line(o)}" for o in result.validation.outputs]
+    elif result.written:
+        lines.append(f"{'validation':<11}skipped")
+    lines.append(f"{'output':<11}{result.output if result.written else 'nothing written'}")
+    return "\n".join(lines)
+
+
+def output_line(o: OutputStats) -> str:
+    """One compared output: its errors, or why it could not be compared."""
+    if o.reason:
+        return f"{o.name}: {o.reason}  [outside tolerance]"
+    text = f"{o.name}: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}, cosine {o.cosine:.6f}"
+    if o.top1 is not None:
+        text += f", top-1 {100 * o.top1:.1f}%"
+    return text + ("" if o.passed else "  [outside tolerance]")
