@@ -1,4 +1,6 @@
+import dataclasses
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -7,12 +9,33 @@ from lfpass.config import FusionConfig, from_mapping, load_pipeline
 from lfpass.errors import ConfigError
 
 PASSES = Path(__file__).resolve().parent.parent / "passes"
+SHIPPED = sorted(PASSES.glob("*.toml"))
+OPTIONAL = {"target_ratio", "threshold", "max_group_size", "max_overshoot"}  # TOML writes "none" for unset
 
 
-@pytest.mark.parametrize("path", sorted(PASSES.glob("*.toml")), ids=lambda p: p.name)
+def test_pipelines_are_shipped():
+    assert {p.stem for p in SHIPPED} >= {"default", "lossless", "paper"}
+
+
+def _as_config_value(key, value):
+    """A TOML value as FusionConfig holds it: "none" (or false) unsets an optional field; lists are tuples."""
+    if key in OPTIONAL and (value is False or value == "none"):  # not `in`: 0 == False
+        return None
+    return tuple(value) if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_pipelines_load(path):
+    """Each key the file sets is the loaded config's value (the file read here with
+    tomllib, not through the loader); each field it leaves out keeps its default."""
+    data = tomllib.loads(path.read_text())
+    assert str(data.pop("description", "")).strip(), f"{path.name} has no description"
     config = load_pipeline(path)
-    assert config.name == path.stem
+    assert config.name == data.pop("name", path.stem)
+    expected = {key: _as_config_value(key, value) for key, value in data.items()}
+    assert {key: getattr(config, key) for key in expected} == expected
+    defaults = {f.name: f.default for f in dataclasses.fields(FusionConfig) if f.name not in {*expected, "name"}}
+    assert {key: getattr(config, key) for key in defaults} == defaults
 
 
 def test_paper_pipeline_is_the_papers_recipe():

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -73,11 +74,19 @@ def test_layers_scope(world):
     assert plan.layer_ratio >= 2 and plan.model_ratio < 1.01
 
 
-def test_max_group_size(world):
+@pytest.mark.parametrize("cap, groups", [(2, [("a", "b"), ("c", "d")]), (3, [("a", "b", "c")])])
+def test_max_group_size(world, cap, groups):
+    """An unreachable target with a cap: the class of four packs into groups of at most ``cap``."""
     sites, tensors = world
-    plan = plan_fusion(sites, tensors.__getitem__, FusionConfig(target_ratio=50, max_group_size=2), 80)
-    assert all(len(g.members) <= 2 for g in plan.groups)
-    assert "max_group_size" in plan.explain() or len(plan.groups) == 2
+    plan = plan_fusion(sites, tensors.__getitem__, FusionConfig(target_ratio=50, max_group_size=cap), 80)
+    assert [g.members for g in plan.groups] == groups
+    assert plan.params_after == 80 - 16 * sum(len(g) - 1 for g in groups) == 48
+    assert plan.max_ratio == pytest.approx(80 / 48)  # under the cap, no plan fuses more
+    fused = {frozenset(g) for g in groups}
+    pairs = [m for m in map(_LINE.match, plan.explain().splitlines()) if m]
+    apart = [m["why"] for m in pairs if not any({m["a"], m["b"]} <= g for g in fused)]
+    assert len(pairs) == 6 and len(apart) == 6 - sum(len(g) * (len(g) - 1) // 2 for g in groups)
+    assert set(apart) == {f"kept apart: joined groups would exceed max_group_size {cap}"}
 
 
 def test_different_signatures_never_share(world):
@@ -117,10 +126,61 @@ def test_bad_plan_json():
         FusionPlan.from_json("[1, 2")
 
 
-def test_explain_gives_a_reason_for_every_pair(world):
+_LINE = re.compile(r"^  (?P<score>[+-]\d\.\d{4})  (?P<a>\S+) ~ (?P<b>\S+): (?P<why>.*)$")
+
+
+def _check_reason(plan: FusionPlan, a: str, b: str, score: float, why: str) -> None:
+    """``why`` is true of the plan: the pair's groups, scores and the plan's limits say so."""
+    where = plan.group_of()
+    if m := re.fullmatch(r"fused: group (\d+)", why):
+        assert {a, b} <= set(plan.groups[int(m[1])].members)
+        return
+    assert where.get(a, a) != where.get(b, b), "a pair kept apart is in one group"
+    ga = plan.groups[where[a]].members if a in where else (a,)
+    gb = plan.groups[where[b]].members if b in where else (b,)
+    scores = {frozenset((c.a, c.b)): c.score for c in plan.candidates}
+    if m := re.fullmatch(r"kept apart: joined groups would exceed max_group_size (\d+)", why):
+        assert int(m[1]) == plan.max_group_size < len(ga) + len(gb)
+    elif m := re.fullmatch(r"kept apart: below threshold (\S+)", why):
+        assert len(ga) == len(gb) == 1 and float(m[1]) == plan.threshold and score < plan.threshold
+    elif m := re.fullmatch(r"kept apart: its groups' average similarity (\S+) is below threshold (\S+)", why):
+        link = np.mean([scores[frozenset((x, y))] for x in ga for y in gb])
+        assert float(m[1]) == pytest.approx(link, abs=5e-5) and float(m[2]) == plan.threshold and link < plan.threshold
+    elif why == "kept apart: target reached before this pair":
+        assert plan.target_ratio is not None and plan.ratio >= plan.target_ratio
+    elif m := re.fullmatch(r"kept apart: merging would take the ratio past target \+ max_overshoot \((\S+)\)", why):
+        limit = plan.target_ratio + plan.max_overshoot
+        assert float(m[1]) == pytest.approx(limit, abs=5e-4)
+        one_more = plan.params_before / (plan.params_after - 16)  # each merge here saves one 4x4 weight
+        assert one_more > limit
+    else:
+        pytest.fail(f"unexpected reason for {a} ~ {b}: {why}")
+
+
+@pytest.mark.parametrize(
+    "config, fused, reasons",
+    [
+        (FusionConfig(target_ratio=1.01), [("a", "b")], {"target reached"}),
+        (FusionConfig(threshold=0.999, target_ratio=None), [("a", "b")], {"below threshold", "average similarity"}),
+        (FusionConfig(target_ratio=50, max_group_size=2), [("a", "b"), ("c", "d")], {"max_group_size"}),
+        (FusionConfig(threshold=0.999, target_ratio=None, max_group_size=3), [("a", "b")], {"average similarity"}),
+        (FusionConfig(target_ratio=50, threshold=0.0), [("a", "b", "c")], {"average similarity"}),
+        (FusionConfig(target_ratio=1.9, max_overshoot=0.0), [("a", "b", "c")], {"max_overshoot"}),
+    ],
+    ids=["target", "threshold", "max_group_size", "threshold, at the cap", "target+threshold", "max_overshoot"],
+)
+def test_explain_gives_the_true_reason_for_every_pair(world, config, fused, reasons):
     sites, tensors = world
-    plan = plan_fusion(sites, tensors.__getitem__, FusionConfig(target_ratio=1.01), 80)
-    lines = plan.explain().splitlines()[1:]
-    assert len(lines) == len(plan.candidates) == 6
-    assert any("fused: group 0" in l for l in lines)
-    assert sum("kept apart" in l for l in lines) == 5
+    plan = plan_fusion(sites, tensors.__getitem__, config, 80)
+    assert [g.members for g in plan.groups] == fused
+    lines = [_LINE.match(line) for line in plan.explain().splitlines()[1:] if line.startswith("  ")]
+    assert all(lines)
+    assert sorted(sorted((m["a"], m["b"])) for m in lines) == sorted(sorted((c.a, c.b)) for c in plan.candidates)
+    assert len(lines) == 6  # the pairs of a, b, c, d (x is alone in its role)
+    scores = {frozenset((c.a, c.b)): c.score for c in plan.candidates}
+    for m in lines:
+        score = scores[frozenset((m["a"], m["b"]))]
+        assert float(m["score"]) == pytest.approx(score, abs=5e-5)
+        _check_reason(plan, m["a"], m["b"], score, m["why"])
+    stated = {m["why"] for m in lines if m["why"].startswith("kept apart")}
+    assert all(any(r in why for why in stated) for r in reasons)  # the case reaches the reason it is for

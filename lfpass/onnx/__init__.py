@@ -5,12 +5,14 @@ package only reads graphs (onnx-ir, external data left on disk), re-points
 node inputs to shared initializers, and checks the result in onnxruntime.
 """
 
+from lfpass.onnx.fusion_pass import LayerFusionPass
 from lfpass.onnx.optimize import OptimizeResult, analyze_onnx, default_output, optimize
 from lfpass.onnx.rewrite import apply_plan
 from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.onnx.validate import Validation, validate
 
 __all__ = [
+    "LayerFusionPass",
     "OnnxSites",
     "OptimizeResult",
     "Validation",

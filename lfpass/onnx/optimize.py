@@ -21,12 +21,11 @@ from lfpass.errors import ConfigError, InputError, OutputError, PlanError, Valid
 from lfpass.fileio import check_paths
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
-from lfpass.onnx.rewrite import apply_plan
+from lfpass.onnx.fusion_pass import LayerFusionPass
 from lfpass.onnx.save import needs_external, staged, write
-from lfpass.onnx.sites import OnnxSites, find_sites
+from lfpass.onnx.sites import OnnxSites
 from lfpass.onnx.validate import Validation, score_outputs, validate
-from lfpass.plan import FusionPlan, check_plan
-from lfpass.planner import plan_fusion
+from lfpass.plan import FusionPlan
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +111,6 @@ def _with_note(plan: FusionPlan, note: str) -> FusionPlan:
     return replace(plan, message="\n".join(m for m in (plan.message, note) if m)) if note else plan
 
 
-def _plan(found: OnnxSites, config: FusionConfig, params: int, plan: FusionPlan | None, progress: bool) -> FusionPlan:
-    if plan is not None:
-        check_plan(plan, found.by_name())
-        return plan
-    return plan_fusion(found.plannable, found.load, config, params, progress=progress)
-
-
 def analyze_onnx(path: str | Path, config: FusionConfig | Mapping[str, Any] | str | Path | None = None,
                  progress: bool = False, writes: Mapping[str, Path | None] | None = None) -> FusionPlan:
     """Plan layer fusion for the ONNX model at ``path``; reads the file, writes nothing.
@@ -132,9 +124,9 @@ def analyze_onnx(path: str | Path, config: FusionConfig | Mapping[str, Any] | st
     model = read_model(path)[0]
     data_files = external_files(model).values()
     check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, writes or {})
-    found = find_sites(model)
-    plan = plan_fusion(found.plannable, found.load, config, count_params(model), progress=progress)
-    return _with_note(plan, _skip_note(found.skipped))
+    fusion = LayerFusionPass(config, progress=progress)
+    plan = fusion.plan_for(model)
+    return _with_note(plan, _skip_note(fusion.sites.skipped))
 
 
 def _nothing(plan: FusionPlan, found: OnnxSites) -> str:
@@ -225,10 +217,10 @@ def optimize(
     model, value_info = read_model(path)
     data_files = list(external_files(model).values())
     check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, write_paths)
-    found = find_sites(model)
-    loaded = time.perf_counter() - clock
-    clock = time.perf_counter()
-    result = _planned(path, model, found, data_files, config, plan, dry_run, progress)
+    loaded, clock = time.perf_counter() - clock, time.perf_counter()
+    fusion = LayerFusionPass(config, plan, progress=progress)
+    plan = fusion.plan_for(model)
+    result = _planned(path, fusion.sites, data_files, plan, dry_run)
     result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
     if not result.plan.groups or dry_run:
         return result
@@ -238,7 +230,7 @@ def optimize(
         result.message = "\n".join(m for m in (result.message, note) if m)
     scores = score_outputs(model)
     clock = time.perf_counter()
-    apply_plan(model, found, result.plan)
+    fusion(model)
     result.params_after = count_params(model)
     result.seconds["rewrite"] = time.perf_counter() - clock
     external = external_data if external_data is not None else bool(data_files) or needs_external(model)
@@ -248,7 +240,7 @@ def optimize(
     clock = time.perf_counter()
     with staged(output, external, keep) as where:
         write(model, where, value_info)
-        del model, found  # onnxruntime loads the files; free the graph before it does
+        del model, fusion  # onnxruntime loads the files; free the graph before it does
         result.seconds["write"] = time.perf_counter() - clock
         result.bytes_after = disk_bytes(where.model, [where.data] if where.data else [])
         if check:
@@ -259,15 +251,12 @@ def optimize(
     return result
 
 
-def _planned(path: Path, model: ir.Model, found: OnnxSites, data_files: list[Path], config: FusionConfig,
-             plan: FusionPlan | None, dry_run: bool, progress: bool) -> OptimizeResult:
-    """The plan and the figures it predicts, before anything is rewritten."""
-    params_before = count_params(model)
+def _planned(path: Path, found: OnnxSites, data_files: list[Path], plan: FusionPlan, dry_run: bool) -> OptimizeResult:
+    """The figures ``plan`` predicts, before anything is rewritten."""
     bytes_before = disk_bytes(path, data_files)
-    plan = _plan(found, config, params_before, plan, progress)
     message = plan.message if plan.groups else _nothing(plan, found)
     plan = _with_note(plan, _skip_note(found.skipped))
-    return OptimizeResult(path, None, plan, params_before, plan.params_after, bytes_before,
+    return OptimizeResult(path, None, plan, plan.params_before, plan.params_after, bytes_before,
                           bytes_before - _predicted_bytes(found, plan), skipped=list(found.skipped),
                           dry_run=dry_run, message=message)
 
