@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "analyze": "lfpass.api",
     "apply": "lfpass.api",
+    "export": "lfpass.onnx_export",
     "fuse": "lfpass.api",
     "unique_parameters": "lfpass.api",
     "FusionConfig": "lfpass.config",
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from lfpass.errors import ConfigError, InputError, LfpassError, PlanError, TraceError, ValidationFailed
     from lfpass.fx.trace import trace
     from lfpass.onnx import analyze_onnx, optimize
+    from lfpass.onnx_export import export
     from lfpass.passes import LayerFusionPass
     from lfpass.plan import FusionGroup, FusionPlan
     from lfpass.sites import Site

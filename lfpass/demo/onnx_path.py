@@ -4,15 +4,14 @@ Two routes to a smaller ONNX file:
 
 - ``lfpass optimize`` on the exported original (no training code needed): the
   file shrinks by the shared bytes and onnxruntime says how far outputs moved;
-- export of the model fused and retrained in PyTorch: the ties survive export,
-  so the file shrinks as much as the unique parameters did, at the retrained
-  accuracy.
+- export of the model fused and retrained in PyTorch (:func:`lfpass.export`):
+  the ties survive export, so the file shrinks as much as the unique
+  parameters did, at the retrained accuracy.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +22,19 @@ from torch import nn
 from lfpass.config import FusionConfig
 from lfpass.data import Split
 from lfpass.demo.tables import render_table
+from lfpass.onnx_export import export as export_onnx
 from lfpass.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
 INPUT, OUTPUT = "x", "logits"
 VALIDATION_DIGITS = 200
+EXAMPLE_DIGITS = 32  # the batch lfpass.export traces and checks in onnxruntime
 
 
 def export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """Export ``model`` to ONNX (opset 17, dynamic batch), written atomically."""
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            # PRESERVE (of an eval-mode model) exports inference ops but skips the
-            # eval peephole that folds each BatchNorm into its conv, which would
-            # give every fused conv a different folded weight and undo the sharing.
-            model.eval(), (example,), str(tmp), dynamo=False, opset_version=17,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            input_names=[INPUT], output_names=[OUTPUT],
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-        )
+    """Export ``model`` to ONNX (dynamic batch), each shared tensor stored once, checked in onnxruntime."""
+    export_onnx(model, example, path, dynamic_shapes=({0: "batch"},), input_names=[INPUT], output_names=[OUTPUT])
     return path
 
 
@@ -66,13 +57,13 @@ def onnx_rows(
     y = data.y_test.numpy()
     with torch.no_grad():
         torch_fused = fused.eval()(data.x_test).numpy()
-    original = export(model, data.x_test[:1], out_dir / "cnn.onnx")
+    original = export(model, data.x_test[:EXAMPLE_DIGITS], out_dir / "cnn.onnx")
     digits = out_dir / "digits.npz"
     with atomic_path(digits) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **{INPUT: x[:VALIDATION_DIGITS]})
     optimized = optimize(original, out_dir / "cnn.fused.onnx", FusionConfig(target_ratio=optimize_ratio), inputs=digits)
-    retrained = export(fused, data.x_test[:1], out_dir / f"cnn.retrained_r{ratio:g}.onnx")
+    retrained = export(fused, data.x_test[:EXAMPLE_DIGITS], out_dir / f"cnn.retrained_r{ratio:g}.onnx")
 
     base_logits = run_onnx(original, x)
     rows = []

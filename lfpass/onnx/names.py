@@ -47,11 +47,13 @@ def _from_initializer(weight: ir.Value) -> str | None:
 def _from_namespace(node: ir.Node) -> str | None:
     """The innermost module path in the dynamo exporter's ``namespace`` property."""
     namespace = node.metadata_props.get("namespace", "")
-    path = None
+    path, kind = None, ""
     for segment in namespace.split("/"):
         where, _, cls = segment.partition(": ")
         if where and cls and not _OP_CLASS.match(cls.strip()):
-            path = where.strip()
+            path, kind = where.strip(), cls.strip()
+    if path and kind.endswith("MultiheadAttention"):  # its own projection is the packed in_proj (as FX names it)
+        return f"{path}.in_proj"
     return path or None
 
 

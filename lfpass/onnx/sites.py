@@ -16,6 +16,14 @@ exactly as they are) and weights that are graph outputs. Only float16,
 bfloat16, float32 and float64 tensors are merged (exactly, in their own
 dtype): a layer whose weight or bias is an integer, bool or float8 tensor is
 skipped, with its reason.
+
+A ``com.microsoft`` ``Attention`` node is a linear layer too: its constant
+``weights`` input (``[hidden, 3 * hidden]``, q, k and v packed) with its
+``bias`` is the input projection, and its signature holds ``op`` and the
+node's attributes (``num_heads`` ...), so it shares only with its like.
+``com.microsoft`` ``MultiHeadAttention`` (and ONNX's own ``Attention``) takes
+q, k and v already projected (activations, not weights): its projections are
+the ``MatMul`` sites before it, and the node itself is no site.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ from lfpass.sites import Site, make_signature
 from lfpass.units import find_units
 
 KINDS = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv", "ConvTranspose": "conv_transpose"}
+_PACKED_ATTENTION = ("com.microsoft", "Attention")  # weights = input 1 (q, k, v packed), bias = input 2
+_PACKED_ATTENTION_DEFAULTS = {"unidirectional": 0, "qkv_hidden_sizes": (), "mask_filter_value": -10000.0,
+                              "scale": 0.0, "do_rotary": 0, "rotary_embedding_dim": 0, "past_present_share_buffer": 0}
 _PASS_THROUGH = ("Identity", "Transpose", "Cast")
 _ONNX_DOMAINS = ("", "ai.onnx")
 _MERGEABLE = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)  # as lfpass.merge
@@ -124,9 +135,20 @@ def _conv_attrs(node: ir.Node, weight_shape: tuple[int, ...]) -> dict[str, Any]:
     return attrs
 
 
+def _is_packed_attention(node: ir.Node) -> bool:
+    return (node.domain, node.op_type) == _PACKED_ATTENTION
+
+
+def _kind(node: ir.Node) -> str | None:
+    """The site kind of ``node``, or None when it is no layer."""
+    if node.domain in _ONNX_DOMAINS:
+        return KINDS.get(node.op_type)
+    return "linear" if _is_packed_attention(node) else None
+
+
 def _weight_side(node: ir.Node) -> tuple[str, Constant | str | None]:
     """Which side the weight multiplies from, and what ``_constant`` says of it."""
-    if node.op_type in ("Conv", "ConvTranspose"):
+    if node.op_type in ("Conv", "ConvTranspose") or _is_packed_attention(node):
         return "right", _constant(_input(node, 1))
     a, b = _constant(_input(node, 0)), _constant(_input(node, 1))
     if isinstance(b, tuple) and isinstance(a, tuple):
@@ -198,7 +220,7 @@ def _node_site(node: ir.Node) -> tuple[Any, ir.Value, Bias | None] | str | None:
     if not _mergeable(tensor):
         return _not_float("weight", holder.name, tensor)
     fields: dict[str, Any] = dict(shape=shape, dtype=tensor.dtype.name, side=side, via=chain)
-    bias_index = {"Gemm": 2, "Conv": 2, "ConvTranspose": 2}.get(node.op_type)
+    bias_index = 2 if node.op_type in ("Gemm", "Conv", "ConvTranspose") or _is_packed_attention(node) else None
     bias = None
     if bias_index is not None and _input(node, bias_index) is not None:
         found_bias = _constant(_input(node, bias_index), allow=("Identity",))
@@ -219,6 +241,9 @@ def _node_site(node: ir.Node) -> tuple[Any, ir.Value, Bias | None] | str | None:
         attrs = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0}
         attrs.update({k: _attr(a) for k, a in node.attributes.items()})
         fields.update(attrs)
+    elif _is_packed_attention(node):
+        attrs = {**_PACKED_ATTENTION_DEFAULTS, **{k: _attr(a) for k, a in node.attributes.items()}}
+        fields.update(attrs, op="com.microsoft.Attention")
     elif node.op_type != "MatMul":
         fields.update(_conv_attrs(node, shape))
     return make_signature(**fields), holder, bias
@@ -230,7 +255,8 @@ def find_sites(model: ir.Model) -> OnnxSites:
     found: dict[str, dict[str, Any]] = {}  # weight name -> site fields
     skipped: list[str] = []
     for node in model.graph:
-        if node.op_type not in KINDS or node.domain not in _ONNX_DOMAINS:
+        kind = _kind(node)
+        if kind is None:
             continue
         hit = _node_site(node)
         if isinstance(hit, str):
@@ -243,7 +269,7 @@ def find_sites(model: ir.Model) -> OnnxSites:
         if entry is None:
             name, role = layer_name(node, holder)
             found[holder.name] = entry = dict(
-                name=name, role=role, kind=KINDS[node.op_type], sig=sig, weight=holder, bias=bias and bias[0],
+                name=name, role=role, kind=kind, sig=sig, weight=holder, bias=bias and bias[0],
                 edges=[], nodes=[],
             )
         elif entry["sig"] != sig or entry["bias"] is not (bias[0] if bias else None):
