@@ -147,9 +147,8 @@ def from_mapping(data: Mapping[str, Any], source: str = "config") -> FusionConfi
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_pipeline(path: str | Path) -> FusionConfig:
-    """Read a ``passes/*.toml`` pipeline into a validated :class:`FusionConfig`."""
-    path = Path(path)
+def read_pipeline(path: Path) -> dict[str, Any]:
+    """A pipeline file's TOML as a dict, or one :class:`ConfigError` line saying why not."""
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder, not a pipeline file")
     try:
@@ -160,5 +159,14 @@ def load_pipeline(path: str | Path) -> FusionConfig:
         raise ConfigError(f"{path}: cannot read the pipeline ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({first_line(exc)})") from None
+    return data
+
+
+def load_pipeline(path: str | Path) -> FusionConfig:
+    """Read a ``passes/*.toml`` pipeline into a validated :class:`FusionConfig`."""
+    path = Path(path)
+    data = read_pipeline(path)
+    if isinstance(data.get("train"), dict):
+        del data["train"]  # a retraining recipe (lfpass.recipe), read by `lfpass retrain`
     data.setdefault("name", path.stem)
     return from_mapping(data, source=str(path))

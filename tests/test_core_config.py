@@ -30,6 +30,11 @@ def test_shipped_pipelines_load(path):
     tomllib, not through the loader); each field it leaves out keeps its default."""
     data = tomllib.loads(path.read_text())
     assert str(data.pop("description", "")).strip(), f"{path.name} has no description"
+    train = data.pop("train", None)
+    if train is not None:  # a retraining recipe: its [train] section loads too
+        from lfpass.recipe import load_recipe
+
+        assert load_recipe(path)[1].model == train["model"]
     config = load_pipeline(path)
     assert config.name == data.pop("name", path.stem)
     expected = {key: _as_config_value(key, value) for key, value in data.items()}

@@ -2,7 +2,7 @@
 0 done, 1 validation outside tolerance, 2 bad input or usage.
 
 One module per subcommand (``analyze``, ``optimize`` with ``validate``,
-``demo``), each with a ``register(sub)`` that adds its parser; ``options``
+``retrain``, ``demo``), each with a ``register(sub)`` that adds its parser; ``options``
 holds the options and exit codes they share, ``output`` what the ONNX
 subcommands print. The CLI only calls down into the library: no library
 module imports from here.
@@ -15,7 +15,7 @@ import logging
 import sys
 from typing import Sequence
 
-from lfpass.cli import analyze, demo, optimize
+from lfpass.cli import analyze, demo, optimize, retrain
 from lfpass.cli.options import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
 from lfpass.errors import LfpassError, first_line
 from lfpass.fileio import Terminated, cleanup_on_sigterm
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfpass", description="Compress neural networks by layer fusion.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (analyze, demo, optimize):
+    for command in (analyze, demo, optimize, retrain):
         command.register(sub)
     return parser
 

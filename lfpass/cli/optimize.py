@@ -17,11 +17,13 @@ from lfpass.cli.options import (
     EXIT_OK,
     EXIT_VALIDATION,
     add_config_options,
+    add_schedule_options,
     add_validation_options,
     config_from_args,
+    schedule_overrides,
     with_tolerances,
 )
-from lfpass.cli.output import MAX_OUTPUT_LINES, note, output_line, table
+from lfpass.cli.output import MAX_OUTPUT_LINES, history_table, note, output_line, table
 from lfpass.config import FusionConfig
 from lfpass.errors import ConfigError, InputError, ValidationFailed
 from lfpass.fileio import check_paths, write_text
@@ -42,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--external-data", action="store_true", default=None,
                    help="store tensors in NAME.onnx.data (default: as the input does, or past 2 GB)")
     add_validation_options(p)
+    p.add_argument("--distill", type=Path, metavar="INPUTS.npz",
+                   help="retrain: convert to PyTorch, fuse in stages distilling from the original on these "
+                        "inputs (first axis: samples), export; see the schedule options")
+    add_schedule_options(p)
     p.set_defaults(func=run_optimize)
 
     p = sub.add_parser("validate", help="compare two ONNX models' outputs in onnxruntime (optimisations off)")
@@ -63,6 +69,8 @@ def run_optimize(args: argparse.Namespace) -> int:
 
     _check_samples(args)
     config = with_tolerances(config_from_args(args), args)
+    if args.distill is not None:
+        return run_distill(args, config)
     try:
         result = optimize(
             args.model, args.output, config, args.plan, dry_run=args.dry_run, check=args.validate,
@@ -87,6 +95,30 @@ def run_optimize(args: argparse.Namespace) -> int:
     if result.validation is not None and not result.validation.passed:
         print(f"lfpass: validation outside tolerance: {result.validation.summary()}", file=sys.stderr)
         return EXIT_VALIDATION
+    return EXIT_OK
+
+
+def run_distill(args: argparse.Namespace, config: FusionConfig) -> int:
+    """``optimize --distill``: ONNX in, fuse and distil in PyTorch, ONNX out."""
+    from lfpass.onnx.distill import distill_onnx
+    from lfpass.onnx.optimize import default_output
+    from lfpass.train import Schedule
+
+    if args.plan or args.dry_run:
+        raise ConfigError("--distill plans stage by stage: it takes neither --plan nor --dry-run")
+    output = args.output or default_output(args.model)
+    schedule = Schedule(**schedule_overrides(args))
+    result = distill_onnx(args.model, output, args.distill, config, schedule, checkpoint_dir=args.checkpoint_dir,
+                          resume=args.resume, progress=sys.stderr.isatty(),
+                          reads={"--pipeline": args.pipeline}, writes={"--report": args.report})
+    print(history_table(result.retrain))
+    print(f"{'bytes':<11}{result.bytes_before:>16,} -> {result.bytes_after:,} "
+          f"({result.bytes_before / max(result.bytes_after, 1):.3f}x)")
+    print(f"{'export':<11}{result.export.exporter}, onnxruntime vs PyTorch max abs {result.export.max_abs:.3g}")
+    print(f"{'vs input':<11}{result.validation.summary()}")
+    print(f"{'output':<11}{result.output}")
+    if args.report:
+        write_text(args.report, json.dumps(result.to_dict(), indent=2, default=str))
     return EXIT_OK
 
 

@@ -29,6 +29,9 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cross-role", action="store_true", default=None, help="let same-shaped layers of any role share")
     p.add_argument("--max-group-size", type=int, help="at most this many layers share one tensor")
     p.add_argument("--max-overshoot", type=float, help="the ratio may land at most this far past --ratio")
+    p.add_argument("--granularity", choices=("tensor", "block"),
+                   help="tensor: each projection by role; block: whole attention / MLP units")
+    p.add_argument("--heads", action="store_true", default=None, help="let output heads (lm_head, classifier) fuse")
     p.add_argument("--seed", type=int)
 
 
@@ -43,7 +46,7 @@ def config_from_args(args: argparse.Namespace) -> FusionConfig:
     for key, value in (
         ("metric", args.metric), ("merge", args.merge), ("ratio_scope", args.scope),
         ("cross_role", args.cross_role), ("max_group_size", args.max_group_size), ("seed", args.seed),
-        ("max_overshoot", args.max_overshoot),
+        ("max_overshoot", args.max_overshoot), ("granularity", args.granularity), ("heads", args.heads),
     ):
         if value is not None:
             data[key] = value
@@ -64,3 +67,22 @@ def with_tolerances(config: FusionConfig, args: argparse.Namespace) -> FusionCon
     """``config`` with ``--atol`` / ``--rtol`` applied where given."""
     given = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
     return config.replace(**given)
+
+
+def add_schedule_options(p: argparse.ArgumentParser) -> None:
+    """The retraining schedule's options (they override a recipe's ``[train]`` values)."""
+    p.add_argument("--stages", type=int, help="reach the target in this many fuse + retrain stages")
+    p.add_argument("--steps", type=int, dest="steps_per_stage", help="training steps after each stage's fuse")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--batch-size", type=int, help="global batch size (split over torchrun ranks)")
+    p.add_argument("--freeze-steps", type=int, help="steps each stage's fused tensors stay frozen")
+    p.add_argument("--max-drop", type=float, help="roll back a stage whose quality falls this far below the original")
+    p.add_argument("--checkpoint-dir", type=Path, help="write a checkpoint after every stage here")
+    p.add_argument("--resume", action="store_true", help="continue the run found in --checkpoint-dir")
+
+
+SCHEDULE_FLAGS = ("stages", "steps_per_stage", "lr", "batch_size", "freeze_steps", "max_drop")
+
+
+def schedule_overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in SCHEDULE_FLAGS if getattr(args, k, None) is not None}

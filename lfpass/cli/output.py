@@ -4,7 +4,7 @@ compared output, and notes (one ``lfpass:`` line each on stderr)."""
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lfpass.onnx.optimize import OptimizeResult
@@ -49,3 +49,24 @@ def output_line(o: OutputStats) -> str:
     if o.top1 is not None:
         text += f", top-1 {100 * o.top1:.1f}%"
     return text + ("" if o.passed else "  [outside tolerance]")
+
+
+def history_table(result: Any) -> str:
+    """A retraining run, stage by stage (an ``lfpass.train.RetrainResult``)."""
+    original = result.quality_original
+    lines = [f"{'stage':<7}{'target':>8}{'ratio':>8}{'layers':>8}{'unique params':>15}"
+             f"{'fused':>10}{'retrained':>11}{'loss':>10}",
+             f"{'orig':<7}{'':>8}{1:>8.3f}{1:>8.3f}{result.params_original:>15,}"
+             f"{_q(original):>10}{_q(original):>11}{'':>10}"]
+    for row in result.history:
+        mark = "  (rolled back)" if row.rolled_back else ""
+        lines.append(f"{row.stage:<7}{row.target_ratio:>8.3f}{row.model_ratio:>8.3f}{row.layer_ratio:>8.3f}"
+                     f"{row.unique_params:>15,}{_q(row.quality_fused):>10}{_q(row.quality):>11}"
+                     f"{row.train_loss:>10.4g}{mark}")
+    if result.stopped:
+        lines.append(f"stopped: {result.stopped}")
+    return "\n".join(lines)
+
+
+def _q(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

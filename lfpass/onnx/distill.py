@@ -1,0 +1,121 @@
+"""ONNX in, retrain, ONNX out: the deployment path for users who have inputs but no
+labels and no training code.
+
+``distill_onnx`` converts the file to PyTorch (:mod:`lfpass.onnx.to_torch`),
+checks that the conversion computes what the file does on the given inputs,
+fuses it in stages while distilling every stage from the unfused model (a
+frozen copy of the conversion: the teacher is the original's function),
+exports the result with every shared tensor stored once
+(:func:`lfpass.export`, checked in onnxruntime against PyTorch), and then
+measures in onnxruntime how close the written file is to the original file on
+the held-out inputs (cosine and max error per output).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from lfpass.config import FusionConfig
+from lfpass.errors import ConfigError, InputError
+from lfpass.fileio import check_paths
+from lfpass.onnx import inputs as onnx_inputs
+from lfpass.onnx.load import check_input_file, disk_bytes, external_files, read_model
+from lfpass.onnx.validate import Validation, compare, run, score_outputs
+
+log = logging.getLogger(__name__)
+
+_CONVERSION_ATOL = 1e-4  # of the output scale: onnx2torch must compute what the file does
+
+
+@dataclass
+class DistillResult:
+    """What ``distill_onnx`` did: the retraining history, the export, and the written
+    file against the original in onnxruntime on the held-out inputs."""
+
+    input: Path
+    output: Path
+    retrain: Any  # lfpass.train.RetrainResult
+    export: Any  # lfpass.onnx_export.ExportResult
+    validation: Validation
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def ratio(self) -> float:
+        return self.retrain.ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input": str(self.input), "output": str(self.output), "ratio": self.ratio,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "bytes_ratio": self.bytes_before / max(self.bytes_after, 1),
+                "retrain": self.retrain.to_dict(), "export": self.export.to_dict(),
+                "against_original": self.validation.to_dict()}
+
+
+def _samples(feed: Mapping[str, np.ndarray], names: list[str], path: Path) -> tuple[torch.Tensor, ...]:
+    tensors = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names)
+    counts = {t.shape[0] if t.dim() else 0 for t in tensors}
+    if len(counts) != 1 or counts.pop() < 2:
+        raise InputError(f"{path}: distillation needs two or more samples along the first axis of every input")
+    return tensors
+
+
+def _check_conversion(module: torch.nn.Module, path: Path, names: list[str], samples: tuple[torch.Tensor, ...]) -> None:
+    """The converted module computes what the file does (on the first few samples)."""
+    head = tuple(t[:4] for t in samples)
+    expected = run(path, [dict(zip(names, (t.numpy() for t in head)))])[0]
+    with torch.no_grad():
+        got = module(*head)
+    got = [got] if torch.is_tensor(got) else list(got)
+    for (name, want), have in zip(expected.items(), got):
+        error = float(np.max(np.abs(have.numpy() - want))) if want.size else 0.0
+        if error > _CONVERSION_ATOL * max(1.0, float(np.max(np.abs(want))) if want.size else 1.0):
+            raise InputError(f"{path}: its PyTorch conversion differs from the file on output {name!r} "
+                             f"(max abs {error:.3g}); it cannot be retrained here")
+
+
+def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, config: FusionConfig, schedule: Any, *,
+                 eval_fraction: float = 0.1, checkpoint_dir: str | Path | None = None, resume: bool = False,
+                 progress: bool = False, reads: Mapping[str, Path | None] | None = None,
+                 writes: Mapping[str, Path | None] | None = None) -> DistillResult:
+    """Fuse the ONNX model at ``path`` to ``config.target_ratio`` with ``schedule``
+    (a :class:`lfpass.train.Schedule`), distilling from the original on the samples
+    of the ``.npz`` ``inputs`` (first axis; ``eval_fraction`` held out), and write
+    the result to ``output``. The input file is only read."""
+    from lfpass.onnx.to_torch import to_torch
+    from lfpass.onnx_export import export
+    from lfpass.train import Distillation, retrain
+
+    path, output, inputs = Path(path), Path(output), Path(inputs)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("distilling an ONNX file runs in one process; under torchrun, retrain a PyTorch model")
+    check_input_file(path)
+    check_paths({"the input model": path, "--distill": inputs, **(reads or {})},
+                {"the output": output, **(writes or {})})
+    model = read_model(path)[0]
+    data_files = list(external_files(model).values())
+    check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, {"the output": output})
+    names = [v.name for v in onnx_inputs.runtime_inputs(model)]
+    outputs = [v.name for v in model.graph.outputs]
+    samples = _samples(onnx_inputs.load_npz(inputs, model)[0], names, inputs)
+    scores = score_outputs(model)
+    del model
+    module = to_torch(path)
+    _check_conversion(module, path, names, samples)
+    task = Distillation.from_model(module, samples, eval_fraction=eval_fraction, seed=schedule.seed)
+    result = retrain(module, task, config, schedule, checkpoint_dir=checkpoint_dir, resume=resume,
+                     progress=progress)
+    held_out = task.eval_inputs
+    exported = export(result.model, tuple(held_out), output, input_names=names, output_names=outputs)
+    feeds = [dict(zip(names, (t.numpy() for t in held_out)))]
+    validation = compare(run(path, feeds), run(output, feeds), config.atol, config.rtol, scores)
+    log.info("distilled %s -> %s: ratio %.3f", path, output, result.ratio)
+    return DistillResult(path, output, result, exported, validation, disk_bytes(path, data_files),
+                         exported.bytes)
