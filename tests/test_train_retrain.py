@@ -69,7 +69,7 @@ def test_iterative_schedule_reaches_the_target_against_the_original(trained, dig
     assert result.history[-1].unique_params == result.unique_params == lfpass.unique_parameters(result.model)
     assert result.plans[0].params_before == lfpass.unique_parameters(trained)  # the input is untouched
     assert result.quality_original > 0.9 and result.history[-1].quality > 0.8  # retraining keeps it working
-    json.dumps(result.to_dict())  # the whole record is JSON
+    json.dumps(result.to_dict(), allow_nan=False)  # the whole record is strict JSON
     for text in (p.to_json() for p in result.plans):
         assert lfpass.FusionPlan.from_json(text).to_json() == text
 
@@ -113,6 +113,7 @@ def test_max_drop_rolls_back_the_stage_that_costs_too_much():
     sched = Schedule(stages=2, steps_per_stage=0, max_drop=0.0)
     result = retrain(net, task, cfg, sched, progress=False)
     assert [r.rolled_back for r in result.history] == [False, True]
+    assert result.to_dict()["history"][0]["train_loss"] is None  # no step trained: NaN, None in JSON
     assert [g.members for g in result.plans[0].groups] == [("blocks.0", "blocks.1")] and len(result.plans) == 1
     assert "stage 2" in result.stopped and "rolled back to stage 1" in result.stopped
     assert lfpass.unique_parameters(result.model) == result.plans[0].params_after

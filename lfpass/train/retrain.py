@@ -50,7 +50,7 @@ class StageRow:
     ``quality_fused`` is measured right after fusing, ``quality`` after
     retraining (None on stages the schedule does not evaluate); ``train_loss``
     is the mean loss of the stage's last tenth of steps (the global batch's,
-    under DDP)."""
+    under DDP; NaN when it trained no step)."""
 
     stage: int
     target_ratio: float
@@ -92,10 +92,13 @@ class RetrainResult:
         return self.params_original / max(self.unique_params, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the model, as JSON-ready data (plans as :meth:`FusionPlan.to_json` objects)."""
+        """Everything but the model, as strict JSON-ready data (plans as :meth:`FusionPlan.to_json`
+        objects; a NaN, such as the loss of a stage that trained no step, becomes None)."""
+        history = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
+                   for r in self.history]
         return {"ratio": self.ratio, "unique_params": self.unique_params, "params_original": self.params_original,
                 "metrics_original": self.metrics_original, "stopped": self.stopped,
-                "history": [asdict(r) for r in self.history], "plans": [json.loads(p.to_json()) for p in self.plans]}
+                "history": history, "plans": [json.loads(p.to_json()) for p in self.plans]}
 
 
 @dataclass
@@ -273,29 +276,31 @@ def retrain(
     ``resume=True`` continues the run found there (a run found there without
     it is an error, so a finished run is never overwritten by accident).
     Under torchrun (or in a process group the caller joined) every rank runs
-    this same call: rank 0 plans, evaluates, writes and shows progress.
-    ``on_stage(row)`` is called on every rank after each stage's checkpoint.
+    this same call: rank 0 plans, evaluates, writes and shows progress, and
+    every rank returns the same model (save it from rank 0). A group this call
+    joined from torchrun's environment it leaves when it returns; one the
+    caller joined stays joined. ``on_stage(row)`` is called on every rank
+    after each stage's checkpoint.
     """
     if fusion.target_ratio is None:
         raise ConfigError("target_ratio: iterative retraining needs a target ratio to spread over its stages")
     env = setup(device, find_unused_parameters)
-    try:
-        run = _Run(model, task, fusion, schedule, env, checkpoint_dir, progress)
-        state = run.start(resume)
-        bar = tqdm(total=schedule.stages, initial=len(state.history), desc="stages", unit="stage",
-                   file=sys.stderr, disable=not run.progress)
-        for k in range(len(state.history) + 1, schedule.stages + 1):
-            if state.done:
-                break
-            row = run.stage(k, state)
-            bar.update(1)
-            quality = "-" if row.quality is None else f"{row.quality:.4g}"
-            bar.set_postfix(ratio=f"{row.model_ratio:.3g}", quality=quality)
-            log.info("stage %d: ratio %.3f, %d unique parameters, quality %s -> %s, loss %.4g",
-                     k, row.model_ratio, row.unique_params, row.quality_fused, row.quality, row.train_loss)
-            if on_stage is not None:
-                on_stage(row)
-        bar.close()
-        return run.result(state)
-    finally:
-        env.close()
+    run = _Run(model, task, fusion, schedule, env, checkpoint_dir, progress)
+    state = run.start(resume)
+    bar = tqdm(total=schedule.stages, initial=len(state.history), desc="stages", unit="stage",
+               file=sys.stderr, disable=not run.progress)
+    for k in range(len(state.history) + 1, schedule.stages + 1):
+        if state.done:
+            break
+        row = run.stage(k, state)
+        bar.update(1)
+        quality = "-" if row.quality is None else f"{row.quality:.4g}"
+        bar.set_postfix(ratio=f"{row.model_ratio:.3g}", quality=quality)
+        log.info("stage %d: ratio %.3f, %d unique parameters, quality %s -> %s, loss %.4g",
+                 k, row.model_ratio, row.unique_params, row.quality_fused, row.quality, row.train_loss)
+        if on_stage is not None:
+            on_stage(row)
+    bar.close()
+    result = run.result(state)
+    env.close()  # only on success: leaving the group while another rank is mid-collective would hang it
+    return result
