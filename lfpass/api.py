@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -34,14 +34,17 @@ def analyze(model: nn.Module, config: FusionConfig | None = None, progress: bool
         return plan_fusion(found.plannable, found.load, config, unique_parameters(model), progress=progress)
 
 
-def apply(model: nn.Module, plan: FusionPlan, inplace: bool = False) -> nn.Module:
+def apply(model: nn.Module, plan: FusionPlan, inplace: bool = False,
+          counts: Mapping[str, int] | None = None) -> nn.Module:
     """Rewrite ``model`` so each group of ``plan`` shares one merged tensor.
 
     The input is copied unless ``inplace=True``. The result's unique parameter
     count equals ``plan.params_after`` when ``plan`` was made for this model.
+    ``counts`` weighs members that already stand for several layers (a model
+    fused in stages): a member standing for n layers enters the merge n times.
     """
     with torch.no_grad():
-        return apply_plan(model, plan, inplace=inplace)
+        return apply_plan(model, plan, inplace=inplace, counts=counts)
 
 
 def fuse(model: nn.Module, config: FusionConfig | None = None, **overrides: Any) -> tuple[nn.Module, FusionPlan]:

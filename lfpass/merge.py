@@ -193,22 +193,27 @@ class MergedSlot:
     array: np.ndarray
 
 
-def merged_slots(plan: FusionPlan, sites: Mapping[str, Site], load: LoadExact) -> Iterator[MergedSlot]:
+def merged_slots(plan: FusionPlan, sites: Mapping[str, Site], load: LoadExact,
+                 counts: Mapping[str, int] | None = None) -> Iterator[MergedSlot]:
     """The merge of ``plan``, slot by slot: the one place groups are merged, for every frontend.
 
     ``load(tensor_name)`` gives a tensor in its own dtype. Per group: the rule
     it names, seeded with ``(plan.seed, group index)``, and each member's
     importance (the norm of its compared slots); slots in the anchor's order.
-    One slot's tensors are in memory at a time, so a frontend can write each
-    result into its graph before the next is made."""
+    ``counts`` says how many original layers a member already stands for (a
+    tensor fused in an earlier stage): it enters the rule that many times, so
+    a mean is weighted n:1. One slot's tensors are in memory at a time, so a
+    frontend can write each result into its graph before the next is made."""
     for index, group in enumerate(plan.groups):
         members = [sites[m] for m in group.members]
         rule = get_rule(group.rule)
         rng = np.random.default_rng([plan.seed, index])
         importance = np.sqrt(sum(norms([load(s.slot(x.name).tensor) for s in members]) ** 2
                                  for x in members[0].compared))
+        repeat = np.repeat(np.arange(len(members)), [(counts or {}).get(m, 1) for m in group.members])
         for x in members[0].slots:
             slots = tuple(s.slot(x.name) for s in members)
             labels = [s.name if x.name == "weight" else f"{s.name} ({x.name})" for s in members]
-            merged = rule([load(y.tensor) for y in slots], importance, rng, names=labels)
+            arrays = [load(y.tensor) for y in slots]
+            merged = rule([arrays[i] for i in repeat], importance[repeat], rng, names=[labels[i] for i in repeat])
             yield MergedSlot(index, x.name, slots, merged)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Mapping
 
 from torch import fx, nn
 
@@ -31,15 +32,17 @@ def _set(root: nn.Module, path: str, value: nn.Parameter) -> None:
     setattr(owner, attr, value)  # sites hold parameters only (fx/sites.py), so this re-registers one
 
 
-def apply_plan(module: nn.Module, plan: FusionPlan, inplace: bool = False) -> nn.Module:
-    """Return ``module`` with each group of ``plan`` sharing one merged tensor per slot."""
+def apply_plan(module: nn.Module, plan: FusionPlan, inplace: bool = False,
+               counts: Mapping[str, int] | None = None) -> nn.Module:
+    """Return ``module`` with each group of ``plan`` sharing one merged tensor per slot
+    (``counts``: the layers a member already stands for, see :func:`lfpass.merge.merged_slots`)."""
     if not inplace:
         module = copy.deepcopy(module)
     found: FxSites = find_sites(module)
     sites = found.by_name()
     check_plan(plan, sites)
     repoint: dict[str, str] = {}
-    for merged in merged_slots(plan, sites, found.load_exact):
+    for merged in merged_slots(plan, sites, found.load_exact, counts):
         anchor = merged.members[0].tensor
         old = found.params[anchor]
         shared = nn.Parameter(to_torch(merged.array, old), requires_grad=old.requires_grad)

@@ -23,16 +23,13 @@ import copy
 from dataclasses import replace
 from typing import Mapping, Sequence
 
-import numpy as np
-import torch
 from torch import nn
 
 from lfpass.api import analyze, apply, unique_parameters
 from lfpass.config import FusionConfig
 from lfpass.errors import ConfigError, PlanError
-from lfpass.fx.sites import FxSites, find_sites, to_torch
-from lfpass.merge import get_rule, norms
-from lfpass.plan import FusionGroup, FusionPlan, check_plan
+from lfpass.fx.sites import find_sites
+from lfpass.plan import FusionPlan, check_plan
 from lfpass.planner import select_sites
 
 _EPS = 1e-9  # a stage target this close to the current ratio is already reached
@@ -97,33 +94,8 @@ def fuse_stage(model: nn.Module, plan: FusionPlan, counts: Mapping[str, int]) ->
     if lost:  # a fused tensor no longer named by its anchor: its weight would silently fall to 1
         raise PlanError(f"fused layer {lost[0]!r} is no site of this model; apply the stage plans in order")
     anchors = [x.tensor for g in plan.groups for x in sites[g.members[0]].slots]  # attribute paths apply keeps
-    with torch.no_grad():
-        for index, group in enumerate(plan.groups):
-            _merge_into_anchor(found, group, index, plan.seed, [counts.get(m, 1) for m in group.members])
-    keep = replace(plan, groups=tuple(replace(g, rule="keep") for g in plan.groups))
-    apply(model, keep, inplace=True)
+    apply(model, plan, inplace=True, counts=counts)
     return [model.get_parameter(path) for path in anchors]
-
-
-def _merge_into_anchor(found: FxSites, group: FusionGroup, index: int, seed: int, counts: list[int]) -> None:
-    """Merge one group slot by slot, each member entering the rule ``count`` times, and write
-    the result into the anchor's tensors (seeded as :func:`lfpass.merge.merged_slots` is)."""
-    sites = found.by_name()
-    members = [sites[m] for m in group.members]
-    rule = get_rule(group.rule)
-    rng = np.random.default_rng([seed, index])
-    importance = np.sqrt(sum(norms([found.load_exact(s.slot(x.name).tensor) for s in members]) ** 2
-                             for x in members[0].compared))
-    repeat = np.repeat(np.arange(len(members)), counts)
-    merged = {}
-    for x in members[0].slots:
-        arrays = [found.load_exact(s.slot(x.name).tensor) for s in members]
-        labels = [f"{s.name} ({x.name})" for s in members]
-        merged[x.name] = rule([arrays[i] for i in repeat], importance[repeat], rng,
-                              names=[labels[i] for i in repeat])
-    for name, array in merged.items():
-        anchor = found.params[members[0].slot(name).tensor]
-        anchor.copy_(to_torch(array, anchor))
 
 
 def rebuild(original: nn.Module, plans: Sequence[FusionPlan]) -> nn.Module:
