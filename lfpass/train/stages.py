@@ -9,12 +9,12 @@ things then need care, and both are done here:
   measures against the model it is given);
 - the weighting: a fused tensor stands for the ``n`` layers it replaced, so
   merging it with a plain layer must weigh it ``n:1``, as merging the ``n``
-  layers themselves would. :func:`fuse_stage` hands the merge rule each member
-  repeated by its count (a count-weighted mean for ``mean``, norm x count for
-  ``weighted``, count-proportional picks for ``mix``; ``keep`` is unchanged),
-  writes the result into the anchor's tensor, and lets :func:`lfpass.apply`
-  tie the group to it with the ``keep`` rule. The counts follow from the plans
-  alone (:func:`layer_counts`), so replaying the plans rebuilds them.
+  layers themselves would. :func:`fuse_stage` passes each member's count to
+  :func:`lfpass.apply` (the core's merge enters a member that many times: a
+  count-weighted mean for ``mean``, norm x count for ``weighted``,
+  count-proportional picks for ``mix``; ``keep`` is unchanged). The counts
+  follow from the plans alone (:func:`layer_counts`), so replaying the plans
+  rebuilds them.
 """
 
 from __future__ import annotations
