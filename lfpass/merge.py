@@ -81,6 +81,7 @@ def round_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 class MergeRule(ABC):
     name: ClassVar[str]
+    uses_importance: ClassVar[bool] = False  # whether ``importance`` matters (else it is not computed)
 
     def __call__(
         self,
@@ -102,7 +103,7 @@ class MergeRule(ABC):
         dtype = _check_members(arrays, labels)
         if all(bit_equal(arrays[0], t) for t in arrays[1:]):
             return arrays[0].copy()  # identical members: exact, so fusing copies is lossless
-        stacked = np.stack([t.astype(np.float64) for t in arrays])
+        stacked = np.stack([_widened(t) for t in arrays])
         merged = self.merge(stacked, np.asarray(importance, dtype=np.float64), rng)
         del stacked
         out = round_to(np.asarray(merged, dtype=np.float64), dtype)
@@ -115,7 +116,14 @@ class MergeRule(ABC):
 
     @abstractmethod
     def merge(self, stacked: np.ndarray, importance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """``stacked`` is ``[members, *shape]`` in float64; returns ``shape``."""
+        """``stacked`` is ``[members, *shape]`` in float32 or float64 (16-bit members widened
+        exactly); returns ``shape``, computed in float64 where it is arithmetic."""
+
+
+def _widened(t: np.ndarray) -> np.ndarray:
+    """float16 and bfloat16 as float32 (exact); float32 and float64 as they are (no copy):
+    rules accumulate in float64 without a float64 copy of every member."""
+    return t.astype(np.float32) if t.dtype.itemsize < 4 else t
 
 
 def _check_members(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> np.dtype:
@@ -137,18 +145,19 @@ class Mean(MergeRule):
     name = "mean"
 
     def merge(self, stacked, importance, rng):
-        return stacked.mean(axis=0)
+        return stacked.mean(axis=0, dtype=np.float64)
 
 
 class Weighted(MergeRule):
     """Average weighted by each member's importance (its weight norm by default)."""
 
     name = "weighted"
+    uses_importance = True
 
     def merge(self, stacked, importance, rng):
         total = importance.sum()
         if not np.isfinite(total) or total <= 0:
-            return stacked.mean(axis=0)
+            return stacked.mean(axis=0, dtype=np.float64)
         w = importance / total
         return np.tensordot(w, stacked, axes=1)
 
@@ -208,8 +217,9 @@ def merged_slots(plan: FusionPlan, sites: Mapping[str, Site], load: LoadExact,
         members = [sites[m] for m in group.members]
         rule = get_rule(group.rule)
         rng = np.random.default_rng([plan.seed, index])
-        importance = np.sqrt(sum(norms([load(s.slot(x.name).tensor) for s in members]) ** 2
-                                 for x in members[0].compared))
+        importance = (np.sqrt(sum(norms([load(s.slot(x.name).tensor) for s in members]) ** 2
+                                  for x in members[0].compared))
+                      if rule.uses_importance else np.ones(len(members)))
         repeat = np.repeat(np.arange(len(members)), [(counts or {}).get(m, 1) for m in group.members])
         for x in members[0].slots:
             slots = tuple(s.slot(x.name) for s in members)

@@ -22,6 +22,7 @@ inline is always written with external data.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import tempfile
@@ -118,13 +119,13 @@ def _fsync(path: Path) -> None:
 def _old_data_files(path: Path) -> list[Path]:
     """The data files the model now at ``path`` reads that are lfpass's own names for it
     (``NAME.data``, ``NAME.XXXXXXXX.data``): what replacing it leaves unread."""
-    if not path.is_file():
-        return []
+    folder = path.parent if str(path.parent) else Path(".")
+    if not path.is_file() or not any(folder.glob(f"{glob.escape(path.name)}*.data")):
+        return []  # no file bears one of our names: nothing to parse the old model for
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - an unreadable old output reads nothing we could remove
         return []
-    folder = path.parent if str(path.parent) else Path(".")
     ours = re.compile(re.escape(path.name) + r"(\.[A-Za-z0-9_]{1,16})?\.data")
     found = set()
     for tensor in _external_tensors(proto.graph):
