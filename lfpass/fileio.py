@@ -70,7 +70,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     check_writable("output", path)
     with temporary(path, suffix or path.suffix) as tmp:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file an ordinary write's mode
+        ordinary_mode(tmp)
         os.replace(tmp, path)
 
 
@@ -89,10 +89,11 @@ def temporary(beside: Path, suffix: str) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def _umask() -> int:
+def ordinary_mode(path: str | Path) -> None:
+    """Give a file made by ``mkstemp`` (mode 0600) the mode an ordinary write would have."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~mask)
 
 
 def write_text(path: str | Path, text: str) -> Path:

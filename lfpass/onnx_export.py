@@ -93,7 +93,7 @@ from torch.utils import _pytree as pytree
 from lfpass.api import unique_parameters
 from lfpass.errors import InputError, TraceError, ValidationFailed, first_line
 from lfpass.fileio import check_paths
-from lfpass.onnx.load import count_params, disk_bytes, read_model
+from lfpass.onnx.load import count_params, disk_bytes, read_model, stored_tensors
 from lfpass.onnx.save import needs_external, staged, write
 
 log = logging.getLogger(__name__)
@@ -370,23 +370,13 @@ def _torch_digests(t: torch.Tensor) -> set[bytes]:
     return {_digest(x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) for x in layouts}
 
 
-def _stored_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                yield value.const_value
-        for node in graph:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
-                yield node.attributes["value"].as_tensor()
-
-
 def copies_stored(model: ir.Model, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     """How many tensors of ``model`` hold each of ``tensors``' values (bit for bit, in its
     own layout or transposed). 1 is a tie kept; 2 or more, copies; 0, either folded
     into per-layer copies or, for a constant tensor (a zero bias), optimised away."""
     wanted = {(t.element_size(), t.numel()) for t in tensors.values()}
     stored: dict[bytes, int] = {}
-    for tensor in _stored_tensors(model):
+    for tensor in stored_tensors(model):
         if tensor.dtype.is_floating_point() and (tensor.dtype.itemsize, tensor.size) in wanted:
             key = _digest(tensor.tobytes())
             stored[key] = stored.get(key, 0) + 1

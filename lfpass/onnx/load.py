@@ -174,7 +174,8 @@ def disk_bytes(path: str | Path, data_files: list[Path] | None = None) -> int:
     return total
 
 
-def _float_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+def stored_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every tensor the model stores: initializers and ``Constant`` values, subgraphs included."""
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
             if value.const_value is not None:
@@ -188,4 +189,4 @@ def count_params(model: ir.Model) -> int:
     """Unique parameters: elements of the floating-point tensors the model stores
     (initializers and ``Constant`` nodes, subgraphs included). A tensor read by
     several nodes is stored, and counted, once."""
-    return sum(t.size for t in _float_tensors(model) if t.dtype.is_floating_point())
+    return sum(t.size for t in stored_tensors(model) if t.dtype.is_floating_point())

@@ -34,7 +34,7 @@ import onnx
 import onnx_ir as ir
 
 from lfpass.errors import OutputError
-from lfpass.fileio import _umask, check_writable, same_file, temporary
+from lfpass.fileio import check_writable, ordinary_mode, same_file, temporary
 
 PROTOBUF_LIMIT = 2**31 - 1
 _INLINE_HEADROOM = 64 << 20  # node and graph protos beside the tensors
@@ -77,7 +77,7 @@ def staged(path: Path, external: bool, keep: Sequence[Path] = ()) -> Iterator[St
                 if written is not None:
                     _fsync(written)
             old = _old_data_files(path)
-            os.chmod(tmp, 0o666 & ~_umask())
+            ordinary_mode(tmp)
             os.replace(tmp, path)
             placed = True
     except BaseException:
@@ -103,7 +103,7 @@ def _claim_data_file(path: Path) -> Path:
     except OSError as exc:
         raise OutputError(f"{path}: cannot write its data file ({exc.strerror})") from None
     os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())
+    ordinary_mode(name)
     return Path(name)
 
 
