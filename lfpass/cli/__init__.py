@@ -11,6 +11,7 @@ module imports from here.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from typing import Sequence
@@ -24,9 +25,12 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lfpass", description="Compress neural networks by layer fusion.")
+    # no abbreviations: `analyze --plan` must not silently mean `--plan-out` and write a file
+    parser = argparse.ArgumentParser(prog="lfpass", description="Compress neural networks by layer fusion.",
+                                     allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
     for command in (analyze, demo, optimize, retrain):
         command.register(sub)
     return parser

@@ -107,6 +107,9 @@ def _check_graph(graph: onnx.GraphProto, path: Path) -> None:
     defined = initializers | {v.name for v in graph.input}
     produced_by = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
     for index, node in enumerate(graph.node):
+        texts = (node.name, node.op_type, node.domain, *node.input, *node.output)
+        if not all(isinstance(t, str) for t in texts):  # protobuf hands back bytes that are not UTF-8
+            raise InputError(f"{path}: node #{index} has a name that is not valid UTF-8 (corrupted model)")
         label = node.name or f"{node.op_type} #{index}"
         for name in node.input:
             if not name or name in defined:
