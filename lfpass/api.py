@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from lfpass.config import FusionConfig
+from lfpass.errors import ConfigError
 from lfpass.fx import apply_plan, find_sites
 from lfpass.plan import FusionPlan
 from lfpass.planner import plan_fusion
@@ -47,7 +48,27 @@ def apply(model: nn.Module, plan: FusionPlan, inplace: bool = False,
         return apply_plan(model, plan, inplace=inplace, counts=counts)
 
 
-def fuse(model: nn.Module, config: FusionConfig | None = None, **overrides: Any) -> tuple[nn.Module, FusionPlan]:
-    """``analyze`` then ``apply``: the fused copy and its plan."""
-    plan = analyze(model, (config or FusionConfig()).replace(**overrides))
+def fuse(model: nn.Module, config: FusionConfig | None = None, *, calibration: Sequence[Any] | None = None,
+         labels: Sequence[Any] | None = None, output_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+         progress: bool = False, **overrides: Any) -> tuple[nn.Module, FusionPlan]:
+    """Plan and apply: the fused copy and its plan.
+
+    ``calibration`` is a sequence of batches (a tensor, a tuple of positional
+    inputs or a dict of keyword inputs each) that data-aware options need:
+    ``max_error`` (planning by measured damage on the held-out share of the
+    batches, with ``labels`` per batch for the ``accuracy`` metric),
+    ``align = "activations"``, ``merge = "regmean"`` and ``metric = "output"``.
+    ``output_fn(output, batch)`` picks what the error is measured on (default:
+    every floating-point output, flattened per sample). Without any of those
+    options this is ``analyze`` then ``apply``."""
+    config = (config or FusionConfig()).replace(**overrides)
+    if config.needs_calibration and not calibration:
+        raise ConfigError("these options (max_error, align='activations', merge='regmean' or metric='output') "
+                          "need calibration inputs: pass calibration=[batch, ...]")
+    if calibration or config.align != "none" or config.residual_rank:
+        from lfpass.fx.pipeline import fuse_keeping
+
+        return fuse_keeping(model, config, list(calibration or ()), labels=labels, output_fn=output_fn,
+                            progress=progress)
+    plan = analyze(model, config)
     return apply(model, plan), plan

@@ -21,9 +21,11 @@ from lfpass.metrics import METRICS
 SCOPES = ("model", "layers")
 KINDS = ("linear", "conv", "conv_transpose", "attention", "mlp")
 GRANULARITIES = ("tensor", "block")
+ALIGNMENTS = ("none", "weights", "activations")
+ERROR_METRICS = ("cosine", "top1", "accuracy")
 _META_KEYS = ("name", "description")
 _TUPLE_FIELDS = ("kinds", "include", "exclude")
-_STR_FIELDS = ("metric", "merge", "ratio_scope", "granularity", "name")
+_STR_FIELDS = ("metric", "merge", "ratio_scope", "granularity", "align", "error_metric", "name")
 
 
 def _is_number(v: Any) -> bool:
@@ -49,6 +51,19 @@ class FusionConfig:
     Output heads (``lm_head``, ``classifier``, ``pooler``, ``head``) are left
     alone unless ``heads``.
 
+    Keeping the function (these need calibration inputs): ``max_error`` is a
+    budget on the output error measured on held-out calibration inputs
+    (``error_metric``: ``"cosine"``, 1 - mean output cosine; ``"top1"``,
+    1 - top-1 agreement; ``"accuracy"``, the drop in accuracy when labels are
+    given); planning then picks groups by measured damage per parameter saved
+    and stops at the budget (or at ``target_ratio``, if set, saying what it
+    costs). ``holdout`` is the share of calibration batches kept apart to
+    measure the error. ``align`` moves each member into its anchor's
+    coordinates first by transforms that leave the function unchanged
+    (``"weights"`` or ``"activations"`` matching). ``residual_rank`` > 0 gives
+    every member its own rank-r correction to the shared tensor, counted in
+    the ratio.
+
     Every field is checked on construction, from Python as from a pipeline
     file: a wrong type is a :class:`ConfigError` naming the field, never a
     failure later in planning.
@@ -64,6 +79,11 @@ class FusionConfig:
     max_overshoot: float | None = None
     granularity: str = "tensor"
     heads: bool = False
+    max_error: float | None = None
+    error_metric: str = "cosine"
+    holdout: float = 0.25
+    align: str = "none"
+    residual_rank: int = 0
     kinds: tuple[str, ...] = KINDS
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -97,8 +117,18 @@ class FusionConfig:
             raise ConfigError(f"target_ratio: must be a finite number > 1, got {self.target_ratio!r}")
         if self.threshold is not None and not _is_number(self.threshold):
             raise ConfigError(f"threshold: must be a finite number, got {self.threshold!r}")
-        if self.target_ratio is None and self.threshold is None:
-            raise ConfigError("target_ratio and threshold: set at least one")
+        if self.target_ratio is None and self.threshold is None and self.max_error is None:
+            raise ConfigError("target_ratio, threshold and max_error: set at least one")
+        if self.max_error is not None and not (_is_number(self.max_error) and self.max_error >= 0):
+            raise ConfigError(f"max_error: must be a finite number >= 0, got {self.max_error!r}")
+        if self.error_metric not in ERROR_METRICS:
+            raise ConfigError(f"error_metric: must be one of {ERROR_METRICS}, got {self.error_metric!r}")
+        if not (_is_number(self.holdout) and 0 < self.holdout < 1):
+            raise ConfigError(f"holdout: must be a number between 0 and 1, got {self.holdout!r}")
+        if self.align not in ALIGNMENTS:
+            raise ConfigError(f"align: must be one of {ALIGNMENTS}, got {self.align!r}")
+        if not (_is_int(self.residual_rank) and self.residual_rank >= 0):
+            raise ConfigError(f"residual_rank: must be an integer >= 0, got {self.residual_rank!r}")
         if self.ratio_scope not in SCOPES:
             raise ConfigError(f"ratio_scope: must be one of {SCOPES}, got {self.ratio_scope!r}")
         if self.max_group_size is not None and not (_is_int(self.max_group_size) and self.max_group_size >= 2):
@@ -117,6 +147,19 @@ class FusionConfig:
         if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
             raise ConfigError(f"seed: must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether these options need calibration inputs (statistics or measured error)."""
+        return (self.max_error is not None or self.align == "activations" or self.merge == "regmean"
+                or self.metric == "output")
+
+    @property
+    def uses_statistics(self) -> bool:
+        """Whether building a fused model reads the layers' input statistics (else calibration
+        inputs only measure the error)."""
+        return (self.align == "activations" or self.merge == "regmean" or self.metric == "output"
+                or self.residual_rank > 0)
+
     def replace(self, **changes: Any) -> "FusionConfig":
         """A copy with ``changes`` applied, checked like any config. ``None`` is a value
         (``target_ratio=None`` unsets the target); only the CLI reads ``None`` as "not given"."""
@@ -127,7 +170,7 @@ class FusionConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(FusionConfig)}
-_OPTIONAL_FIELDS = {"target_ratio", "threshold", "max_group_size", "max_overshoot"}  # TOML has no null: "none" or false
+_OPTIONAL_FIELDS = {"target_ratio", "threshold", "max_group_size", "max_overshoot", "max_error"}  # TOML has no null: "none" or false
 
 
 def from_mapping(data: Mapping[str, Any], source: str = "config") -> FusionConfig:

@@ -31,11 +31,13 @@ class FusionGroup:
     score: float
     cls: ClassKey
     numel: int
+    extra: int = 0  # parameters the group adds back: its members' own low-rank corrections
+    damage: float | None = None  # the output error of this group alone, where it was measured
 
     @property
     def saved(self) -> int:
-        """Unique parameters this group removes."""
-        return (len(self.members) - 1) * self.numel
+        """Unique parameters this group removes, net of its members' own corrections."""
+        return (len(self.members) - 1) * self.numel - self.extra
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,13 @@ class FusionPlan:
     classes: tuple[tuple[ClassKey, tuple[str, ...]], ...] = field(default=(), repr=False)
     max_overshoot: float | None = None  # planning kept the ratio <= target_ratio + max_overshoot
     left_out: tuple[tuple[str, str], ...] = ()  # (layer, why) for layers planning left out
+    align: str = "none"  # members moved into their anchor's coordinates first ("weights", "activations")
+    residual_rank: int = 0  # each member keeps a correction of this rank (counted in ``extra``)
+    error_metric: str | None = None  # how ``error`` was measured, when it was
+    max_error: float | None = None  # the budget planning kept to
+    error: float | None = None  # the fused model's output error on held-out calibration inputs
+    curve: tuple[tuple[float, float], ...] = ()  # (ratio, error) after each accepted group, in order
+    decisions: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)  # (a, b, why): budgeted plans
 
     # -- figures ---------------------------------------------------------
     @property
@@ -130,6 +139,8 @@ class FusionPlan:
             data["classes"] = tuple((ClassKey.from_json(k), tuple(_name(n) for n in v))
                                     for k, v in _list(data, "classes", ()))
             data["left_out"] = tuple((_name(name), str(why)) for name, why in _list(data, "left_out", ()))
+            data["curve"] = tuple((float(r), float(e)) for r, e in _list(data, "curve", ()))
+            data["decisions"] = tuple((_name(a), _name(b), str(why)) for a, b, why in _list(data, "decisions", ()))
             return cls(**data)
         except PlanError:
             raise
@@ -159,6 +170,11 @@ class FusionPlan:
         ]
         if self.message:
             lines.append(self.message)
+        if self.decisions:  # a budgeted plan: each pair was measured, and kept or rolled back
+            score = {(c.a, c.b): c.score for c in self.candidates}
+            for a, b, reason in self.decisions:
+                lines.append(f"  {score.get((a, b), float('nan')):+.4f}  {a} ~ {b}: {reason}")
+            return "\n".join(lines)
         why = _Reasons(self)
         for c in sorted(self.candidates, key=lambda c: -c.score):
             lines.append(f"  {c.score:+.4f}  {c.a} ~ {c.b}: {why(c)}")
@@ -240,8 +256,13 @@ def _group_from_json(g: Any) -> FusionGroup:
         raise TypeError(f"a group's numel must be a count, got {numel!r}")
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         raise TypeError(f"a group's score must be a number, got {score!r}")
+    extra, damage = g.get("extra", 0), g.get("damage")
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        raise TypeError(f"a group's extra must be a count, got {extra!r}")
+    if damage is not None and (isinstance(damage, bool) or not isinstance(damage, (int, float))):
+        raise TypeError(f"a group's damage must be a number, got {damage!r}")
     return FusionGroup(tuple(_name(m) for m in members), str(g["rule"]), float(score),
-                       ClassKey.from_json(g["cls"]), numel)
+                       ClassKey.from_json(g["cls"]), numel, extra, None if damage is None else float(damage))
 
 
 def check_plan(plan: FusionPlan, sites: Mapping[str, Site]) -> None:

@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from lfpass.errors import ConfigError
 from lfpass.cli.options import EXIT_OK, add_config_options, config_from_args
 from lfpass.config import FusionConfig
 from lfpass.errors import TraceError
@@ -34,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from lfpass import report
 
     config = config_from_args(args)
+    if config.needs_calibration or config.align != "none" or config.residual_rank:
+        raise ConfigError("analyze plans by weight similarity alone; for a plan by measured output error, "
+                          "alignment or corrections, run `lfpass optimize MODEL.onnx --inputs CALIB.npz --dry-run`")
     target = args.target
     onnx_file = target.endswith(".onnx")
     stem = Path(target).with_suffix("").name if onnx_file else target.rpartition(":")[2]

@@ -95,6 +95,10 @@ def run_optimize(args: argparse.Namespace) -> int:
     if result.validation is not None and not result.validation.passed:
         print(f"lfpass: validation outside tolerance: {result.validation.summary()}", file=sys.stderr)
         return EXIT_VALIDATION
+    if not result.within_budget:
+        print(f"lfpass: held-out error {result.error:.4g} is over the budget {result.plan.max_error:g}",
+              file=sys.stderr)
+        return EXIT_VALIDATION
     return EXIT_OK
 
 

@@ -23,8 +23,8 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--ratio", type=float, help="target compression ratio (unique params before / after)")
     goal.add_argument("--threshold", type=float, help="fuse every pair at least this similar instead")
-    p.add_argument("--metric", help="cosine | cov | euclidean | wasserstein | kl")
-    p.add_argument("--merge", help="mean | weighted | keep | mix")
+    p.add_argument("--metric", help="cosine | cov | euclidean | wasserstein | kl | output (needs --inputs)")
+    p.add_argument("--merge", help="mean | weighted | keep | mix | regmean (needs --inputs)")
     p.add_argument("--scope", choices=("model", "layers"), help="what the ratio is measured over")
     p.add_argument("--cross-role", action="store_true", default=None, help="let same-shaped layers of any role share")
     p.add_argument("--max-group-size", type=int, help="at most this many layers share one tensor")
@@ -33,6 +33,16 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
                    help="tensor: each projection by role; block: whole attention / MLP units")
     p.add_argument("--heads", action="store_true", default=None, help="let output heads (lm_head, classifier) fuse")
     p.add_argument("--seed", type=int)
+    keep = p.add_argument_group("keeping the function (calibration inputs: --inputs)")
+    keep.add_argument("--max-error", type=float,
+                      help="largest held-out output error allowed (e.g. 0.01: output cosine >= 0.99); "
+                           "without --ratio, fuse as far as the budget allows")
+    keep.add_argument("--error-metric", choices=("cosine", "top1", "accuracy"),
+                      help="what --max-error measures (accuracy needs 'labels' with the inputs)")
+    keep.add_argument("--holdout", type=float, help="share of the calibration inputs held out to measure the error")
+    keep.add_argument("--align", choices=("none", "weights", "activations"),
+                      help="move members into their anchor's coordinates first (function-preserving)")
+    keep.add_argument("--residual-rank", type=int, help="give every member its own correction of this rank")
 
 
 def config_from_args(args: argparse.Namespace) -> FusionConfig:
@@ -43,10 +53,15 @@ def config_from_args(args: argparse.Namespace) -> FusionConfig:
         data.update(threshold=args.threshold, target_ratio=None)
     if args.ratio is not None:
         data.update(target_ratio=args.ratio)
+    elif getattr(args, "max_error", None) is not None and args.threshold is None:
+        data.update(target_ratio=None)  # a budget alone: as far as it allows
     for key, value in (
         ("metric", args.metric), ("merge", args.merge), ("ratio_scope", args.scope),
         ("cross_role", args.cross_role), ("max_group_size", args.max_group_size), ("seed", args.seed),
         ("max_overshoot", args.max_overshoot), ("granularity", args.granularity), ("heads", args.heads),
+        ("max_error", getattr(args, "max_error", None)), ("error_metric", getattr(args, "error_metric", None)),
+        ("holdout", getattr(args, "holdout", None)), ("align", getattr(args, "align", None)),
+        ("residual_rank", getattr(args, "residual_rank", None)),
     ):
         if value is not None:
             data[key] = value

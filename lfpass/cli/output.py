@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Any, TYPE_CHECKING
 
+from lfpass.quality import describe
+
 if TYPE_CHECKING:
     from lfpass.onnx.optimize import OptimizeResult
     from lfpass.onnx.validate import OutputStats
@@ -31,11 +33,16 @@ def table(result: OptimizeResult) -> str:
         f"{result.plan.layer_ratio:.3f} over the layers "
         f"(ceiling {result.plan.max_ratio:.3f} over the {result.plan.scope})",
     ]
+    if result.error is not None:
+        budget = (f" (budget {result.plan.max_error:g}: {'kept' if result.within_budget else 'BROKEN'})"
+                  if result.plan.max_error is not None else "")
+        lines.append(f"{'held out':<11}error {result.error:.4g}, "
+                     f"{describe(result.plan.error_metric or 'cosine', result.error)}{budget}")
     if result.validation is not None:
         lines.append(f"{'validation':<11}{result.validation.summary()}")
         if len(result.validation.outputs) <= MAX_OUTPUT_LINES:
             lines += [f"  {output_line(o)}" for o in result.validation.outputs]
-    elif result.written:
+    elif result.written and result.error is None:
         lines.append(f"{'validation':<11}skipped")
     lines.append(f"{'output':<11}{result.output if result.written else 'nothing written'}")
     return "\n".join(lines)

@@ -285,13 +285,14 @@ def random_input_note(model: ir.Model, feeds_were_generated: bool) -> str | None
             f"for a meaningful check")
 
 
-def load_npz(path: str | Path, model: ir.Model) -> Samples:
+def load_npz(path: str | Path, model: ir.Model, allow: tuple[str, ...] = ()) -> Samples:
     """One feed from an ``.npz`` file whose arrays are named after the model's inputs,
-    checked against the model's declared inputs (``origin``: the file)."""
+    checked against the model's declared inputs (``origin``: the file). Arrays named
+    in ``allow`` (calibration ``labels``) may be there too, unchecked."""
     path = Path(path)
     feed = _read_npz(path)
     inputs = runtime_inputs(model)
-    names = {v.name for v in inputs}
+    names = {v.name for v in inputs} | (set(allow) & set(feed))
     missing, extra = sorted(names - set(feed)), sorted(set(feed) - names)
     if missing or extra:
         raise InputError(
@@ -300,6 +301,9 @@ def load_npz(path: str | Path, model: ir.Model) -> Samples:
     bound: dict[str, tuple[str, int]] = {}
     for v in inputs:
         _check_array(path, v, feed[v.name], bound)
+    for name in set(allow) & set(feed):
+        if feed[name].ndim == 0:
+            raise InputError(f"{path}: {name!r} must have a first axis of samples")
     return Samples([feed], origin=str(path))
 
 

@@ -22,8 +22,9 @@ from lfpass.fileio import check_paths
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
 from lfpass.onnx.fusion_pass import LayerFusionPass
+from lfpass.onnx.pipeline import LABELS, Kept, fuse_keeping, keeps_function
 from lfpass.onnx.save import needs_external, staged, write
-from lfpass.onnx.sites import OnnxSites
+from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.onnx.validate import Validation, score_outputs, validate
 from lfpass.plan import FusionPlan
 
@@ -48,6 +49,12 @@ class OptimizeResult:
     dry_run: bool = False
     message: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    error: float | None = None  # output error of the written model on held-out calibration inputs
+
+    @property
+    def within_budget(self) -> bool:
+        """No budget, or the written model's held-out error keeps it."""
+        return self.plan.max_error is None or self.error is None or self.error <= self.plan.max_error
 
     @property
     def ratio(self) -> float:
@@ -82,11 +89,18 @@ class OptimizeResult:
             "threshold": self.plan.threshold,
             "metric": self.plan.metric,
             "validation": self.validation.to_dict() if self.validation else None,
+            "error": self.error,
+            "error_metric": self.plan.error_metric,
+            "max_error": self.plan.max_error,
+            "align": self.plan.align,
+            "residual_rank": self.plan.residual_rank,
+            "error_curve": [list(p) for p in self.plan.curve],
             "message": self.message,
             "skipped": self.skipped,
             "seconds": self.seconds,
             "plan_groups": [
-                {"members": list(g.members), "rule": g.rule, "score": g.score, "numel": g.numel}
+                {"members": list(g.members), "rule": g.rule, "score": g.score, "numel": g.numel,
+                 "extra": g.extra, "damage": g.damage}
                 for g in self.plan.groups
             ],
         }
@@ -218,19 +232,30 @@ def optimize(
     data_files = list(external_files(model).values())
     check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, write_paths)
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
-    fusion = LayerFusionPass(config, plan, progress=progress)
-    plan = fusion.plan_for(model)
-    result = _planned(path, fusion.sites, data_files, plan, dry_run)
+    kept = None
+    if keeps_function(config):  # calibrate, plan by measured damage, build: lossy by design, measured
+        feed = onnx_inputs.load_npz(inputs, model, allow=(LABELS,))[0] if inputs is not None else None
+        found = find_sites(model)
+        kept = fuse_keeping(model, config, feed, plan, progress)
+        result = _planned(path, found, data_files, kept.plan, dry_run)
+    else:
+        fusion = LayerFusionPass(config, plan, progress=progress)
+        plan = fusion.plan_for(model)
+        result = _planned(path, fusion.sites, data_files, plan, dry_run)
     result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
     if not result.plan.groups or dry_run:
         return result
+    check = check and kept is None  # a lossy build is judged by its held-out error, below
     feeds = _feeds(model, config, check, inputs, input_shapes, samples)
     note = onnx_inputs.random_input_note(model, inputs is None) if check else None
     if note:
         result.message = "\n".join(m for m in (result.message, note) if m)
     scores = score_outputs(model)
     clock = time.perf_counter()
-    fusion(model)
+    if kept is not None:
+        model, fusion = kept.model, None
+    else:
+        fusion(model)
     result.params_after = count_params(model)
     result.seconds["rewrite"] = time.perf_counter() - clock
     external = external_data if external_data is not None else bool(data_files) or needs_external(model)
@@ -245,6 +270,8 @@ def optimize(
         result.bytes_after = disk_bytes(where.model, [where.data] if where.data else [])
         if check:
             _check(result, where.model, output, feeds, scores, config, strict, progress)
+        if kept is not None:
+            _check_error(result, kept, where.model, output, strict)
     result.output = output
     log.info("wrote %s: %d -> %d params, %d -> %d bytes", output, result.params_before, result.params_after,
              result.bytes_before, result.bytes_after)
@@ -269,6 +296,14 @@ def _feeds(model: ir.Model, config: FusionConfig, check: bool, inputs: str | Pat
     if inputs is not None:
         return onnx_inputs.load_npz(inputs, model)
     return onnx_inputs.generate(model, input_shapes, samples=samples, seed=config.seed)
+
+
+def _check_error(result: OptimizeResult, kept: Kept, staged_model: Path, output: Path, strict: bool) -> None:
+    """The written model's error on the held-out calibration inputs, against the budget."""
+    result.error = kept.error_of(staged_model)
+    if strict and not result.within_budget:
+        raise ValidationFailed(f"{output}: held-out error {result.error:.4g} is over the budget "
+                               f"{result.plan.max_error:g}, nothing written", result)
 
 
 def _check(result: OptimizeResult, staged_model: Path, output: Path, feeds, scores: set[str], config: FusionConfig,
