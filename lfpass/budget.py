@@ -183,11 +183,14 @@ def _note(plan: FusionPlan, config: FusionConfig, measured: int, rolled: int, er
     head = f"measured {measured} pairs on held-out inputs"
     if config.max_error is not None:
         budget = describe(config.error_metric, config.max_error)
+        if config.target_ratio is not None and plan.ratio >= config.target_ratio:
+            return (f"{head}; the target {config.target_ratio:g} is reached at ratio {plan.ratio:.3f} ({plan.scope}) "
+                    f"and costs {what} (error {error:.4g}), within the budget {config.max_error:g}")
         line = (f"{head}; the largest ratio found within the budget (error <= {config.max_error:g}, "
                 f"{budget}) is {plan.ratio:.3f} ({plan.scope}), at {what}")
         if rolled:
             line += f"; {rolled} pair(s) rolled back for breaking the budget"
-        if config.target_ratio is not None and plan.ratio < config.target_ratio:
+        if config.target_ratio is not None:
             line += f"; the target {config.target_ratio:g} is out of reach within the budget"
         return line
     if config.target_ratio is not None and plan.ratio < config.target_ratio:
