@@ -14,6 +14,12 @@ by reading a distance as a similarity (the authors' code does exactly that).
   distributions (on shared quantiles), over their mean standard deviation,
   as ``1 - W1 / mean(sa, sb)``. Blind to where each value sits.
 - ``kl``: ``exp(-KL_sym)`` between histograms of weight values on shared bins.
+- ``output``: how little the layers' outputs change when both take their mean
+  weight, on each one's own calibration inputs: ``1 - (err_i + err_j) / 2``
+  with ``err_i = tr((M - W_i) G_i (M - W_i)^T) / tr(W_i G_i W_i^T)``,
+  ``M = (W_i + W_j) / 2``, ``W`` as ``[out, in]`` with the bias appended and
+  ``G_i`` the input's (augmented) second moment. It needs calibration
+  (``needs_stats``); the planner passes each layer's matrices and moments.
 """
 
 from __future__ import annotations
@@ -130,12 +136,45 @@ def kl(weights: Sequence[np.ndarray]) -> np.ndarray:
     return np.exp(-sym)
 
 
+class OutputMetric:
+    """The ``output`` metric: relative output error of sharing the pair's mean weight.
+
+    Called as ``metric(weights, moments)``: ``weights`` are ``[out, d]`` matrices
+    (``[W b]``), ``moments`` each member's ``[d, d]`` input second moment, or None
+    for a member without one (its inputs taken as white: the error in weight space).
+    All pairs at once: ``tr(A_j G_i A_j^T) = <G_i, A_j^T A_j>`` needs one ``d x d``
+    product per member, not per pair."""
+
+    needs_stats = True
+
+    def __call__(self, weights: Sequence[np.ndarray], moments: Sequence[np.ndarray | None] | None = None) -> np.ndarray:
+        mats = [np.asarray(w, dtype=np.float64).reshape(np.shape(w)[0], -1) for w in weights]
+        n = len(mats)
+        moments = list(moments) if moments is not None else [None] * n
+        flat = np.stack([m.reshape(-1) for m in mats])
+        driven = np.stack([(m if g is None else m @ g).reshape(-1) for m, g in zip(mats, moments)])
+        cross = driven @ flat.T  # cross[i, j] = tr(A_i G_i A_j^T)
+        energy = np.empty((n, n))  # energy[i, j] = tr(A_j G_i A_j^T)
+        for j, m in enumerate(mats):
+            outer = m.T @ m
+            energy[:, j] = [np.trace(outer) if g is None else np.vdot(g, outer) for g in moments]
+        own = np.diag(energy).copy()
+        gap = np.maximum(energy - 2.0 * cross + own[:, None], 0.0) / 4.0  # tr(D G_i D^T), D = M - A_i
+        err = np.divide(gap, own[:, None], out=np.where(gap > _EPS, 1.0, 0.0), where=own[:, None] > _EPS)
+        sim = 1.0 - (err + err.T) / 2.0
+        np.fill_diagonal(sim, 1.0)
+        return sim
+
+
+output = OutputMetric()
+
 METRICS: dict[str, Metric] = {
     "cosine": cosine,
     "cov": cov,
     "euclidean": euclidean,
     "wasserstein": wasserstein,
     "kl": kl,
+    "output": output,
 }
 
 

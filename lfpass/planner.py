@@ -27,7 +27,10 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from lfpass.calibration import Calibration
 from lfpass.config import KINDS, FusionConfig
+from lfpass.errors import ConfigError
+from lfpass.layers import augmented, input_moment, layers_of, layout_of, to_matrix
 from lfpass.metrics import Metric, get_metric
 from lfpass.plan import Candidate, FusionGroup, FusionPlan
 from lfpass.sites import ClassKey, Site
@@ -100,11 +103,13 @@ def is_finite(weight: np.ndarray) -> bool:
 
 class _Scorer:
     """Loads weights, leaves out those holding NaN/Inf (with a reason), and scores
-    classes; similarity matrices are cached by their members."""
+    classes; similarity matrices are cached by their members. A metric that
+    ``needs_stats`` gets each layer's ``[W b]`` and input moment from ``stats``."""
 
-    def __init__(self, load: LoadTensor, metric: Metric) -> None:
+    def __init__(self, load: LoadTensor, metric: Metric, stats: Calibration | None = None) -> None:
         self._load = load
         self._metric = metric
+        self._stats = stats
         self._seen: set[str] = set()
         self._sims: dict[tuple[str, ...], np.ndarray] = {}
         self.bad: dict[str, str] = {}  # layer name -> why it was left out
@@ -147,9 +152,32 @@ class _Scorer:
                 weights.append(compared)
         if len(kept) < 2:
             return None
-        sim = np.mean([self._metric([w[k] for w in weights]) for k in range(len(weights[0]))], axis=0)
+        if getattr(self._metric, "needs_stats", False):
+            inputs = [self._layer_inputs(s) for s in kept]
+            sim = np.mean([self._metric([x[k][0] for x in inputs], [x[k][1] for x in inputs])
+                           for k in range(len(inputs[0]))], axis=0)
+        else:
+            sim = np.mean([self._metric([w[k] for w in weights]) for k in range(len(weights[0]))], axis=0)
         sim = self._sims.setdefault(tuple(s.name for s in kept), sim)
         return _Class(key, kept, sim, np.empty(0), [], [])
+
+
+    def _layer_inputs(self, site: Site) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per layer of ``site``: ``[W b]`` as ``[out, in (+1)]`` and its input moment
+        (None, logged, where there is none: the metric then weighs inputs alike)."""
+        out = []
+        for layer in layers_of(site):
+            w = self._load(layer.weight.tensor)
+            b = self._load(layer.bias.tensor) if layer.bias is not None else None
+            layout, why = layout_of(layer)
+            matrix = to_matrix(w, layout or "out_in")
+            moment = None
+            if layout is not None and self._stats is not None:
+                moment, why = input_moment(self._stats, layer, matrix.shape[1])
+            if moment is None:
+                log.info("layer %s: %s; compared without its inputs", layer.label(site.name), why)
+            out.append((augmented(matrix, b), moment if moment is not None else None))
+        return out
 
 
 def select_sites(sites: Iterable[Site], config: FusionConfig) -> list[Site]:
@@ -245,13 +273,19 @@ def plan_fusion(
     config: FusionConfig,
     params_total: int,
     progress: bool = False,
+    stats: Calibration | None = None,
 ) -> FusionPlan:
     """Plan which of ``sites`` share tensors; ``load(name)`` gives a tensor's values.
 
     ``params_total`` is the model's unique parameter count (the ``model`` scope).
+    ``stats``: calibration of the model, which a metric that ``needs_stats`` (``output``) requires.
     """
+    metric = get_metric(config.metric)
+    if getattr(metric, "needs_stats", False) and stats is None:
+        raise ConfigError(f"metric {config.metric!r} needs calibration inputs (calibrate the model and pass "
+                          "its statistics, or choose a weight metric such as 'cosine')")
     chosen = select_sites(sites, config)
-    scorer = _Scorer(load, get_metric(config.metric))
+    scorer = _Scorer(load, metric, stats)
     classes = _score_classes(chosen, config.cross_role, scorer, progress)
     left_out = tuple(scorer.bad.items())
     scale = _Scale(config.ratio_scope, params_total, sum(s.numel for s in chosen))

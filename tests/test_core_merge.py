@@ -22,7 +22,7 @@ B = np.array([[3.0, 6.0], [5.0, 0.0]], dtype=np.float32)
 
 
 def test_registry_and_unknown_rule():
-    assert sorted(MERGE_RULES) == ["keep", "mean", "mix", "weighted"]
+    assert sorted(MERGE_RULES) == ["keep", "mean", "mix", "regmean", "weighted"]
     with pytest.raises(ConfigError, match="unknown merge rule 'avg'"):
         get_rule("avg")
 

@@ -113,8 +113,8 @@ def specs(draw) -> Spec:
 
 configs = st.builds(
     FusionConfig,
-    metric=st.sampled_from(sorted(METRICS)),
-    merge=st.sampled_from(sorted(MERGE_RULES)),
+    metric=st.sampled_from(sorted(m for m, f in METRICS.items() if not getattr(f, "needs_stats", False))),
+    merge=st.sampled_from(sorted(r for r, cls in MERGE_RULES.items() if not cls.uses_stats)),
     target_ratio=st.floats(1.05, 4.0),
     ratio_scope=st.sampled_from(SCOPES),
     cross_role=st.booleans(),

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks (GPT-2 small: 12)")
     parser.add_argument("--width", type=int, default=768, help="hidden width (GPT-2 small: 768)")
     parser.add_argument("--runs", type=int, default=3, help="best of this many runs per row")
-    parser.add_argument("--metrics", default=",".join(METRICS), help="comma-separated metrics to time")
+    weight_metrics = [m for m, f in METRICS.items() if not getattr(f, "needs_stats", False)]  # no calibration here
+    parser.add_argument("--metrics", default=",".join(weight_metrics), help="comma-separated metrics to time")
     parser.add_argument("--no-export", action="store_true", help="skip torch.export and analyze on its graph")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)

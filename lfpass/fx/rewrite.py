@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from torch import fx, nn
 
 from lfpass.fx.sites import FxSites, find_sites, to_torch
 from lfpass.merge import merged_slots
 from lfpass.plan import FusionPlan, check_plan
+
+if TYPE_CHECKING:
+    from lfpass.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +36,17 @@ def _set(root: nn.Module, path: str, value: nn.Parameter) -> None:
 
 
 def apply_plan(module: nn.Module, plan: FusionPlan, inplace: bool = False,
-               counts: Mapping[str, int] | None = None) -> nn.Module:
+               counts: Mapping[str, int] | None = None, stats: Calibration | None = None) -> nn.Module:
     """Return ``module`` with each group of ``plan`` sharing one merged tensor per slot
-    (``counts``: the layers a member already stands for, see :func:`lfpass.merge.merged_slots`)."""
+    (``counts``: the layers a member already stands for, see :func:`lfpass.merge.merged_slots`;
+    ``stats``: the calibration a data-aware rule such as ``regmean`` merges by)."""
     if not inplace:
         module = copy.deepcopy(module)
     found: FxSites = find_sites(module)
     sites = found.by_name()
     check_plan(plan, sites)
     repoint: dict[str, str] = {}
-    for merged in merged_slots(plan, sites, found.load_exact, counts):
+    for merged in merged_slots(plan, sites, found.load_exact, counts, stats):
         anchor = merged.members[0].tensor
         old = found.params[anchor]
         shared = nn.Parameter(to_torch(merged.array, old), requires_grad=old.requires_grad)

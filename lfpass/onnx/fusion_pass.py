@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import onnx_ir as ir
 
+from lfpass.calibration import Calibration
 from lfpass.config import FusionConfig
 from lfpass.errors import PlanError
 from lfpass.onnx.load import count_params
@@ -36,8 +37,9 @@ class LayerFusionPass(ir.passes.InPlacePass):
     the plan applied and ``sites`` the layers it was planned over."""
 
     def __init__(self, config: FusionConfig | None = None, plan: FusionPlan | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, stats: Calibration | None = None) -> None:
         super().__init__()
+        self.stats = stats  # calibration, for the 'output' metric and the 'regmean' rule
         self.config = config or FusionConfig()
         self.plan = plan
         self.sites: OnnxSites | None = None
@@ -58,7 +60,7 @@ class LayerFusionPass(ir.passes.InPlacePass):
                                 layer_params_after=layers - saved)
         else:
             self.plan = plan_fusion(self.sites.plannable, self.sites.load, self.config, count_params(model),
-                                    progress=self.progress)
+                                    progress=self.progress, stats=self.stats)
         return self.plan
 
     def requires(self, model: ir.Model) -> None:
@@ -68,7 +70,7 @@ class LayerFusionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if model in self._fused or not self.plan.groups:
             return ir.passes.PassResult(model, modified=False)
-        apply_plan(model, self.sites, self.plan)
+        apply_plan(model, self.sites, self.plan, stats=self.stats)
         self._fused.add(model)
         self._planned = None  # the graph changed: its sites are no longer these
         return ir.passes.PassResult(model, modified=True)

@@ -21,6 +21,7 @@ graph is never changed beyond the plan. Subgraphs are not touched.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +30,9 @@ from lfpass.errors import PlanError
 from lfpass.merge import bit_equal, merged_slots
 from lfpass.onnx.sites import OnnxSites
 from lfpass.plan import FusionPlan, check_plan
+
+if TYPE_CHECKING:
+    from lfpass.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +71,15 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def apply_plan(model: ir.Model, found: OnnxSites, plan: FusionPlan) -> int:
-    """Make each group of ``plan`` read one merged tensor per slot; returns groups applied."""
+def apply_plan(model: ir.Model, found: OnnxSites, plan: FusionPlan, stats: Calibration | None = None) -> int:
+    """Make each group of ``plan`` read one merged tensor per slot; returns groups applied
+    (``stats``: the calibration a data-aware rule such as ``regmean`` merges by)."""
     sites = found.by_name()
     check_plan(plan, sites)
     graph = model.graph
     names = _Names(model)
     dead: list[ir.Value] = []
-    for merged in merged_slots(plan, sites, found.load_exact):
+    for merged in merged_slots(plan, sites, found.load_exact, stats=stats):
         holders = [found.values[x.tensor] for x in merged.members]
         like = found.tensor(merged.members[0].tensor)
         if merged.members[0].kind == "weight":
