@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
