@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lfpass.config import FusionConfig
+from lfpass.lowrank import residual_params
 from lfpass.plan import FusionGroup, FusionPlan
 from lfpass.planner import LoadTensor, plan_fusion
 from lfpass.quality import describe
@@ -42,20 +43,9 @@ _NEVER = 1e300  # a threshold no pair reaches: the weight planner scores and cla
 
 
 def correction_params(site: Site, rank: int) -> int:
-    """Parameters a rank-``rank`` correction adds to ``site`` (each layer of a unit):
-    ``rank * (inputs + outputs)``, a convolution's inputs counted per patch."""
-    if rank <= 0:
-        return 0
-    if site.parts:
-        return sum(_layer_correction(dict(sig)["shape"], dict(sig).get("layout", "out_in"), rank)
-                   for _, (_, sig) in site.signature)
-    return _layer_correction(site.signature_dict()["shape"], site.signature_dict().get("layout", "out_in"), rank)
-
-
-def _layer_correction(shape: Sequence[int], layout: str, rank: int) -> int:
-    out, rest = (shape[1], shape[0]) if layout in ("in_out", "left_in_out") and len(shape) == 2 else (
-        shape[0], int(np.prod(shape[1:])))
-    return rank * (out + rest)
+    """Parameters a rank-``rank`` correction adds to a member: ``rank * (out + in)`` per layer
+    (a convolution's ``in`` per patch) plus its own bias given back (see :func:`lfpass.lowrank.residual_params`)."""
+    return residual_params(site, rank, bias=True)
 
 
 def with_groups(base: FusionPlan, groups: Sequence[FusionGroup], **fields) -> FusionPlan:

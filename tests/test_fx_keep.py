@@ -69,3 +69,22 @@ def test_options_that_need_data_say_so():
         lfpass.fuse(_Mlp(), merge="regmean")
     with pytest.raises(ConfigError, match="calibration"):
         lfpass.fuse(_Mlp(), target_ratio=None, max_error=0.01)
+
+
+def test_corrections_are_counted_and_pay_for_themselves(batches):
+    model = _Mlp().eval()
+    common = dict(target_ratio=None, threshold=-1.0, include=("blocks.0", "blocks.3"), merge="regmean")
+    plain, p0 = lfpass.fuse(model, calibration=batches, **common)
+    corrected, p1 = lfpass.fuse(model, calibration=batches, residual_rank=4, **common)
+    assert lfpass.unique_parameters(corrected) == p1.params_after
+    assert p1.params_after == p0.params_after + 2 * (4 * (16 + 16) + 16)  # per member: factors and own bias
+    assert p1.error < p0.error
+    full, p2 = lfpass.fuse(model, calibration=batches, residual_rank=16, **common)  # full rank: the original back
+    assert p2.error == pytest.approx(0.0, abs=1e-9)
+
+
+def test_budget_counts_corrections(batches):
+    model = _Mlp().eval()
+    fused, plan = lfpass.fuse(model, target_ratio=None, max_error=1e-3, residual_rank=1, calibration=batches)
+    assert lfpass.unique_parameters(fused) == plan.params_after
+    assert all(g.extra == len(g.members) * (1 * 32 + 16) for g in plan.groups)

@@ -112,3 +112,13 @@ def test_analyze_refuses_budget_options(cnn, capsys):
     path, _, _ = cnn
     assert main(["analyze", str(path), "--max-error", "0.01"]) == 2
     assert "optimize" in capsys.readouterr().err
+
+
+def test_corrections_in_onnx_are_counted(cnn, tmp_path):
+    path, calib, _ = cnn
+    result = optimize(path, tmp_path / "r.onnx", {"target_ratio": None, "max_error": 1e-3, "cross_role": True,
+                                                  "residual_rank": 1, "merge": "regmean"}, inputs=calib)
+    assert result.plan.groups and result.params_after == result.plan.params_after
+    assert all(g.extra == len(g.members) * (1 * (8 + 72) + 8) for g in result.plan.groups)
+    assert result.error <= 1e-3
+    onnx.checker.check_model(str(tmp_path / "r.onnx"))

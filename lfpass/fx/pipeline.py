@@ -112,6 +112,7 @@ class FxFuser:
 
     def build(self, plan: FusionPlan) -> nn.Module:
         """A fused copy of the model: aligned, merged and corrected as ``plan`` says."""
+        from lfpass.fx.lowrank import attach_residuals, capture_originals
         from lfpass.fx.rewrite import apply_plan
 
         module = copy.deepcopy(self.model)
@@ -121,20 +122,12 @@ class FxFuser:
                 from lfpass.fx.align import align_fx
 
                 align_fx(module, plan, plan.align, calibration=stats, example_inputs=self.example_inputs)
-            originals = self._originals(module, plan) if plan.residual_rank else None
+            sites = find_sites(module) if plan.residual_rank else None
+            originals = capture_originals(module, plan) if plan.residual_rank else None
             apply_plan(module, plan, inplace=True, stats=stats)
             if plan.residual_rank and plan.groups:
-                from lfpass.fx.lowrank import attach_residuals
-
-                attach_residuals(module, plan, originals, plan.residual_rank, calibration=stats)
+                attach_residuals(module, plan, originals, plan.residual_rank, calibration=stats, sites=sites)
         return module
-
-    def _originals(self, module: nn.Module, plan: FusionPlan) -> dict[str, np.ndarray]:
-        """Each member's tensors as they are before merging (after alignment), for its correction."""
-        found = find_sites(module)
-        sites = found.by_name()
-        return {x.tensor: found.load(x.tensor).copy() for g in plan.groups for m in g.members
-                for x in sites[m].slots}
 
 
 def calibrate(model: nn.Module, batches: Sequence[Any], config: FusionConfig, progress: bool = False) -> Calibration:

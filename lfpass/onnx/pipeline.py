@@ -98,6 +98,7 @@ class OnnxFuser:
         self.found = find_sites(self.model)
 
     def build(self, plan: FusionPlan) -> ir.Model:
+        from lfpass.onnx.lowrank import attach_residuals_onnx, capture_originals_onnx
         from lfpass.onnx.rewrite import apply_plan
 
         model = copy_model(self.model)
@@ -108,13 +109,10 @@ class OnnxFuser:
             align_onnx(model, plan, plan.align, calibration=stats)
         found = find_sites(model)
         check_plan(plan, found.by_name())
-        originals = ({x.tensor: found.load(x.tensor).copy() for g in plan.groups for m in g.members
-                      for x in found.by_name()[m].slots} if plan.residual_rank else None)
+        originals = capture_originals_onnx(found, plan) if plan.residual_rank else None
         apply_plan(model, found, plan, stats=stats)
         if plan.residual_rank and plan.groups:
-            from lfpass.onnx.lowrank import attach_residuals_onnx
-
-            attach_residuals_onnx(model, plan, originals, plan.residual_rank, calibration=stats)
+            attach_residuals_onnx(model, plan, originals, plan.residual_rank, calibration=stats, sites=found)
         return model
 
 
