@@ -88,3 +88,40 @@ def test_budget_counts_corrections(batches):
     fused, plan = lfpass.fuse(model, target_ratio=None, max_error=1e-3, residual_rank=1, calibration=batches)
     assert lfpass.unique_parameters(fused) == plan.params_after
     assert all(g.extra == len(g.members) * (1 * 32 + 16) for g in plan.groups)
+
+
+class _Ffn(nn.Module):
+    """Residual FFN blocks; block 1 is block 0 with its hidden units shuffled (the same function)."""
+
+    def __init__(self, width: int = 8, hidden: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"fc1": nn.Linear(width, hidden), "fc2": nn.Linear(hidden, width)})
+                                    for _ in range(depth))
+        perm = torch.randperm(hidden)
+        with torch.no_grad():
+            b0, b1 = self.blocks[0], self.blocks[1]
+            b1["fc1"].weight.copy_(b0["fc1"].weight[perm])
+            b1["fc1"].bias.copy_(b0["fc1"].bias[perm])
+            b1["fc2"].weight.copy_(b0["fc2"].weight[:, perm])
+            b1["fc2"].bias.copy_(b0["fc2"].bias)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b["fc2"](torch.nn.functional.gelu(b["fc1"](x)))
+        return x
+
+
+@pytest.mark.parametrize("align", ["weights", "activations"])
+def test_alignment_makes_a_shuffled_copy_free_to_share(align):
+    model = _Ffn().eval()
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randn(16, 8, generator=g) for _ in range(8)]
+    common = dict(target_ratio=None, threshold=-1.0, include=("blocks.0.*", "blocks.1.*"), granularity="block",
+                  merge="mean")
+    plain, p0 = lfpass.fuse(model, calibration=data, **common)
+    aligned, p1 = lfpass.fuse(model, calibration=data, align=align, **common)
+    assert [len(g.members) for g in p1.groups] == [2] and p1.align == align
+    assert p0.error > 1e-3  # averaging the shuffled copy with its original breaks it
+    assert p1.error < 1e-10  # aligned first, the two are one tensor: sharing is lossless
+    assert lfpass.unique_parameters(aligned) == p1.params_after

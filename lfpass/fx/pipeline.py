@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from lfpass.budget import plan_within_budget, with_options
@@ -106,9 +106,19 @@ class FxFuser:
     calibration: Calibration | None = None
     example_inputs: Any = None
     found: FxSites = field(init=False)
+    _graph: fx.GraphModule | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.found = find_sites(self.model)
+
+    def graph(self) -> fx.GraphModule:
+        """The model's graph, traced once (``torch.export`` on the example inputs where
+        ``symbolic_trace`` fails): alignment reads its data flow for every build."""
+        if self._graph is None:
+            from lfpass.fx.trace import trace
+
+            self._graph = trace(self.model, self.example_inputs)
+        return self._graph
 
     def build(self, plan: FusionPlan) -> nn.Module:
         """A fused copy of the model: aligned, merged and corrected as ``plan`` says."""
@@ -121,7 +131,7 @@ class FxFuser:
             if plan.align != "none" and plan.groups:
                 from lfpass.fx.align import align_fx
 
-                align_fx(module, plan, plan.align, calibration=stats, example_inputs=self.example_inputs)
+                align_fx(module, plan, plan.align, calibration=stats, gm=self.graph())
             sites = find_sites(module) if plan.residual_rank else None
             originals = capture_originals(module, plan) if plan.residual_rank else None
             apply_plan(module, plan, inplace=True, stats=stats)
@@ -154,7 +164,7 @@ def fuse_keeping(model: nn.Module, config: FusionConfig, batches: Sequence[Any],
         held_labels = labels[len(calib):]
     stats = calibrate(model, calib, config, progress) if calib and config.uses_statistics else None
     example = calib[0] if calib else None
-    fuser = FxFuser(model, config, stats, example_inputs=_as_args(example))
+    fuser = FxFuser(model, config, stats, example_inputs=example)
     found = fuser.found
     scoring = {"stats": stats} if config.metric == "output" else {}
     total = unique_parameters(model)
@@ -176,14 +186,3 @@ def fuse_keeping(model: nn.Module, config: FusionConfig, batches: Sequence[Any],
         plan = replace(plan, error=output_error(reference, outputs(fused, held, output_fn), config.error_metric,
                                                 held_labels), error_metric=config.error_metric)
     return fused, plan
-
-
-def _as_args(batch: Any) -> Any:
-    """A batch as ``torch.export`` takes example inputs: ``(args, kwargs)``."""
-    if batch is None:
-        return None
-    if isinstance(batch, dict):
-        return (), batch
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    return (batch,), {}
