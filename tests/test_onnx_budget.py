@@ -122,3 +122,22 @@ def test_corrections_in_onnx_are_counted(cnn, tmp_path):
     assert all(g.extra == len(g.members) * (1 * (8 + 72) + 8) for g in result.plan.groups)
     assert result.error <= 1e-3
     onnx.checker.check_model(str(tmp_path / "r.onnx"))
+
+
+@pytest.mark.parametrize("align", ["weights", "activations"])
+def test_alignment_in_onnx_makes_a_shuffled_copy_free_to_share(tmp_path, align):
+    from test_fx_keep import _Ffn
+
+    path = tmp_path / "ffn.onnx"
+    torch.onnx.export(_Ffn().eval(), (torch.randn(2, 8),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
+    weights = {s.name: s.weight for s in find_sites(load_model(path)).sites}
+    first_two = [n for n, w in weights.items() if w.startswith(("blocks.0.", "blocks.1."))]
+    config = {"target_ratio": None, "threshold": -1.0, "cross_role": True, "include": first_two}
+    plain = optimize(path, tmp_path / "plain.onnx", {**config, "merge": "mean", "max_error": 1.0}, inputs=calib)
+    aligned = optimize(path, tmp_path / "aligned.onnx", {**config, "align": align}, inputs=calib)
+    assert len(aligned.plan.groups) == len(plain.plan.groups) == 2
+    assert plain.error > 1e-3
+    assert aligned.error < 1e-9 and aligned.params_after == aligned.plan.params_after
