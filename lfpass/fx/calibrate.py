@@ -24,7 +24,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -210,7 +210,7 @@ def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
 
 
 def _as_call(batch: Any) -> tuple[tuple, dict]:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return (), dict(batch)
     if isinstance(batch, (tuple, list)):
         return tuple(batch), {}

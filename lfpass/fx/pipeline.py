@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass, field, replace
 from itertools import combinations
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ _CROSS_BYTES = 1 << 30  # pairwise activation statistics for matching by activat
 
 def call(model: nn.Module, batch: Any) -> Any:
     """Run ``model`` on one batch: a tensor, a tuple of positional inputs, or a dict of keyword inputs."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ def trace(model: nn.Module, example_inputs: Any = None) -> torch.fx.GraphModule:
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
