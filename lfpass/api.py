@@ -36,14 +36,28 @@ def analyze(model: nn.Module, config: FusionConfig | None = None, progress: bool
 
 
 def apply(model: nn.Module, plan: FusionPlan, inplace: bool = False,
-          counts: Mapping[str, int] | None = None) -> nn.Module:
+          counts: Mapping[str, int] | None = None, calibration: Sequence[Any] | None = None) -> nn.Module:
     """Rewrite ``model`` so each group of ``plan`` shares one merged tensor.
 
     The input is copied unless ``inplace=True``. The result's unique parameter
     count equals ``plan.params_after`` when ``plan`` was made for this model.
     ``counts`` weighs members that already stand for several layers (a model
     fused in stages): a member standing for n layers enters the merge n times.
+    A plan that aligns, corrects or merges by data (from ``fuse`` with
+    calibration) is built the same way again; a data-aware one needs
+    ``calibration`` batches to gather its statistics from.
     """
+    if plan.keeps_function:
+        from lfpass.fx.pipeline import FxFuser, calibrate
+
+        if counts:
+            raise ConfigError("a plan that aligns, corrects or merges by data is applied in one stage (no counts)")
+        if plan.needs_statistics and not calibration:
+            raise ConfigError("this plan merges or aligns by data: pass calibration=[batch, ...]")
+        config = FusionConfig(align=plan.align, residual_rank=plan.residual_rank)
+        stats = calibrate(model, list(calibration), config) if calibration else None
+        example = next(iter(calibration)) if calibration else None
+        return FxFuser(model, config, stats, example_inputs=example).build(plan, inplace=inplace)
     with torch.no_grad():
         return apply_plan(model, plan, inplace=inplace, counts=counts)
 

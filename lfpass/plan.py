@@ -92,6 +92,18 @@ class FusionPlan:
         return self.model_ratio if self.scope == "model" else self.layer_ratio
 
     @property
+    def keeps_function(self) -> bool:
+        """Whether applying the plan takes more than merging: alignment, per-member corrections,
+        or a data-aware rule (which needs calibration statistics)."""
+        return self.align != "none" or self.residual_rank > 0 or self.needs_statistics
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether applying the plan needs calibration statistics (a data-aware rule, or
+        alignment by activations)."""
+        return self.align == "activations" or any(get_rule(g.rule).uses_stats for g in self.groups)
+
+    @property
     def reached(self) -> bool:
         return self.target_ratio is None or self.ratio >= self.target_ratio
 

@@ -125,3 +125,17 @@ def test_alignment_makes_a_shuffled_copy_free_to_share(align):
     assert p0.error > 1e-3  # averaging the shuffled copy with its original breaks it
     assert p1.error < 1e-10  # aligned first, the two are one tensor: sharing is lossless
     assert lfpass.unique_parameters(aligned) == p1.params_after
+
+
+def test_a_plan_from_fuse_applies_again_to_the_same_model(batches):
+    model = _Ffn().eval()
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(16, 8, generator=g) for _ in range(8)]
+    fused, plan = lfpass.fuse(model, calibration=data, target_ratio=None, threshold=-1.0, align="activations",
+                              merge="regmean", residual_rank=2, include=("blocks.0.*", "blocks.2.*"))
+    again = lfpass.apply(model, lfpass.FusionPlan.from_json(plan.to_json()), calibration=data[:-2])
+    x = torch.randn(4, 8)
+    assert torch.equal(fused(x), again(x))
+    assert lfpass.unique_parameters(again) == plan.params_after
+    with pytest.raises(ConfigError, match="calibration"):
+        lfpass.apply(model, plan)

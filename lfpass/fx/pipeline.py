@@ -14,7 +14,6 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from itertools import combinations
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -23,7 +22,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from lfpass.budget import plan_within_budget, with_options
-from lfpass.calibration import Calibration, CalibrationError
+from lfpass.calibration import Calibration, CalibrationError, cross_pairs
 from lfpass.config import FusionConfig
 from lfpass.errors import ConfigError
 from lfpass.fx.sites import FxSites, find_sites
@@ -33,7 +32,6 @@ from lfpass.quality import output_error
 log = logging.getLogger(__name__)
 
 OutputFn = Callable[[Any, Any], torch.Tensor]  # (model output, the batch it ran on) -> [batch, ...]
-_CROSS_BYTES = 1 << 30  # pairwise activation statistics for matching by activations, at most this much
 
 
 def call(model: nn.Module, batch: Any) -> Any:
@@ -76,27 +74,6 @@ def split(batches: Sequence[Any], holdout: float) -> tuple[list[Any], list[Any]]
     return batches[:-k], batches[-k:]
 
 
-def _cross_pairs(found: FxSites, config: FusionConfig) -> list[tuple[str, str]]:
-    """Pairs of same-shaped layers whose paired input statistics matching by activations
-    can use, while they fit in ``_CROSS_BYTES``."""
-    if config.align != "activations":
-        return []
-    by_shape: dict[tuple, list[str]] = {}
-    for s in found.sites:
-        by_shape.setdefault((s.kind, s.role if not config.cross_role else "", s.signature), []).append(s.weight)
-    pairs, used = [], 0
-    for (kind, _, sig), names in by_shape.items():
-        shape = dict(sig)["shape"]
-        d = shape[0] if dict(sig).get("layout") == "in_out" else shape[1]
-        for pair in combinations(names, 2):
-            used += d * d * 8
-            if used > _CROSS_BYTES:
-                log.info("paired statistics stop at %d pairs (memory)", len(pairs))
-                return pairs
-            pairs.append(pair)
-    return pairs
-
-
 @dataclass
 class FxFuser:
     """Builds fused copies of ``model`` for plans, keeping what calibration learned."""
@@ -120,12 +97,13 @@ class FxFuser:
             self._graph = trace(self.model, self.example_inputs)
         return self._graph
 
-    def build(self, plan: FusionPlan) -> nn.Module:
-        """A fused copy of the model: aligned, merged and corrected as ``plan`` says."""
+    def build(self, plan: FusionPlan, inplace: bool = False) -> nn.Module:
+        """A fused copy of the model (the model itself when ``inplace``): aligned, merged and
+        corrected as ``plan`` says."""
         from lfpass.fx.lowrank import attach_residuals, capture_originals
         from lfpass.fx.rewrite import apply_plan
 
-        module = copy.deepcopy(self.model)
+        module = self.model if inplace else copy.deepcopy(self.model)
         stats = self.calibration.copy() if self.calibration is not None else None
         with torch.no_grad():
             if plan.align != "none" and plan.groups:
@@ -144,7 +122,7 @@ def calibrate(model: nn.Module, batches: Sequence[Any], config: FusionConfig, pr
     """Input statistics of ``model``'s layers on ``batches`` (paired ones too when ``align`` is by activations)."""
     from lfpass.fx.calibrate import calibrate_fx
 
-    return calibrate_fx(model, batches, cross=_cross_pairs(find_sites(model), config), progress=progress)
+    return calibrate_fx(model, batches, cross=cross_pairs(find_sites(model).sites, config), progress=progress)
 
 
 def fuse_keeping(model: nn.Module, config: FusionConfig, batches: Sequence[Any], *,

@@ -233,7 +233,7 @@ def optimize(
     check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, write_paths)
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
     kept = None
-    if keeps_function(config):  # calibrate, plan by measured damage, build: lossy by design, measured
+    if keeps_function(config) or (plan is not None and plan.keeps_function):  # lossy by design, measured
         feed = onnx_inputs.load_npz(inputs, model, allow=(LABELS,))[0] if inputs is not None else None
         found = find_sites(model)
         kept = fuse_keeping(model, config, feed, plan, progress)

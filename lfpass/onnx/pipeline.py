@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lfpass.budget import plan_within_budget
-from lfpass.calibration import Calibration, CalibrationError
+from lfpass.calibration import Calibration, CalibrationError, cross_pairs
 from lfpass.config import FusionConfig
 from lfpass.errors import ConfigError, InputError
 from lfpass.onnx.inputs import Feeds, runtime_inputs
@@ -151,7 +151,7 @@ def fuse_keeping(model: ir.Model, config: FusionConfig, feed: Feeds | None, plan
     from lfpass.planner import plan_fusion
 
     if feed is None:
-        if config.needs_calibration:
+        if config.needs_calibration or (plan is not None and plan.needs_statistics):
             raise ConfigError("these options (max_error, align='activations', merge='regmean' or metric='output') "
                               "need calibration inputs: pass --inputs CALIB.npz")
         stats, held, labels = None, [], None
@@ -165,10 +165,12 @@ def fuse_keeping(model: ir.Model, config: FusionConfig, feed: Feeds | None, plan
             cuts = np.array_split(label_array, len(feeds))
             labels = cuts[len(calib):]
         stats = None
-        if config.uses_statistics:
+        if config.uses_statistics or (plan is not None and plan.keeps_function):
             from lfpass.onnx.calibrate import calibrate_onnx
 
-            stats = calibrate_onnx(model, calib, progress=progress)
+            align_config = config if plan is None else config.replace(align=plan.align)
+            stats = calibrate_onnx(model, calib, cross=cross_pairs(find_sites(model).sites, align_config),
+                                   progress=progress)
     fuser = OnnxFuser(model, config, stats)
     found = fuser.found
     scoring = {"stats": stats} if config.metric == "output" else {}
