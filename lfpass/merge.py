@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 Transform = Callable[[np.ndarray], np.ndarray]
 LoadExact = Callable[[str], np.ndarray]  # a tensor's values by name, in its own dtype
 
+_TINY = 1e-300  # a member whose outputs are all zero weighs as if its energy were this
 MERGEABLE = ("float16", "bfloat16", "float32", "float64")  # the dtypes lfpass merges (numpy/ml_dtypes names)
 
 
@@ -193,23 +194,31 @@ class Mix(MergeRule):
 
 
 class RegMean(MergeRule):
-    """Data-aware merging (RegMean, Jin et al. 2023): the one ``[W b]`` whose outputs are
-    closest, in least squares over every member's own calibration inputs, to each
-    member's outputs:
+    """Data-aware merging (after RegMean, Jin et al. 2023): the one ``[W b]`` whose outputs
+    are closest, over every member's own calibration inputs, to each member's outputs,
+    each member's error taken relative to its own output energy:
 
-        W* = (sum_i W_i G_i) (sum_i G_i + ridge * mean(diag(sum_i G_i)) I)^-1
+        W* = (sum_i W_i G_i / e_i) (sum_i G_i / e_i + ridge * mean(diag) I)^-1,
+        e_i = tr(W_i G_i W_i^T)
 
     with ``W_i`` as ``[out, in]`` (bias appended as a last column) and ``G_i`` the
     member's input second moment per sample, augmented with the constant 1 (so
-    members calibrated on more samples do not weigh more). The ridge keeps the
-    solve well posed where inputs span few directions; 0.1 measured best on
-    MiniLM. Whole layers are merged at once (:func:`merged_slots`); a slot given
-    alone, or a layer without statistics or a ``[out, in]`` matrix, gets the mean.
+    members calibrated on more samples do not weigh more). Weighting by ``1/e_i``
+    matters wherever a normalisation follows the layer (BatchNorm, LayerNorm), which
+    is nearly always: unweighted, the member fed the larger inputs (later in a
+    residual stream) takes the merge, and the other's relative error is what its
+    normalisation then amplifies. Measured with no retraining: on the demo CNN (MNIST)
+    at 2.28x, accuracy 96.3% against 92.6% for the plain mean (in another training run
+    the unweighted form gave 64% where the mean gave 86%); on MiniLM with three shared
+    FFN pairs, embedding cosine 0.64 against 0.39 for the mean (unweighted: 0.66). The
+    ridge keeps the solve well posed where inputs span few directions (0.03: between
+    the CNN's best, 0.01, and MiniLM's, 0.1). Whole layers are merged at once (:func:`merged_slots`); a slot
+    given alone, or a layer without statistics or a ``[out, in]`` matrix, gets the mean.
     """
 
     name = "regmean"
     uses_stats = True
-    ridge: ClassVar[float] = 0.1
+    ridge: ClassVar[float] = 0.03
 
     def merge(self, stacked, importance, rng):
         return stacked.mean(axis=0, dtype=np.float64)
@@ -217,9 +226,10 @@ class RegMean(MergeRule):
     def solve(self, matrices: Sequence[np.ndarray], moments: Sequence[np.ndarray]) -> np.ndarray:
         """The merged ``[out, d]`` (float64) of members ``matrices`` (``[out, d]``) with input
         moments ``moments`` (``[d, d]``). Raises ``numpy.linalg.LinAlgError`` when singular."""
-        total = np.sum(moments, axis=0)
+        weighted = [g / max(float(np.einsum("ij,jk,ik->", m, g, m)), _TINY) for m, g in zip(matrices, moments)]
+        total = np.sum(weighted, axis=0)
         lhs = total + self.ridge * float(np.trace(total)) / total.shape[0] * np.eye(total.shape[0])
-        rhs = np.sum([m @ g for m, g in zip(matrices, moments)], axis=0)
+        rhs = np.sum([m @ g for m, g in zip(matrices, weighted)], axis=0)
         return np.linalg.solve(lhs, rhs.T).T  # lhs is symmetric: X lhs = rhs
 
 

@@ -46,6 +46,15 @@ def _identity_stats(names, d: int, n: int = 10) -> Calibration:
     return Calibration({f"{k}.weight": LayerStats(np.eye(d) * n, np.zeros(d), n) for k in names})
 
 
+def _closed_form(mats, moments, ridge=None):
+    """RegMean as documented: member moments weighted by 1 / output energy, ridge on the mean diagonal."""
+    ridge = RegMean.ridge if ridge is None else ridge
+    weighted = [g / np.trace(m @ g @ m.T) for m, g in zip(mats, moments)]
+    total = sum(weighted)
+    lhs = total + ridge * np.trace(total) / total.shape[0] * np.eye(total.shape[0])
+    return sum(m @ g for m, g in zip(mats, weighted)) @ np.linalg.inv(lhs)
+
+
 def test_identity_moments_give_the_ridged_mean():
     rng = np.random.default_rng(0)
     w = {f"{k}.weight": rng.normal(size=(3, 4)).astype(np.float64) for k in "ab"}
@@ -54,10 +63,13 @@ def test_identity_moments_give_the_ridged_mean():
     sites = [Site(s.name, s.kind, s.role, tuple((k, v if k != "dtype" else "float64") for k, v in s.signature),
                   s.tensors, s.numel) for s in sites]
     out = _merge(w, sites, _identity_stats("ab", 4), [["a", "b"]])
-    # sum G_i = 2 I (augmented too): W* = (W_a + W_b) / (2 + 2 * ridge)
-    scale = 2 * (1 + RegMean.ridge)
-    np.testing.assert_allclose(out["weight"], (w["a.weight"] + w["b.weight"]) / scale, rtol=1e-12)
-    np.testing.assert_allclose(out["bias"], (w["a.bias"] + w["b.bias"]) / scale, rtol=1e-12)
+    # G_i = I (augmented too): each member weighs 1 / |[W_i b_i]|^2, then the ridge scales by 1 / (1 + ridge)
+    full = {k: np.hstack([w[f"{k}.weight"], w[f"{k}.bias"][:, None]]) for k in "ab"}
+    e = {k: float((full[k] ** 2).sum()) for k in "ab"}
+    expected = (full["a"] / e["a"] + full["b"] / e["b"]) / ((1 / e["a"] + 1 / e["b"]) * (1 + RegMean.ridge))
+    np.testing.assert_allclose(out["weight"], expected[:, :4], rtol=1e-12)
+    np.testing.assert_allclose(out["bias"], expected[:, 4], rtol=1e-12)
+    np.testing.assert_allclose(expected, _closed_form([full["a"], full["b"]], [np.eye(5), np.eye(5)]), rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
@@ -99,8 +111,7 @@ def test_in_out_layout_and_counts():
     sites = [Site(s.name, s.kind, s.role, tuple((k, v if k != "dtype" else "float64") for k, v in s.signature),
                   s.tensors, s.numel) for s in sites]
     out = _merge({"a.weight": a, "b.weight": b}, sites, stats, [["a", "b"]], counts={"a": 2})
-    total = 2 * ga + gb
-    expected = (2 * a.T @ ga + b.T @ gb) @ np.linalg.inv(total + RegMean.ridge * np.trace(total) / 4 * np.eye(4))
+    expected = _closed_form([a.T, a.T, b.T], [ga, ga, gb])  # a enters twice; moments per sample
     np.testing.assert_allclose(out["weight"], expected.T, rtol=1e-10)
 
 
@@ -177,8 +188,7 @@ def test_a_unit_merges_per_layer():
     for n in names:
         a = [np.hstack([tensors[f"{blk}.{n}.weight"], tensors[f"{blk}.{n}.bias"][:, None]]) for blk in ("b0", "b1")]
         g = [stats[f"{blk}.{n}.weight"].augmented() / 8 for blk in ("b0", "b1")]
-        total = g[0] + g[1]
-        expected = (a[0] @ g[0] + a[1] @ g[1]) @ np.linalg.inv(total + 0.1 * np.trace(total) / 5 * np.eye(5))
+        expected = _closed_form(a, g)
         np.testing.assert_allclose(out[f"{n}.weight"], expected[:, :4], rtol=1e-9)
         np.testing.assert_allclose(out[f"{n}.bias"], expected[:, 4], rtol=1e-9)
 
