@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -50,49 +53,215 @@ def summary(plan: FusionPlan) -> str:
     return "\n".join(lines)
 
 
-def write_heatmap(plan: FusionPlan, path: str | Path, max_classes: int = 12) -> Path:
-    """One similarity heatmap per compatibility class (largest first), written atomically."""
-    import matplotlib
+# -- the heatmap ---------------------------------------------------------------------------------
 
-    matplotlib.use("Agg")
+_BOUNDED = {"cosine": (-1.0, 1.0), "euclidean": (-1.0, 1.0), "cov": (-1.0, 1.0), "kl": (0.0, 1.0)}
+_CELL_IN = 0.3  # inches per layer of a panel, within the limits below
+_PANEL_IN = (2.4, 7.5)
+_MIN_TICK_PT = 9.0  # a tick label per layer while a cell is at least this tall (else every k-th)
+
+
+def write_heatmap(plan: FusionPlan, path: str | Path, max_classes: int = 12) -> Path:
+    """One layer-by-layer similarity matrix per compatibility class (largest first), on one
+    shared colour scale, pairs fused in the plan outlined; written atomically."""
+    path = Path(path)
+    fig = heatmap_figure(plan, max_classes)  # selects the Agg backend before pyplot loads
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    classes = sorted(plan.classes, key=lambda kv: -len(kv[1]))[:max_classes]
-    n = max(len(classes), 1)
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, (cls, _) in zip(axes.flat, classes):
-        names, sim = plan.similarity(cls)
-        np.fill_diagonal(sim, np.nan)  # self-similarity says nothing; keep the scale for the pairs
-        off = sim[np.isfinite(sim)]
-        lo, hi = (float(off.min()), float(off.max())) if off.size else (0.0, 1.0)
-        ax.set_axis_on()
-        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
-        image = ax.imshow(np.ma.masked_invalid(sim), cmap=cmap, vmin=lo, vmax=max(hi, lo + 1e-9))
-        if len(names) <= 10:
-            for (i, j), v in np.ndenumerate(sim):
-                if np.isfinite(v):
-                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6, color="w" if v < (lo + hi) / 2 else "k")
-        short = [_short(s) for s in names]
-        ticks = list(range(len(names)) if len(names) <= 24 else range(0, len(names), max(len(names) // 12, 1)))
-        ax.set_xticks(ticks, [short[i] for i in ticks], rotation=90, fontsize=6)
-        ax.set_yticks(ticks, [short[i] for i in ticks], fontsize=6)
-        ax.set_title(class_label(cls, 60), fontsize=8)
-        fig.colorbar(image, ax=ax, shrink=0.8)
-    if not classes:
-        axes.flat[0].text(0.5, 0.5, "nothing fusable", ha="center", va="center")
-    fig.suptitle(f"lfpass: {plan.metric} similarity per class (higher = more alike)")
-    fig.tight_layout()
     try:
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return path
+
+
+def heatmap_figure(plan: FusionPlan, max_classes: int = 12):
+    """The heatmap as a matplotlib figure (the caller closes it): a panel per class, sized by
+    its layer count within limits, ticks labelled by what varies in the layer names (the
+    layer index), one colour bar for all panels at a range fixed by the metric where it is
+    bounded, else common to every panel shown; pairs fused in the plan outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    classes = sorted(plan.classes, key=lambda kv: -len(kv[1]))[:max_classes]
+    panels = [(cls, *plan.similarity(cls)) for cls, _ in classes]
+    for _, _, sim in panels:
+        np.fill_diagonal(sim, np.nan)  # self-similarity says nothing
+    lo, hi = _value_range(plan.metric, [sim for _, _, sim in panels])
+    diverging = lo < 0 < hi and np.isclose(-lo, hi)
+    cmap = matplotlib.colormaps["RdBu_r" if diverging else "viridis"].with_extremes(bad="0.8")
+    norm = Normalize(lo, hi)
+    sides = [_panel_side(len(names)) for _, names, _ in panels]
+    chars = max((len(x) for _, names, _ in panels for x in layer_labels(names)), default=2)
+    layout = _Layout(sides, chars)
+    fig = plt.figure(figsize=layout.size)
+    where = plan.group_of()
+    for k, (cls, names, sim) in enumerate(panels):
+        ax = fig.add_axes(layout.panel(k))
+        ax.imshow(np.ma.masked_invalid(sim), cmap=cmap, norm=norm, interpolation="nearest")
+        _label_panel(ax, cls, names, sides[k])
+        _outline_fused(ax, names, where)
+        _annotate(ax, sim, norm, sides[k], diverging)
+    if panels:
+        ticks = [t for t in MaxNLocator(8).tick_values(lo, hi) if lo - 1e-12 <= t <= hi + 1e-12]
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), cax=fig.add_axes(layout.colorbar()),
+                           ticks=ticks, format=FuncFormatter(_fixed(_decimals(ticks))))
+        bar.set_label(f"{plan.metric} similarity (higher = more alike)")
+        keys = [Patch(facecolor="none", edgecolor="k", linewidth=1.5, label="fused in the plan"),
+                Patch(facecolor="0.8", label="same layer, or pair not kept")]
+        fig.legend(handles=keys, loc="lower right", fontsize=7, frameon=False, ncols=2,
+                   bbox_to_anchor=(1.0, 0.0), borderaxespad=0.3)
+    else:
+        fig.text(0.5, 0.5, "nothing fusable: no two layers share a signature", ha="center", va="center")
+    title = f"lfpass: {plan.metric} similarity between layers that may share a tensor"
+    if len(plan.classes) > len(classes):
+        title += f" ({len(classes)} largest of {len(plan.classes)} classes)"
+    fig.suptitle(textwrap.fill(title, int(layout.size[0] * 11)), fontsize=10, y=1 - 0.08 / layout.size[1],
+                 va="top")
+    return fig
+
+
+class _Layout:
+    """Where the panels go, in inches: rows of at most ``cols`` panels, each row as tall and
+    each column as wide as its largest panel, room for ticks and titles round each, the
+    colour bar on the right."""
+
+    TITLE, TOP, BAR, LEGEND, GAP = 0.42, 0.4, 1.15, 0.3, 0.2
+
+    def __init__(self, sides: Sequence[float], chars: int) -> None:
+        self.sides = list(sides) or [_PANEL_IN[0]]
+        n, first = len(self.sides), self.sides[0]
+        self.cols = min(n, 4 if first <= 3.5 else 3 if first <= 5 else 2)
+        rows = -(-n // self.cols)
+        grid = np.zeros((rows, self.cols))
+        for k, side in enumerate(self.sides):
+            grid[k // self.cols, k % self.cols] = side
+        self.widths, self.heights = grid.max(axis=0), grid.max(axis=1)
+        label = 0.07 * chars + 0.15  # a tick label's length in inches, at about 7 points
+        self.left = label + 0.05
+        self.below = (label if chars > 3 else 0.2) + 0.3  # ticks (rotated when long) and the x label
+        width = float((self.left + self.widths + self.GAP).sum()) + self.BAR
+        height = self.TOP + float((self.TITLE + self.heights + self.below).sum()) + self.LEGEND
+        self.size = (max(width, 4.8), height)
+
+    def panel(self, k: int) -> list[float]:
+        """The ``k``-th panel's box as figure fractions ``[left, bottom, width, height]``."""
+        r, c = divmod(k, self.cols)
+        x = float((self.left + self.widths[:c] + self.GAP).sum()) + self.left
+        top = self.TOP + float((self.TITLE + self.heights[:r] + self.below).sum()) + self.TITLE
+        side = self.sides[k]
+        x += (self.widths[c] - side) / 2
+        y = self.size[1] - top - (self.heights[r] + side) / 2
+        return [x / self.size[0], y / self.size[1], side / self.size[0], side / self.size[1]]
+
+    def colorbar(self) -> list[float]:
+        x = float((self.left + self.widths + self.GAP).sum()) + 0.1
+        span = min(float(self.heights.sum() + (len(self.heights) - 1) * (self.TITLE + self.below)), 6.0)
+        top = self.TOP + self.TITLE
+        return [x / self.size[0], (self.size[1] - top - span) / self.size[1], 0.18 / self.size[0],
+                span / self.size[1]]
+
+
+def _value_range(metric: str, sims: Sequence[np.ndarray]) -> tuple[float, float]:
+    """The colour range: fixed where the metric is bounded, else common to every panel."""
+    if metric in _BOUNDED:
+        return _BOUNDED[metric]
+    values = np.concatenate([s[np.isfinite(s)] for s in sims]) if sims else np.empty(0)
+    if not values.size:
+        return 0.0, 1.0
+    lo, hi = float(values.min()), float(values.max())
+    return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+
+
+def _decimals(values: Sequence[float]) -> int:
+    """The fewest decimals that write every value exactly (at most 6)."""
+    for d in range(7):
+        if all(abs(round(v, d) - v) <= 1e-9 * max(1.0, abs(v)) for v in values):
+            return d
+    return 6
+
+
+def _fixed(decimals: int):
+    """Plain numbers at ``decimals`` (no offset or exponent text, no ``-0.0``)."""
+
+    def fmt(v: float, _pos: object = None) -> str:
+        return f"{v:.3g}" if abs(v) >= 1e5 else f"{round(v, decimals) + 0.0:.{decimals}f}"
+
+    return fmt
+
+
+def _panel_side(n: int) -> float:
+    return float(np.clip(_CELL_IN * n + 1.0, *_PANEL_IN))
+
+
+def layer_labels(names: Sequence[str]) -> list[str]:
+    """What varies among ``names`` (the layer index where only that does): the tokens
+    between their common leading and trailing parts. ``encoder.layer.3.attention.self.query``
+    among its peers is ``3``; ``layer2.1.conv2`` among ResNet's is ``layer2.1``."""
+    split = [re.split(r"([./#])", n) for n in names]
+    if len(split) < 2:
+        return [_short(n, 12) for n in names]
+    head = 0
+    while all(len(t) > head for t in split) and len({tuple(t[: head + 1]) for t in split}) == 1:
+        head += 1
+    tail = 0
+    while all(len(t) - head > tail for t in split) and len({tuple(t[len(t) - tail - 1:]) for t in split}) == 1:
+        tail += 1
+    middles = ["".join(t[head: len(t) - tail]).strip("./") for t in split]
+    return [_short(m or n, 12) for m, n in zip(middles, names)]
+
+
+def _label_panel(ax, cls: ClassKey, names: Sequence[str], side: float) -> None:
+    labels = layer_labels(names)
+    n = len(names)
+    cell_pt = side / n * 72
+    step = max(1, int(np.ceil(_MIN_TICK_PT / cell_pt)))
+    ticks = list(range(0, n, step))
+    size = float(np.clip(cell_pt * step * 0.6, 5, 8))
+    long = max(len(labels[i]) for i in ticks) > 3
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90 if long else 0, fontsize=size)
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=size)
+    ax.tick_params(length=2, pad=1)
+    if all(re.fullmatch(r"[\d.]+", x) for x in labels):
+        ax.set_xlabel("layer", fontsize=8)
+    width = max(int(side * 17), 24)
+    shape = cls.field("shape")
+    kind = f"{cls.kind} {tuple(shape) if shape is not None else ''}".rstrip()
+    ax.set_title(f"{_short(cls.role, width) if cls.role else 'any role'}\n{kind}", fontsize=8)
+
+
+def _outline_fused(ax, names: Sequence[str], where: dict[str, int]) -> None:
+    """A box (black inside white, seen on any colour) round each cell of a pair fused in the plan."""
+    from matplotlib.patches import Rectangle
+
+    groups = [where.get(n) for n in names]
+    for i, gi in enumerate(groups):
+        for j, gj in enumerate(groups):
+            if i != j and gi is not None and gi == gj:
+                for colour, width in (("w", 2.2), ("k", 1.1)):
+                    ax.add_patch(Rectangle((j - 0.42, i - 0.42), 0.84, 0.84, fill=False, edgecolor=colour,
+                                           linewidth=width))
+
+
+def _annotate(ax, sim: np.ndarray, norm, side: float, diverging: bool) -> None:
+    """Each pair's value in its cell, where there are few enough cells to read them."""
+    n = len(sim)
+    cell_pt = side / n * 72
+    if n > 12 or cell_pt < 24:
+        return
+    span = norm.vmax - norm.vmin
+    fmt = _fixed(int(np.clip(np.ceil(-np.log10(span / 100)), 0, 6)))  # a hundredth of the range
+    for (i, j), v in np.ndenumerate(sim):
+        if np.isfinite(v):
+            dark = abs(norm(v) - 0.5) > 0.3 if diverging else norm(v) < 0.55
+            ax.text(j, i, fmt(v), ha="center", va="center", fontsize=min(7.0, cell_pt / 4.5),
+                    color="w" if dark else "k")
 
 
 def class_label(cls: ClassKey, width: int = 100) -> str:
