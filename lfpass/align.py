@@ -418,6 +418,25 @@ class AlignReport:
         return "\n".join(lines)
 
 
+def collect(found: Iterable[tuple[str, "Space | str"]], spaces: list[Space] | None = None,
+            reasons: Mapping[str, str] | None = None, skipped: list[Skipped] | None = None) -> list[Space]:
+    """The spaces a frontend found, one ``(layer, space or why not)`` at a time: each set of
+    producers once; the reasons of layers no space covers go to ``skipped`` (when given)."""
+    spaces = list(spaces or ())
+    why = dict(reasons or {})
+    seen = {s.producers for s in spaces}
+    for name, space in found:
+        if isinstance(space, str):
+            why.setdefault(name, space)
+        elif space.producers not in seen:
+            seen.add(space.producers)
+            spaces.append(space)
+    done = {p for s in spaces for p in s.producers}
+    if skipped is not None:
+        skipped += [Skipped(n, reason) for n, reason in why.items() if n not in done]
+    return spaces
+
+
 def _layer_pairs(anchor: "Site", member: "Site") -> list[tuple[str, str]] | str:
     """The layer sites to relate: the site itself, or a unit's parts in order."""
     if not anchor.parts and not member.parts:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lfpass.align import AlignReport, Move, Skipped, Space, align_spaces, links_from_plan
+from lfpass.align import AlignReport, Move, Skipped, Space, align_spaces, collect, links_from_plan
 from lfpass.calibration import Calibration
 from lfpass.fx.sites import _FUNCTIONAL, _bind, _tensor_names, find_sites
 from lfpass.errors import TraceError
@@ -594,22 +594,14 @@ def _find(g: _Graph, skipped: list[Skipped] | None) -> list[Space]:
             covered.update(p for s in found for p in s.producers)
         elif isinstance(found, str):
             reasons.setdefault(f"attention at {node.name}", found)
-    seen: set[tuple[str, ...]] = set()
-    for node in g.gm.graph.nodes:
-        layer = g.layer(node)
-        if layer is None or isinstance(layer, _Layer) and layer.site.name in covered:
-            continue
-        found = _permute_space(g, node)
-        name = layer.site.name if isinstance(layer, _Layer) else node.name
-        if isinstance(found, str):
-            reasons.setdefault(name, found)
-        elif found.producers not in seen:
-            seen.add(found.producers)
-            spaces.append(found)
-    done = {p for s in spaces for p in s.producers}
-    if skipped is not None:
-        skipped += [Skipped(n, why) for n, why in reasons.items() if n not in done]
-    return spaces
+    def candidates():
+        for node in g.gm.graph.nodes:
+            layer = g.layer(node)
+            if layer is None or isinstance(layer, _Layer) and layer.site.name in covered:
+                continue
+            yield (layer.site.name if isinstance(layer, _Layer) else node.name), _permute_space(g, node)
+
+    return collect(candidates(), spaces, reasons, skipped)
 
 
 # -- in place on a module ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.align import AlignReport, Move, Skipped, Space, align_spaces, links_from_plan
+from lfpass.align import AlignReport, Move, Skipped, Space, align_spaces, collect, links_from_plan
 from lfpass.calibration import Calibration
 from lfpass.onnx.sites import OnnxSites, _constant, _tensor_of, find_sites
 from lfpass.plan import FusionPlan
@@ -162,18 +162,8 @@ def find_spaces(model: ir.Model, skipped: list[Skipped] | None = None) -> list[S
 
 
 def _find(g: _Graph, skipped: list[Skipped] | None) -> list[Space]:
-    spaces, seen, reasons = [], set(), dict(g.reasons)
-    for layer in g.by_out.values():
-        found = _region(g, layer)
-        if isinstance(found, str):
-            reasons.setdefault(layer.site.name, found)
-        elif found.producers not in seen:
-            seen.add(found.producers)
-            spaces.append(found)
-    done = {p for s in spaces for p in s.producers}
-    if skipped is not None:
-        skipped += [Skipped(n, why) for n, why in reasons.items() if n not in done]
-    return spaces
+    return collect(((layer.site.name, _region(g, layer)) for layer in g.by_out.values()), reasons=g.reasons,
+                   skipped=skipped)
 
 
 def align_onnx(model: ir.Model, plan: FusionPlan, mode: str = "weights", calibration: Calibration | None = None,
