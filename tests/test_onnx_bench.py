@@ -22,8 +22,15 @@ def test_bench_optimize_small(tmp_path):
         args.append("--no-onnxslim")
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    for row in ("onnx.load + onnx.save (floor)", "lfpass optimize", "lfpass validate (separate)"):
+    for row in ("onnx.load + onnx.save (floor)", "lfpass optimize", "lfpass validate (separate)",
+                "lfpass.optimize, budgeted", "read state dict (torch.load, reference)",
+                "FX analyze + apply (copy, the default)", "FX analyze + apply (inplace=True)"):
         assert f"| {row} |" in done.stdout
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["bytes"]["lfpass optimize"] < data["bytes"]["onnx.load + onnx.save (floor)"]
     assert all(seconds > 0 and mb > 0 for seconds, mb in data["rows"].values())
+    budget = data["budget"]  # 2 layers: one pair of mlp.c_fc layers may fuse
+    assert budget["pairs"] == 1 and budget["evaluations"] >= 1 and budget["ratio"] >= 1.0
+    fx = data["fx"]
+    assert fx["FX analyze + apply (copy, the default)"]["ratio"] > 1.0
+    assert all(r["seconds"] > 0 and r["peak_mb"] > 0 for r in fx.values())

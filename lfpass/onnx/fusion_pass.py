@@ -24,7 +24,7 @@ from lfpass.calibration import Calibration
 from lfpass.config import FusionConfig
 from lfpass.errors import PlanError
 from lfpass.onnx.load import count_params
-from lfpass.onnx.rewrite import apply_plan
+from lfpass.onnx.rewrite import Store, apply_plan, in_memory
 from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.plan import FusionPlan, check_plan
 from lfpass.planner import plan_fusion
@@ -34,12 +34,14 @@ log = logging.getLogger(__name__)
 
 class LayerFusionPass(ir.passes.InPlacePass):
     """Share the merged weights of similar layers (in place). After a call, ``plan`` is
-    the plan applied and ``sites`` the layers it was planned over."""
+    the plan applied and ``sites`` the layers it was planned over. ``store`` keeps each
+    merged initializer (in memory by default; see :func:`lfpass.onnx.rewrite.apply_plan`)."""
 
     def __init__(self, config: FusionConfig | None = None, plan: FusionPlan | None = None,
-                 progress: bool = False, stats: Calibration | None = None) -> None:
+                 progress: bool = False, stats: Calibration | None = None, store: Store = in_memory) -> None:
         super().__init__()
         self.stats = stats  # calibration, for the 'output' metric and the 'regmean' rule
+        self.store = store
         self.config = config or FusionConfig()
         self.plan = plan
         self.sites: OnnxSites | None = None
@@ -70,7 +72,7 @@ class LayerFusionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if model in self._fused or not self.plan.groups:
             return ir.passes.PassResult(model, modified=False)
-        apply_plan(model, self.sites, self.plan, stats=self.stats)
+        apply_plan(model, self.sites, self.plan, stats=self.stats, store=self.store)
         self._fused.add(model)
         self._planned = None  # the graph changed: its sites are no longer these
         return ir.passes.PassResult(model, modified=True)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -167,6 +169,28 @@ def _check_external(model: ir.Model, path: Path) -> None:
             end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
             if data.stat().st_size < end:
                 raise InputError(f"{path}: external data file {data.name} is truncated ({value.name!r} ends past it)")
+
+
+def read_array(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A tensor's values in its own dtype. A tensor still in an external data file is
+    mapped afresh, just its own bytes, and unmapped when the array is dropped: reading
+    every weight of a 5 GB model then leaves the pages of none of them resident.
+
+    (``ExternalTensor.numpy()`` maps the whole file and keeps the mapping for the
+    tensor's lifetime, so each tensor read stays in the process's memory until the
+    model is dropped.) Sub-byte types, and a tensor already read, go through onnx-ir."""
+    if not isinstance(tensor, ir.ExternalTensor) or tensor.raw is not None or tensor.dtype.bitwidth < 8:
+        return tensor.numpy()
+    dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+    shape = tuple(tensor.shape.numpy())
+    length = tensor.length if tensor.length is not None else tensor.nbytes
+    if length == 0 or tensor.size == 0:
+        return np.empty(shape, dtype=dtype)
+    offset = tensor.offset or 0
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(tensor.path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), offset + length - start, access=mmap.ACCESS_READ, offset=start)
+    return np.frombuffer(mapped, dtype=dtype, count=tensor.size, offset=offset - start).reshape(shape)
 
 
 def disk_bytes(path: str | Path, data_files: list[Path] | None = None) -> int:

@@ -8,6 +8,7 @@ it against the original in onnxruntime. The input file is only ever read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
 from lfpass.onnx.fusion_pass import LayerFusionPass
 from lfpass.onnx.pipeline import LABELS, Kept, fuse_keeping, keeps_function
-from lfpass.onnx.save import needs_external, staged, write
+from lfpass.onnx.save import DataFile, needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.onnx.validate import Validation, score_outputs, validate
 from lfpass.plan import FusionPlan
@@ -251,19 +252,27 @@ def optimize(
     if note:
         result.message = "\n".join(m for m in (result.message, note) if m)
     scores = score_outputs(model)
-    clock = time.perf_counter()
-    if kept is not None:
-        model, fusion = kept.model, None
-    else:
-        fusion(model)
-    result.params_after = count_params(model)
-    result.seconds["rewrite"] = time.perf_counter() - clock
-    external = external_data if external_data is not None else bool(data_files) or needs_external(model)
-    if not external and needs_external(model):
-        raise OutputError(f"{output}: the tensors exceed protobuf's 2 GB limit; write them as external data")
     keep = [p for p in (*read_paths.values(), *data_files) if p is not None]
-    clock = time.perf_counter()
-    with staged(output, external, keep) as where:
+    # an output that will be external for sure is staged first, and each merged tensor goes
+    # into its data file as it is made: one group's tensors in memory at a time
+    streamed = kept is None and (external_data if external_data is not None else bool(data_files))
+    with contextlib.ExitStack() as stack:
+        where = stack.enter_context(staged(output, True, keep)) if streamed else None
+        clock = time.perf_counter()
+        if kept is not None:
+            model, fusion = kept.model, None
+        else:
+            if where is not None:
+                fusion.store = DataFile(where)
+            fusion(model)
+        result.params_after = count_params(model)
+        result.seconds["rewrite"] = time.perf_counter() - clock
+        if where is None:
+            external = external_data if external_data is not None else bool(data_files) or needs_external(model)
+            if not external and needs_external(model):
+                raise OutputError(f"{output}: the tensors exceed protobuf's 2 GB limit; write them as external data")
+            where = stack.enter_context(staged(output, external, keep))
+        clock = time.perf_counter()
         write(model, where, value_info)
         del model, fusion  # onnxruntime loads the files; free the graph before it does
         result.seconds["write"] = time.perf_counter() - clock

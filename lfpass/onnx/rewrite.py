@@ -21,13 +21,14 @@ graph is never changed beyond the plan. Subgraphs are not touched.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from lfpass.errors import PlanError
 from lfpass.merge import bit_equal, merged_slots
+from lfpass.onnx.load import read_array
 from lfpass.onnx.sites import OnnxSites
 from lfpass.plan import FusionPlan, check_plan
 
@@ -35,6 +36,13 @@ if TYPE_CHECKING:
     from lfpass.calibration import Calibration
 
 log = logging.getLogger(__name__)
+
+Store = Callable[[np.ndarray, str], ir.TensorProtocol]  # a merged array -> the tensor the graph keeps
+
+
+def in_memory(array: np.ndarray, name: str) -> ir.TensorProtocol:
+    return ir.Tensor(array, name=name)
+
 
 _REMOVABLE = ("Constant", "Identity", "Transpose", "Cast")
 
@@ -64,16 +72,20 @@ def _as_array(merged: np.ndarray, like: ir.TensorProtocol) -> np.ndarray:
     return np.ascontiguousarray(merged)
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.Tensor(array, name=name)
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, store: Store = in_memory) -> ir.Value:
+    tensor = store(array, name)
     value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
 
 
-def apply_plan(model: ir.Model, found: OnnxSites, plan: FusionPlan, stats: Calibration | None = None) -> int:
+def apply_plan(model: ir.Model, found: OnnxSites, plan: FusionPlan, stats: Calibration | None = None,
+               store: Store = in_memory) -> int:
     """Make each group of ``plan`` read one merged tensor per slot; returns groups applied
-    (``stats``: the calibration a data-aware rule such as ``regmean`` merges by)."""
+    (``stats``: the calibration a data-aware rule such as ``regmean`` merges by). ``store``
+    turns each merged initializer into the tensor the graph keeps: in memory by default;
+    ``optimize`` appends it to the output's data file instead
+    (:class:`lfpass.onnx.save.DataFile`), so one slot's arrays are in memory at a time."""
     sites = found.by_name()
     check_plan(plan, sites)
     graph = model.graph
@@ -83,22 +95,23 @@ def apply_plan(model: ir.Model, found: OnnxSites, plan: FusionPlan, stats: Calib
         holders = [found.values[x.tensor] for x in merged.members]
         like = found.tensor(merged.members[0].tensor)
         if merged.members[0].kind == "weight":
-            dead += _share_weight(graph, holders, merged.array, like)
+            dead += _share_weight(graph, holders, merged.array, like, store)
         elif any(h is not holders[0] for h in holders):
             edges = [e for x in merged.members for e in found.bias_edges[x.tensor]]
-            dead += _share_bias(graph, holders[0], edges, merged.array, like, names)
+            dead += _share_bias(graph, holders[0], edges, merged.array, like, names, store)
     removed = _remove_dead(graph, dead)
     log.info("applied %d groups; removed %d dead tensors and nodes", len(plan.groups), removed)
     return len(plan.groups)
 
 
-def _set_value(graph: ir.Graph, holder: ir.Value, array: np.ndarray, like: ir.TensorProtocol) -> None:
+def _set_value(graph: ir.Graph, holder: ir.Value, array: np.ndarray, like: ir.TensorProtocol,
+               store: Store) -> None:
     """Give ``holder`` the merged values; a ``Constant`` holder moves to the top of the
     graph, so members that come before it can read it."""
-    changed = not bit_equal(array, like.numpy())
+    changed = not bit_equal(array, read_array(like))
     if holder.is_initializer():
         if changed:
-            holder.const_value = ir.Tensor(array, name=holder.name)
+            holder.const_value = store(array, holder.name)
         return
     node = holder.producer()
     if changed:
@@ -108,23 +121,23 @@ def _set_value(graph: ir.Graph, holder: ir.Value, array: np.ndarray, like: ir.Te
         graph.insert_before(graph[0], node)
 
 
-def _share_weight(graph, holders, merged, like) -> list[ir.Value]:
+def _share_weight(graph, holders, merged, like, store) -> list[ir.Value]:
     anchor = holders[0]
-    _set_value(graph, anchor, _as_array(merged, like), like)
+    _set_value(graph, anchor, _as_array(merged, like), like, store)
     for h in holders[1:]:
         h.replace_all_uses_with(anchor)
     return holders[1:]
 
 
-def _share_bias(graph, anchor, edges, merged, like, names) -> list[ir.Value]:
+def _share_bias(graph, anchor, edges, merged, like, names, store) -> list[ir.Value]:
     """Re-point the members' bias inputs; the anchor's bias keeps its value for any other reader."""
     array = _as_array(merged, like)
     mine = {(id(n), i) for n, i in edges}
-    if bit_equal(array, like.numpy()) or all((id(u.node), u.idx) in mine for u in anchor.uses()):
-        _set_value(graph, anchor, array, like)
+    if bit_equal(array, read_array(like)) or all((id(u.node), u.idx) in mine for u in anchor.uses()):
+        _set_value(graph, anchor, array, like, store)
         shared = anchor
     else:
-        shared = _initializer(graph, names.fresh(anchor.name), array)
+        shared = _initializer(graph, names.fresh(anchor.name), array, store)
     old = []
     for node, i in edges:
         if node.inputs[i] is not shared:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -162,25 +163,61 @@ def write(model: ir.Model, where: Staged, value_info: frozenset[str] | None = No
         raise OutputError(f"{where.model.parent}: cannot write the model ({exc.strerror or exc})") from None
 
 
+class DataFile:
+    """Appends tensors to a staged data file as they are made, each becoming an
+    ``ExternalTensor`` there: a rewrite then holds one merged tensor in memory at a
+    time, and :func:`write` leaves what is already in the file where it is. A
+    tensor under 1 KiB stays in memory (it goes inline, as :func:`write` keeps it)."""
+
+    def __init__(self, where: Staged) -> None:
+        if where.data is None:
+            raise ValueError("DataFile needs a staged data file (an external output)")
+        self.where = where
+
+    def __call__(self, array: np.ndarray, name: str) -> ir.TensorProtocol:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < _EXTERNAL_MIN_BYTES:
+            return ir.Tensor(array, name=name)
+        try:
+            with open(self.where.data, "ab") as out:
+                offset = out.tell()
+                out.write(array.reshape(-1).view(np.uint8).data)
+        except OSError as exc:
+            raise OutputError(f"{self.where.data}: cannot write the data file ({exc.strerror or exc})") from None
+        return ir.ExternalTensor(self.where.data_name, offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
+                                 shape=ir.Shape(array.shape), name=name, base_dir=str(self.where.model.parent))
+
+
 def _unload(model: ir.Model, where: Staged) -> None:
-    """Move every initializer of 1 KiB or more into ``where.data``, one tensor at a time
-    (a tensor still in the input's data file is memory-mapped, so it streams through).
+    """Move every initializer of 1 KiB or more into ``where.data``, one tensor at a time,
+    after what a :class:`DataFile` already put there (left as it is). A tensor still in
+    the input's data file is copied file to file (``copy_file_range`` where the system
+    has it), never read into memory or left mapped.
 
     Written here rather than by ``onnx_ir.external_data.unload_from_model``, which
     stages its file in a folder of its own that a killed writer would leave behind."""
     written: dict[int, tuple[int, int]] = {}
-    offset = 0
-    with open(where.data, "wb") as out:
+    target = os.path.realpath(where.data)
+    with open(where.data, "r+b") as out:  # not "ab": copy_file_range refuses a file opened to append
+        offset = out.seek(0, os.SEEK_END)
         for graph in (model.graph, *model.graph.subgraphs()):
             for value in graph.initializers.values():
                 tensor = value.const_value
                 if tensor is None or tensor.nbytes < _EXTERNAL_MIN_BYTES:
                     continue
+                if isinstance(tensor, ir.ExternalTensor) and os.path.realpath(tensor.path) == target:
+                    continue  # already in the output's data file
                 if id(tensor) not in written:
-                    data = tensor.tobytes()
-                    out.write(data)
-                    written[id(tensor)] = (offset, len(data))
-                    offset += len(data)
+                    if isinstance(tensor, ir.ExternalTensor) and tensor.raw is None:
+                        tensor.tofile(out)  # raises OSError when the input's data file falls short
+                        length = out.tell() - offset
+                    else:
+                        data = tensor.tobytes()
+                        out.write(data)
+                        length = len(data)
+                        del data
+                    written[id(tensor)] = (offset, length)
+                    offset += length
                 start, length = written[id(tensor)]
                 value.const_value = ir.ExternalTensor(where.data_name, start, length, tensor.dtype, shape=tensor.shape,
                                                       name=tensor.name or value.name, base_dir=str(where.model.parent))

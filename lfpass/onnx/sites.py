@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from lfpass.onnx.load import read_array
 from lfpass.onnx.names import layer_name
 from lfpass.sites import Site, make_signature
 from lfpass.units import find_units
@@ -68,8 +69,9 @@ class OnnxSites:
         return array if array.dtype == np.float64 else np.asarray(array, dtype=np.float32)
 
     def load_exact(self, name: str) -> np.ndarray:
-        """A tensor's values in its own dtype (bfloat16 as ``ml_dtypes.bfloat16``), for merging."""
-        return self.tensor(name).numpy()
+        """A tensor's values in its own dtype (bfloat16 as ``ml_dtypes.bfloat16``), for merging;
+        external data is mapped for as long as the array lives (:func:`read_array`)."""
+        return read_array(self.tensor(name))
 
     @property
     def plannable(self) -> list[Site]:
