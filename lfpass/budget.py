@@ -11,7 +11,8 @@ plan, built with the configured merge, alignment and corrections):
    similarity); each is joined to the groups kept so far (two groups holding
    its members become one) and the whole plan measured again;
 3. a step that takes the error past ``max_error`` is rolled back and the
-   next pair tried; planning stops at ``target_ratio`` when one is set.
+   next pair tried (a pair whose damage alone is past it is not tried);
+   planning stops at ``target_ratio`` when one is set.
 
 With a budget and no target, the plan is the largest ratio found that keeps
 the budget; with a target and no budget, it is the target reached in
@@ -139,6 +140,9 @@ def _accumulate(base: FusionPlan, build: _Builder, order, evaluate: Evaluate, co
         alone = f"damage alone {damage:.4g}"
         if target is not None and with_groups(base, _plan_groups(build, kept.groups)).ratio >= target:
             decisions.append((a, b, f"kept apart: target {target:g} reached before this pair ({alone})"))
+            continue
+        if budget is not None and damage > budget:  # alone it already breaks the budget: not measured again
+            decisions.append((a, b, f"kept apart: its damage alone ({damage:.4g}) is over the budget {budget:g}"))
             continue
         step = kept.joined(a, b)
         if step is None:

@@ -55,13 +55,23 @@ def test_budget_takes_cheap_pairs_and_rolls_back_the_rest():
     assert plan.error <= config.max_error
     assert plan.params_after == 4 * 48 - 2 * 48 and plan.model_ratio == pytest.approx(2.0)
     # six pairs measured alone, then each tried cumulatively: two kept, the rest rolled back
-    assert len(calls) == 6 + 6  # each pair alone, then each tried once on top of what is kept
+    assert len(calls) == 6 + 2  # each pair alone, then the two within the budget alone on top of what is kept
     reasons = {(a, b): why for a, b, why in plan.decisions}
     assert reasons[("blocks.0.fc", "blocks.1.fc")].startswith("fused")
-    assert "rolled back" in reasons[("blocks.0.fc", "blocks.2.fc")]
+    assert "alone (0.5) is over the budget" in reasons[("blocks.0.fc", "blocks.2.fc")]
     assert [e for _, e in plan.curve] == pytest.approx([0.001, 0.003])
-    assert "within the budget" in plan.message and "rolled back" in plan.message
-    assert "rolled back" in plan.explain()
+    assert "within the budget" in plan.message
+    assert "over the budget" in plan.explain()
+
+
+def test_a_step_that_breaks_the_budget_is_rolled_back():
+    sites, tensors = _sites()
+    config = FusionConfig(target_ratio=None, max_error=0.0025)  # 0.001 and 0.002 fit alone, not together
+    plan = plan_within_budget(sites, tensors.__getitem__, config, 4 * 48, _evaluate([]))
+    assert [g.members for g in plan.groups] == [("blocks.0.fc", "blocks.1.fc")] and plan.error == pytest.approx(0.001)
+    reasons = {(a, b): why for a, b, why in plan.decisions}
+    assert reasons[("blocks.2.fc", "blocks.3.fc")].startswith("rolled back: error 0.003")
+    assert "1 pair(s) rolled back" in plan.message
 
 
 def test_a_target_stops_planning_and_says_what_it_costs():
