@@ -211,3 +211,17 @@ def test_cli_never_tracebacks_never_touches_inputs_never_leaves_strays(tmp_path_
     asked |= {"m.fused.onnx", "m.fused.onnx.data"}
     strays = {p.name for p in folder.iterdir()} - set(inputs) - asked
     assert not strays, (argv, strays)
+
+
+def test_an_initializer_without_a_data_type_is_a_corrupted_model(tmp_path, capsys):
+    """Found by the property test: a bit flip that leaves a tensor's type UNDEFINED is refused on
+    load, in one line, rather than failing wherever its size is first asked for."""
+    good = _mlp(tmp_path / "good.onnx")
+    model = onnx.load(str(good))
+    model.graph.initializer[0].data_type = onnx.TensorProto.UNDEFINED
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    assert cli.main(["optimize", str(bad), "-o", str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "has no valid data type" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()

@@ -105,6 +105,9 @@ def _check_graph(graph: onnx.GraphProto, path: Path) -> None:
     for tensor in graph.initializer:
         if tensor.name in initializers:
             raise InputError(f"{path}: two initializers are named {tensor.name!r} (invalid model)")
+        if tensor.data_type == onnx.TensorProto.UNDEFINED or tensor.data_type not in onnx.TensorProto.DataType.values():
+            raise InputError(f"{path}: initializer {tensor.name!r} has no valid data type ({tensor.data_type}; "
+                             "corrupted model)")
         initializers.add(tensor.name)
     defined = initializers | {v.name for v in graph.input}
     produced_by = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
