@@ -213,32 +213,24 @@ def _batch_norm(g: _Graph, node: fx.Node) -> tuple[fx.Node, list[tuple[str, str]
     if node.op == "call_function" and node.target in _BATCH_NORM_ATEN:
         if node.target is aten.batch_norm.default and node.args[5]:
             return f"{_describe(node)} is a BatchNorm in training mode"
-        names = []
-        for v, i in zip(vectors, _BATCH_NORM_ATEN[node.target]):
-            arg = node.args[i]
-            if arg is None:
-                continue
-            name = g.name_of(arg) if isinstance(arg, fx.Node) else None
-            if name is None:
-                return f"{_describe(node)}: its {v} is not a stored tensor"
-            names.append((v, name))
-        return node.args[0], names
-    if node.op == "call_function" and node.target is F.batch_norm:
+        given, source = {v: node.args[i] for v, i in zip(vectors, _BATCH_NORM_ATEN[node.target])}, node.args[0]
+    elif node.op == "call_function" and node.target is F.batch_norm:
         a = dict(zip(("input", "running_mean", "running_var", "weight", "bias", "training"), node.args))
         a.update(node.kwargs)
         if a.get("training"):
             return f"{_describe(node)} is a BatchNorm in training mode"
-        names = []
-        for v in vectors:
-            arg = a.get(v)
-            if arg is None:
-                continue
-            name = g.name_of(arg) if isinstance(arg, fx.Node) else None
-            if name is None:
-                return f"{_describe(node)}: its {v} is not a stored tensor"
-            names.append((v, name))
-        return a["input"], names
-    return None
+        given, source = {v: a.get(v) for v in vectors}, a["input"]
+    else:
+        return None
+    names = []
+    for v, arg in given.items():  # the vectors that move with the channels: each a stored tensor, or none
+        if arg is None:
+            continue
+        name = g.name_of(arg) if isinstance(arg, fx.Node) else None
+        if name is None:
+            return f"{_describe(node)}: its {v} is not a stored tensor"
+        names.append((v, name))
+    return source, names
 
 
 class _Region:
