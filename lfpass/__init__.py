@@ -12,27 +12,31 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lfpass import _moved
+
 __version__ = "0.1.0"
 
+_moved.install()  # lfpass.merge, lfpass.config, ... still import, with a DeprecationWarning
+
 _EXPORTS = {
-    "analyze": "lfpass.api",
-    "apply": "lfpass.api",
-    "export": "lfpass.onnx_export",
-    "fuse": "lfpass.api",
-    "unique_parameters": "lfpass.api",
-    "FusionConfig": "lfpass.config",
-    "load_pipeline": "lfpass.config",
-    "ConfigError": "lfpass.errors",
-    "InputError": "lfpass.errors",
-    "LfpassError": "lfpass.errors",
-    "PlanError": "lfpass.errors",
-    "TraceError": "lfpass.errors",
-    "ValidationFailed": "lfpass.errors",
+    "analyze": "lfpass.fx.api",
+    "apply": "lfpass.fx.api",
+    "export": "lfpass.bridge.export",
+    "fuse": "lfpass.fx.api",
+    "unique_parameters": "lfpass.fx.api",
+    "FusionConfig": "lfpass.core.config",
+    "load_pipeline": "lfpass.core.config",
+    "ConfigError": "lfpass.core.errors",
+    "InputError": "lfpass.core.errors",
+    "LfpassError": "lfpass.core.errors",
+    "PlanError": "lfpass.core.errors",
+    "TraceError": "lfpass.core.errors",
+    "ValidationFailed": "lfpass.core.errors",
     "trace": "lfpass.fx.trace",
-    "LayerFusionPass": "lfpass.passes",
-    "FusionGroup": "lfpass.plan",
-    "FusionPlan": "lfpass.plan",
-    "Site": "lfpass.sites",
+    "LayerFusionPass": "lfpass.fx.fusion_pass",
+    "FusionGroup": "lfpass.core.plan",
+    "FusionPlan": "lfpass.core.plan",
+    "Site": "lfpass.core.sites",
     "optimize": "lfpass.onnx",
     "analyze_onnx": "lfpass.onnx",
 }
@@ -40,15 +44,15 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from lfpass.api import analyze, apply, fuse, unique_parameters
-    from lfpass.config import FusionConfig, load_pipeline
-    from lfpass.errors import ConfigError, InputError, LfpassError, PlanError, TraceError, ValidationFailed
+    from lfpass.fx.api import analyze, apply, fuse, unique_parameters
+    from lfpass.core.config import FusionConfig, load_pipeline
+    from lfpass.core.errors import ConfigError, InputError, LfpassError, PlanError, TraceError, ValidationFailed
     from lfpass.fx.trace import trace
     from lfpass.onnx import analyze_onnx, optimize
-    from lfpass.onnx_export import export
-    from lfpass.passes import LayerFusionPass
-    from lfpass.plan import FusionGroup, FusionPlan
-    from lfpass.sites import Site
+    from lfpass.bridge.export import export
+    from lfpass.fx.fusion_pass import LayerFusionPass
+    from lfpass.core.plan import FusionGroup, FusionPlan
+    from lfpass.core.sites import Site
 
 
 def __getattr__(name: str) -> Any:

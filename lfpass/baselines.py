@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lfpass.api import apply, unique_parameters
-from lfpass.calibration import Calibration
-from lfpass.errors import ConfigError, PlanError
+from lfpass.fx.api import apply, unique_parameters
+from lfpass.core.calibration import Calibration
+from lfpass.core.errors import ConfigError, PlanError
 from lfpass.fx.sites import find_sites
-from lfpass.plan import FusionPlan
+from lfpass.core.plan import FusionPlan
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from lfpass.errors import InputError
+from lfpass.core.errors import InputError
 
 
 def load_factory(spec: str) -> tuple[nn.Module, Any]:

@@ -1,6 +1,6 @@
 """Retraining recipes: a ``passes/*.toml`` pipeline with a ``[train]`` section.
 
-The top level holds :class:`~lfpass.config.FusionConfig` fields (what to fuse
+The top level holds :class:`~lfpass.core.config.FusionConfig` fields (what to fuse
 and how far); ``[train]`` says what to retrain on and how, validated on load
 with the bad key named::
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from lfpass.config import FusionConfig, from_mapping, read_pipeline
-from lfpass.errors import ConfigError, InputError, first_line
+from lfpass.core.config import FusionConfig, from_mapping, read_pipeline
+from lfpass.core.errors import ConfigError, InputError, first_line
 
 TASKS = ("classification", "language_modeling", "distillation")
 

@@ -9,9 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-from lfpass.fileio import atomic_path
-from lfpass.plan import FusionPlan
-from lfpass.sites import ClassKey
+from lfpass.core.fileio import atomic_path
+from lfpass.core.plan import FusionPlan
+from lfpass.core.sites import ClassKey
 
 
 def pairs_table(plan: FusionPlan, top: int = 5) -> str:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lfpass.align import Link, Move, Space, Transform, align_spaces, match, similarity, transform_space
-from lfpass.calibration import Calibration, accumulate
+from lfpass.core.align import Link, Move, Space, Transform, align_spaces, match, similarity, transform_space
+from lfpass.core.calibration import Calibration, accumulate
 
 FAST = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

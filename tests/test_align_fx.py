@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
-from lfpass.align import Skipped, Transform, transform_space
+from lfpass.core.align import Skipped, Transform, transform_space
 from lfpass.fx.align import align_fx, find_spaces
-from lfpass.plan import FusionGroup, FusionPlan
-from lfpass.sites import ClassKey
+from lfpass.core.plan import FusionGroup, FusionPlan
+from lfpass.core.sites import ClassKey
 
 FAST = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

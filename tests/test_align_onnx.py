@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lfpass.align import Skipped
+from lfpass.core.align import Skipped
 from lfpass.onnx.align import align_onnx, find_spaces
-from lfpass.plan import FusionGroup, FusionPlan
-from lfpass.sites import ClassKey
+from lfpass.core.plan import FusionGroup, FusionPlan
+from lfpass.core.sites import ClassKey
 
 
 def plan_of(*groups):
@@ -124,7 +124,7 @@ def conv_bn_model(rng, ch=4) -> onnx.ModelProto:
 
 
 def test_conv_bn_relu_conv_space_moves_batchnorm():
-    from lfpass.align import Transform, transform_space
+    from lfpass.core.align import Transform, transform_space
     rng = np.random.default_rng(3)
     model = ir.serde.deserialize_model(conv_bn_model(rng))
     feeds = {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import lfpass
-from lfpass.api import unique_parameters
+from lfpass.fx.api import unique_parameters
 from lfpass.baselines import SkipBlock, drop_layers, low_rank, magnitude_prune, random_fusion, random_plan
-from lfpass.config import FusionConfig
-from lfpass.errors import PlanError
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import PlanError
 from lfpass.fx.lowrank import LowRank
 from conftest import Stack
 

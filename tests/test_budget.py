@@ -1,4 +1,4 @@
-"""Quality-budgeted planning (lfpass.budget) and the output error it is measured in (lfpass.quality).
+"""Quality-budgeted planning (lfpass.core.budget) and the output error it is measured in (lfpass.core.quality).
 
 The planner is IR-free: here ``evaluate`` is a known function of the plan's
 groups, so every decision can be checked against it."""
@@ -10,12 +10,12 @@ import math
 import numpy as np
 import pytest
 
-from lfpass.budget import correction_params, plan_within_budget, with_options
-from lfpass.config import FusionConfig
-from lfpass.errors import ConfigError
-from lfpass.plan import FusionPlan
-from lfpass.quality import cosines, describe, output_error
-from lfpass.sites import Site, make_signature
+from lfpass.core.budget import correction_params, plan_within_budget, with_options
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError
+from lfpass.core.plan import FusionPlan
+from lfpass.core.quality import cosines, describe, output_error
+from lfpass.core.sites import Site, make_signature
 
 
 def _sites(n: int = 4, shape=(8, 6)) -> tuple[list[Site], dict[str, np.ndarray]]:
@@ -114,7 +114,7 @@ def test_corrections_are_counted_and_can_make_a_pair_not_worth_it():
 
 
 def test_with_options_recounts_a_weight_plan():
-    from lfpass.planner import plan_fusion
+    from lfpass.core.planner import plan_fusion
 
     sites, tensors = _sites()
     plan = plan_fusion(sites, tensors.__getitem__, FusionConfig(target_ratio=2.0), 4 * 48)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfpass.calibration import CalibrationError
+from lfpass.core.calibration import CalibrationError
 from lfpass.fx.calibrate import calibrate_fx
 from lfpass.onnx.calibrate import calibrate_onnx, im2col
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from lfpass.config import FusionConfig, from_mapping, load_pipeline
-from lfpass.errors import ConfigError
+from lfpass.core.config import FusionConfig, from_mapping, load_pipeline
+from lfpass.core.errors import ConfigError
 
 PASSES = Path(__file__).resolve().parent.parent / "passes"
 SHIPPED = sorted(PASSES.glob("*.toml"))

@@ -1,4 +1,4 @@
-"""The merge rules of lfpass.merge on small arrays with hand-computed results."""
+"""The merge rules of lfpass.core.merge on small arrays with hand-computed results."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from lfpass.errors import ConfigError, PlanError
-from lfpass.merge import MERGE_RULES, bit_equal, get_rule
+from lfpass.core.errors import ConfigError, PlanError
+from lfpass.core.dtypes import bit_equal
+from lfpass.core.rules import MERGE_RULES, get_rule
 
 ONES = np.ones(2)
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from lfpass.errors import ConfigError
-from lfpass.metrics import METRICS, get_metric
+from lfpass.core.errors import ConfigError
+from lfpass.core.metrics import METRICS, get_metric
 
 
 @pytest.fixture

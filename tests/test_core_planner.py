@@ -4,11 +4,11 @@ import re
 import numpy as np
 import pytest
 
-from lfpass.config import FusionConfig
-from lfpass.errors import PlanError
-from lfpass.plan import FusionPlan
-from lfpass.planner import plan_fusion
-from lfpass.sites import Site, make_signature, role_of
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import PlanError
+from lfpass.core.plan import FusionPlan
+from lfpass.core.planner import plan_fusion
+from lfpass.core.sites import Site, make_signature, role_of
 
 
 def _site(name, role, shape=(4, 4), **sig):

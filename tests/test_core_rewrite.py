@@ -5,7 +5,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import lfpass
-from lfpass.errors import PlanError, TraceError
+from lfpass.core.errors import PlanError, TraceError
 from lfpass.fx import find_sites
 
 LOSSLESS = lfpass.FusionConfig(metric="euclidean", merge="mean", target_ratio=None, threshold=1.0 - 1e-9)

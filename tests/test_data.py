@@ -24,7 +24,7 @@ from lfpass.data import (
     stratified_split,
     wikitext2,
 )
-from lfpass.errors import InputError
+from lfpass.core.errors import InputError
 
 
 # -- digits -----------------------------------------------------------------

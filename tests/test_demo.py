@@ -14,7 +14,7 @@ from lfpass.cli import main
 from lfpass.data import mnist_digits
 from lfpass.demo import DEPTH, QUICK_TEST, QUICK_TRAIN, RATIOS, build_cnn, evaluate, format_table, run_demo
 from lfpass.fx import find_sites
-from lfpass.plan import FusionPlan
+from lfpass.core.plan import FusionPlan
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,11 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import lfpass
-import lfpass.onnx_export as onnx_export
+import lfpass.bridge.export as onnx_export
 from lfpass.demo.cnn import build_cnn
-from lfpass.errors import OutputError, TraceError, ValidationFailed
+from lfpass.core.errors import OutputError, TraceError, ValidationFailed
 from lfpass.onnx.validate import run
-from lfpass.onnx_export import Agreement, DeduplicateTensorsPass, agreement
+from lfpass.bridge.export import Agreement, DeduplicateTensorsPass, agreement
 
 WIDTH = 40  # 1,600-element weights: past the 1,024 up to which exporters merge equal tensors themselves
 TOLERANCE = 1e-4
@@ -213,7 +213,7 @@ def _refuse_dynamo(monkeypatch, legacy_error: str | None = None) -> None:
 
 def test_a_failing_dynamo_export_falls_back_to_legacy(tmp_path, fused_mlp, monkeypatch, caplog):
     _refuse_dynamo(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="lfpass.onnx_export"):
+    with caplog.at_level(logging.WARNING, logger="lfpass.bridge.export"):
         result = lfpass.export(fused_mlp[1], torch.randn(4, 8), tmp_path / "mlp.onnx")
     assert result.exporter == "legacy" and result.opset == 17
     assert result.fallback_reason == "RuntimeError: dynamo says no"

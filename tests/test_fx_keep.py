@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import lfpass
-from lfpass.errors import ConfigError
+from lfpass.core.errors import ConfigError
 from lfpass.fx.pipeline import outputs
-from lfpass.quality import output_error
+from lfpass.core.quality import output_error
 
 
 class _Mlp(nn.Module):

@@ -19,10 +19,10 @@ from torch import fx, nn
 
 import lfpass
 from lfpass import FusionConfig
-from lfpass.config import SCOPES
+from lfpass.core.config import SCOPES
 from lfpass.fx import find_sites
-from lfpass.merge import MERGE_RULES
-from lfpass.metrics import METRICS
+from lfpass.core.rules import MERGE_RULES
+from lfpass.core.metrics import METRICS
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -18,13 +18,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import lfpass
-from lfpass.errors import PlanError
+from lfpass.core.errors import PlanError
 from lfpass.fx import find_sites as fx_sites
-from lfpass.merge import get_rule
+from lfpass.core.rules import get_rule
 from lfpass.onnx import find_sites as onnx_sites
 from lfpass.onnx import optimize
 from lfpass.onnx.load import load_model
-from lfpass.plan import FusionGroup, FusionPlan
+from lfpass.core.plan import FusionGroup, FusionPlan
 
 LOSSLESS = lfpass.load_pipeline(Path(__file__).parents[1] / "passes" / "lossless.toml")
 WIDTH = 8

@@ -13,10 +13,10 @@ import re
 import numpy as np
 import pytest
 
-from lfpass.config import FusionConfig
-from lfpass.plan import FusionPlan
-from lfpass.planner import plan_fusion
-from lfpass.sites import Site, make_signature
+from lfpass.core.config import FusionConfig
+from lfpass.core.plan import FusionPlan
+from lfpass.core.planner import plan_fusion
+from lfpass.core.sites import Site, make_signature
 
 
 def config(**kw) -> FusionConfig:

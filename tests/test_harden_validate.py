@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lfpass import cli
-from lfpass.errors import ConfigError, InputError
+from lfpass.core.errors import ConfigError, InputError
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import load_model
 from lfpass.onnx.validate import compare, validate

@@ -6,11 +6,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from lfpass.calibration import accumulate
-from lfpass.errors import PlanError
-from lfpass.lowrank import (activation_svd, factor_params, layer_dims, output_error, plain_svd, rank_for, residual,
+from lfpass.core.calibration import accumulate
+from lfpass.core.errors import PlanError
+from lfpass.core.lowrank import (activation_svd, factor_params, layer_dims, output_error, plain_svd, rank_for, residual,
                             uniform_ranks, whiten)
-from lfpass.sites import make_signature
+from lfpass.core.sites import make_signature
 
 
 def _anisotropic(n=2000, d=24, seed=0, spread=3.0):

@@ -16,15 +16,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lfpass
-from lfpass.api import unique_parameters
-from lfpass.calibration import Calibration, accumulate
-from lfpass.errors import PlanError
+from lfpass.fx.api import unique_parameters
+from lfpass.core.calibration import Calibration, accumulate
+from lfpass.core.errors import PlanError
 from lfpass.fx import find_sites
 from lfpass.fx.lowrank import (LowRank, ResidualLinear, attach_residuals, capture_originals, factorize,
                                factorize_to_params)
-from lfpass.lowrank import residual_params
-from lfpass.lowrank import factor_params, output_error
-from lfpass.plan import FusionGroup, FusionPlan
+from lfpass.core.lowrank import residual_params
+from lfpass.core.lowrank import factor_params, output_error
+from lfpass.core.plan import FusionGroup, FusionPlan
 
 from conftest import ConvStack, Stack
 

@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lfpass.calibration import Calibration, accumulate
-from lfpass.errors import PlanError
+from lfpass.core.calibration import Calibration, accumulate
+from lfpass.core.errors import PlanError
 from lfpass.onnx import apply_plan, find_sites
 from lfpass.onnx.load import count_params
 from lfpass.onnx.lowrank import attach_residuals_onnx, capture_originals_onnx
-from lfpass.plan import FusionGroup, FusionPlan
+from lfpass.core.plan import FusionGroup, FusionPlan
 
 WIDTH = 12
 ATOL = 1e-5

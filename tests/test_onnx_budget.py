@@ -20,7 +20,7 @@ from lfpass.cli import main
 from lfpass.onnx.load import load_model
 from lfpass.onnx.optimize import optimize
 from lfpass.onnx.sites import find_sites
-from lfpass.quality import output_error
+from lfpass.core.quality import output_error
 
 
 class _Cnn(nn.Module):

@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lfpass import cli
-from lfpass.config import load_pipeline
-from lfpass.errors import OutputError
+from lfpass.core.config import load_pipeline
+from lfpass.core.errors import OutputError
 from lfpass.onnx import optimize
 
 WIDTH = 32

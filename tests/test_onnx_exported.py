@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from lfpass.config import FusionConfig
+from lfpass.core.config import FusionConfig
 from lfpass.onnx import find_sites, optimize
 from lfpass.onnx.load import load_model
 

@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes.common import CheckerPass, RemoveUnusedNodesPass
 
-from lfpass.config import load_pipeline
-from lfpass.errors import PlanError
+from lfpass.core.config import load_pipeline
+from lfpass.core.errors import PlanError
 from lfpass.onnx import LayerFusionPass
 from lfpass.onnx.load import count_params
 

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from lfpass.config import FusionConfig, load_pipeline
-from lfpass.errors import PlanError
+from lfpass.core.config import FusionConfig, load_pipeline
+from lfpass.core.errors import PlanError
 from lfpass.onnx import apply_plan, find_sites, optimize
 from lfpass.onnx.load import count_params, load_model
-from lfpass.plan import FusionGroup, FusionPlan
-from lfpass.planner import plan_fusion
+from lfpass.core.plan import FusionGroup, FusionPlan
+from lfpass.core.planner import plan_fusion
 
 LOSSLESS = load_pipeline(Path(__file__).parents[1] / "passes" / "lossless.toml")
 WIDTH = 16

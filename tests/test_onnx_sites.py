@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lfpass.config import FusionConfig
+from lfpass.core.config import FusionConfig
 from lfpass.onnx import analyze_onnx, find_sites
 
 RNG = np.random.default_rng(0)

@@ -20,7 +20,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lfpass.errors import PlanError
+from lfpass.core.errors import PlanError
 from lfpass.onnx import optimize
 from lfpass.onnx.load import load_model, read_array
 

@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import lfpass
-from lfpass.errors import InputError
+from lfpass.core.errors import InputError
 from lfpass.fx.sites import find_sites
-from lfpass.onnx.to_torch import to_torch
+from lfpass.bridge.to_torch import to_torch
 
 
 class Attention(nn.Module):

@@ -10,8 +10,8 @@ import torch
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import lfpass
-from lfpass.errors import ConfigError, PlanError
-from lfpass.passes import LayerFusionPass
+from lfpass.core.errors import ConfigError, PlanError
+from lfpass.fx.fusion_pass import LayerFusionPass
 
 CONFIG = lfpass.FusionConfig(target_ratio=1.3)  # planning the fused graph again would fuse more
 X = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))

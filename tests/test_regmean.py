@@ -8,20 +8,21 @@ import pytest
 import torch
 from torch import nn
 
-from lfpass.calibration import Calibration, LayerStats
-from lfpass.config import FusionConfig
-from lfpass.errors import ConfigError, PlanError
+from lfpass.core.calibration import Calibration, LayerStats
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError, PlanError
 from lfpass.fx import apply_plan, find_sites
 from lfpass.fx.calibrate import calibrate_fx
-from lfpass.merge import RegMean, merged_slots
-from lfpass.metrics import get_metric
-from lfpass.plan import FusionGroup, FusionPlan
-from lfpass.planner import plan_fusion
-from lfpass.sites import Site
+from lfpass.core.merge import merged_slots
+from lfpass.core.rules import RegMean
+from lfpass.core.metrics import get_metric
+from lfpass.core.plan import FusionGroup, FusionPlan
+from lfpass.core.planner import plan_fusion
+from lfpass.core.sites import Site
 
 
 def _site(name: str, shape, bias: bool = True, layout: str = "out_in") -> Site:
-    from lfpass.sites import make_signature
+    from lfpass.core.sites import make_signature
 
     sig = make_signature(shape=tuple(shape), bias=bias, layout=layout, dtype="float32")
     tensors = (f"{name}.weight",) + ((f"{name}.bias",) if bias else ())
@@ -175,7 +176,7 @@ def test_a_unit_merges_per_layer():
         layer = _site(f"{blk}.q", (4, 4))
         layer = Site(layer.name, layer.kind, layer.role,
                      tuple((k, v if k != "dtype" else "float64") for k, v in layer.signature), layer.tensors, 20)
-        from lfpass.sites import Slot
+        from lfpass.core.sites import Slot
         slots = tuple(Slot(f"{n}.{kind}", f"{blk}.{n}.{kind}", kind) for n in names for kind in ("weight", "bias"))
         return Site(f"{blk}.attn", "attention", "attn", tuple((n, ("linear", layer.signature)) for n in names),
                     slots, 80, parts=tuple(f"{blk}.{n}" for n in names))

@@ -13,9 +13,9 @@ import pytest
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from lfpass.plan import Candidate, FusionGroup, FusionPlan
+from lfpass.core.plan import Candidate, FusionGroup, FusionPlan
 from lfpass.report import heatmap_figure, layer_labels, write_heatmap
-from lfpass.sites import ClassKey, make_signature
+from lfpass.core.sites import ClassKey, make_signature
 
 ROLES = ("attention.self.query", "attention.self.key", "intermediate.dense")
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lfpass import cli
-from lfpass.errors import ConfigError
+from lfpass.core.errors import ConfigError
 from lfpass.recipe import load_recipe
 
 FACTORY = '''

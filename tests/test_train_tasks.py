@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lfpass.errors import InputError
+from lfpass.core.errors import InputError
 from lfpass.train import Distillation, ImageClassification, LanguageModeling, Task
 from lfpass.train.task import index_batches
 

@@ -39,13 +39,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import lfpass
-from lfpass.config import FusionConfig, load_pipeline
+from lfpass.core.config import FusionConfig, load_pipeline
 from lfpass.fx.sites import find_sites as fx_sites
 from lfpass.onnx import find_sites as onnx_sites
 from lfpass.onnx import optimize
 from lfpass.onnx.load import count_params, load_model
-from lfpass.plan import FusionPlan
-from lfpass.sites import Site, role_of
+from lfpass.core.plan import FusionPlan
+from lfpass.core.sites import Site, role_of
 
 ort = pytest.importorskip("onnxruntime")
 torchvision = pytest.importorskip("torchvision")

@@ -29,7 +29,7 @@ import torch
 
 import lfpass
 from lfpass import FusionConfig
-from lfpass.metrics import METRICS
+from lfpass.core.metrics import METRICS
 
 AIM = 3.0
 

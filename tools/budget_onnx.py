@@ -30,11 +30,11 @@ from lfpass.data.images import mnist_digits
 from lfpass.demo.cnn import build_cnn
 from lfpass.demo.onnx_path import INPUT, export, run_onnx
 from lfpass.demo.training import train
-from lfpass.fileio import write_text
+from lfpass.core.fileio import write_text
 from lfpass.onnx.optimize import optimize
 from lfpass.onnx.pipeline import LABELS, outputs, split, split_feed
 from lfpass.onnx.load import load_model
-from lfpass.quality import output_error
+from lfpass.core.quality import output_error
 
 PLAIN_TARGETS = (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.33)
 

@@ -57,9 +57,9 @@ if str(ROOT) not in sys.path:
 
 import lfpass  # noqa: E402
 from lfpass import FusionConfig, unique_parameters  # noqa: E402
-from lfpass.errors import InputError, LfpassError, first_line  # noqa: E402
-from lfpass.fileio import check_paths, write_text  # noqa: E402
-from lfpass.quality import output_error  # noqa: E402
+from lfpass.core.errors import InputError, LfpassError, first_line  # noqa: E402
+from lfpass.core.fileio import check_paths, write_text  # noqa: E402
+from lfpass.core.quality import output_error  # noqa: E402
 from lfpass.train import (ImageClassification, LanguageModeling, frozen_copy, make_optimizer,  # noqa: E402
                           train_steps)
 

@@ -51,8 +51,8 @@ from tqdm import tqdm
 
 import lfpass
 from lfpass import FusionConfig
-from lfpass.errors import InputError, LfpassError, first_line
-from lfpass.fileio import check_paths, write_text
+from lfpass.core.errors import InputError, LfpassError, first_line
+from lfpass.core.fileio import check_paths, write_text
 from lfpass.fx import find_sites
 
 RATIOS = (1.03, 1.1, 1.25, 1.5, 2.0, 3.0)
@@ -274,7 +274,7 @@ def baseline(orig: np.ndarray, k: int) -> dict[str, float]:
 
 def role_cosines(model: torch.nn.Module) -> list[dict[str, object]]:
     """Per role of the original model: mean and max off-diagonal cosine of its weights."""
-    from lfpass.metrics import cosine
+    from lfpass.core.metrics import cosine
 
     found = find_sites(model)
     roles: dict[str, list] = {}

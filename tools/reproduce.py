@@ -59,9 +59,9 @@ if str(ROOT) not in sys.path:
 
 import lfpass  # noqa: E402
 from lfpass import FusionConfig, analyze, unique_parameters  # noqa: E402
-from lfpass.config import load_pipeline  # noqa: E402
-from lfpass.errors import LfpassError, first_line  # noqa: E402
-from lfpass.fileio import check_paths, write_text  # noqa: E402
+from lfpass.core.config import load_pipeline  # noqa: E402
+from lfpass.core.errors import LfpassError, first_line  # noqa: E402
+from lfpass.core.fileio import check_paths, write_text  # noqa: E402
 from lfpass.train import (ImageClassification, LanguageModeling, Schedule, frozen_copy, make_optimizer,  # noqa: E402
                           retrain, train_steps)
 

@@ -45,8 +45,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lfpass import FusionConfig, analyze, unique_parameters  # noqa: E402
-from lfpass.errors import LfpassError, first_line  # noqa: E402
-from lfpass.fileio import check_paths, write_text  # noqa: E402
+from lfpass.core.errors import LfpassError, first_line  # noqa: E402
+from lfpass.core.fileio import check_paths, write_text  # noqa: E402
 from lfpass.train import (Distillation, ImageClassification, LanguageModeling, Schedule,  # noqa: E402
                           frozen_copy, make_optimizer, retrain, train_steps)
 

@@ -18,8 +18,8 @@ from typing import Sequence
 
 from lfpass.cli import analyze, demo, optimize, retrain
 from lfpass.cli.options import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
-from lfpass.errors import LfpassError, first_line
-from lfpass.fileio import Terminated, cleanup_on_sigterm
+from lfpass.core.errors import LfpassError, first_line
+from lfpass.core.fileio import Terminated, cleanup_on_sigterm
 
 __all__ = ["build_parser", "main"]
 

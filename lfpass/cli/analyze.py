@@ -9,12 +9,12 @@ import logging
 import sys
 from pathlib import Path
 
-from lfpass.errors import ConfigError
+from lfpass.core.errors import ConfigError
 from lfpass.cli.options import EXIT_OK, add_config_options, config_from_args
-from lfpass.config import FusionConfig
-from lfpass.errors import TraceError
-from lfpass.fileio import check_paths, write_text
-from lfpass.plan import FusionPlan
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import TraceError
+from lfpass.core.fileio import check_paths, write_text
+from lfpass.core.plan import FusionPlan
 
 log = logging.getLogger("lfpass")
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _analyze_factory(spec: str, config: FusionConfig) -> FusionPlan:
-    from lfpass.api import analyze
+    from lfpass.fx.api import analyze
     from lfpass.factory import load_factory
     from lfpass.fx.trace import trace
 

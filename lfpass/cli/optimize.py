@@ -24,9 +24,9 @@ from lfpass.cli.options import (
     with_tolerances,
 )
 from lfpass.cli.output import MAX_OUTPUT_LINES, history_table, note, output_line, table
-from lfpass.config import FusionConfig
-from lfpass.errors import ConfigError, InputError, ValidationFailed
-from lfpass.fileio import check_paths, write_text
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError, InputError, ValidationFailed
+from lfpass.core.fileio import check_paths, write_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -104,7 +104,7 @@ def run_optimize(args: argparse.Namespace) -> int:
 
 def run_distill(args: argparse.Namespace, config: FusionConfig) -> int:
     """``optimize --distill``: ONNX in, fuse and distil in PyTorch, ONNX out."""
-    from lfpass.onnx.distill import distill_onnx
+    from lfpass.bridge.distill import distill_onnx
     from lfpass.onnx.optimize import default_output
     from lfpass.train import Schedule
 

@@ -1,5 +1,5 @@
 """What every ``lfpass`` subcommand shares: exit codes, the options that build a
-:class:`~lfpass.config.FusionConfig`, and the validation options.
+:class:`~lfpass.core.config.FusionConfig`, and the validation options.
 
 Options live in one config object: the flags here only override the fields of
 a ``passes/*.toml`` pipeline (or the defaults), so the CLI, the Python API and
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lfpass.config import FusionConfig, from_mapping, load_pipeline
+from lfpass.core.config import FusionConfig, from_mapping, load_pipeline
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TYPE_CHECKING
 
-from lfpass.quality import describe
+from lfpass.core.quality import describe
 
 if TYPE_CHECKING:
     from lfpass.onnx.optimize import OptimizeResult

@@ -17,8 +17,8 @@ from typing import Any
 
 from lfpass.cli.options import EXIT_OK, add_config_options, add_schedule_options, config_from_args, schedule_overrides
 from lfpass.cli.output import history_table
-from lfpass.errors import ConfigError
-from lfpass.fileio import check_paths, write_text
+from lfpass.core.errors import ConfigError
+from lfpass.core.fileio import check_paths, write_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +51,7 @@ def run_retrain(args: argparse.Namespace) -> int:
     print(history_table(result))
     report: dict[str, Any] = {"retrain": result.to_dict()}
     if output is not None:
-        from lfpass.onnx_export import export
+        from lfpass.bridge.export import export
 
         exported = export(result.model, example, output)
         print(f"{'export':<11}{exported.path} ({exported.exporter}; {exported.bytes:,} bytes; onnxruntime vs "
@@ -88,7 +88,7 @@ def _example(task: Any) -> Any:
 
 
 def _distil_onnx(args, recipe, config, schedule, output, checkpoints) -> int:
-    from lfpass.onnx.distill import distill_onnx
+    from lfpass.bridge.distill import distill_onnx
     from lfpass.onnx.optimize import default_output
 
     result = distill_onnx(recipe.model, output or default_output(Path(recipe.model)), recipe.data, config, schedule,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lfpass.errors import InputError
+from lfpass.core.errors import InputError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from lfpass.errors import InputError
+from lfpass.core.errors import InputError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 

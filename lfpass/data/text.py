@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from lfpass.errors import InputError
+from lfpass.core.errors import InputError
 
 WIKITEXT2_DIRS = ("wikitext-2", "wikitext-2-raw", "wikitext-2-v1", "wikitext-2-raw-v1")
 WIKITEXT2_SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "test": "test"}

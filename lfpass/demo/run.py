@@ -11,16 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lfpass.api import analyze, apply, unique_parameters
-from lfpass.config import FusionConfig
+from lfpass.fx.api import analyze, apply, unique_parameters
+from lfpass.core.config import FusionConfig
 from lfpass.data import Split, mnist_digits
 from lfpass.demo.cnn import build_cnn
 from lfpass.demo.onnx_path import format_onnx_table, onnx_rows
 from lfpass.demo.tables import format_table
 from lfpass.demo.training import cpu_threads, evaluate, train
-from lfpass.errors import OutputError
-from lfpass.fileio import atomic_path, write_text
-from lfpass.plan import FusionPlan
+from lfpass.core.errors import OutputError
+from lfpass.core.fileio import atomic_path, write_text
+from lfpass.core.plan import FusionPlan
 
 RATIOS = (2.0, 3.33)
 QUICK_SECONDS = 5.0

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lfpass.align import AlignReport, Move, Skipped, Space, align_spaces, collect, links_from_plan
-from lfpass.calibration import Calibration
+from lfpass.core.align import AlignReport, Move, Skipped, Space, align_spaces, collect, links_from_plan
+from lfpass.core.calibration import Calibration
 from lfpass.fx.sites import _FUNCTIONAL, _bind, _tensor_names, find_sites
-from lfpass.errors import TraceError
+from lfpass.core.errors import TraceError
 from lfpass.fx.trace import trace
-from lfpass.plan import FusionPlan
-from lfpass.sites import Site
+from lfpass.core.plan import FusionPlan
+from lfpass.core.sites import Site
 
 log = logging.getLogger(__name__)
 

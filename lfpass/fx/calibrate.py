@@ -2,7 +2,7 @@
 
 The model runs once over the batches, under ``torch.no_grad()`` and in eval
 mode (its mode is restored after), and each layer site's input is folded into
-float64 sums (:mod:`lfpass.calibration`) as it passes; activations are never
+float64 sums (:mod:`lfpass.core.calibration`) as it passes; activations are never
 kept. Inputs are seen where the layer is called:
 
 - a module (``nn.Linear``, ``nn.Conv*d``, transformers' ``Conv1D``,
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from lfpass.calibration import Calibration, CalibrationError, LayerStats
+from lfpass.core.calibration import Calibration, CalibrationError, LayerStats
 from lfpass.fx.sites import _bind, _FUNCTIONAL, _MM_OPS, _is_conv1d_hf, find_sites
-from lfpass.sites import Site
+from lfpass.core.sites import Site
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :func:`attach_residuals` gives every member layer of a fused model (anchor
 too) its own rank-``r`` correction of what sharing took from it,
-``W_member - W_shared`` (:func:`lfpass.lowrank.residual`), so its output is
+``W_member - W_shared`` (:func:`lfpass.core.lowrank.residual`), so its output is
 ``shared(x) + up(down(x))``:
 
 - a called module (``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv*d``) is
@@ -34,14 +34,14 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from lfpass.calibration import Calibration, LayerStats
-from lfpass.errors import PlanError
+from lfpass.core.calibration import Calibration, LayerStats
+from lfpass.core.errors import PlanError
 from lfpass.fx.sites import (FxSites, _Finder, _FUNCTIONAL, _CONV_OPS, _LINEAR_OPS, _MM_OPS, _bind,
                              _is_conv1d_hf, _layer_path, _tensor_names, find_sites, to_numpy, to_torch)
-from lfpass.lowrank import Member, activation_svd, lookup, plain_svd, plan_members, residual, uniform_ranks
-from lfpass.merge import round_to
-from lfpass.plan import FusionPlan
-from lfpass.sites import Site
+from lfpass.core.lowrank import Member, activation_svd, lookup, plain_svd, plan_members, residual, uniform_ranks
+from lfpass.core.dtypes import round_to
+from lfpass.core.plan import FusionPlan
+from lfpass.core.sites import Site
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -438,7 +438,7 @@ def factorize_to_params(module: nn.Module, target_params: int, calibration: Cali
                         inplace: bool = False) -> tuple[nn.Module, float]:
     """:func:`factorize` at one fraction of full rank for every chosen layer, the largest whose
     unique parameter count stays at or below ``target_params``. Returns the model and the fraction."""
-    from lfpass.api import unique_parameters
+    from lfpass.fx.api import unique_parameters
 
     chosen = _factorable(module, kinds, layers)
     dims = {name: _dims(mod) for name, mod in chosen.items()}

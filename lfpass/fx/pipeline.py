@@ -21,13 +21,13 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from lfpass.budget import plan_within_budget, with_options
-from lfpass.calibration import Calibration, CalibrationError, cross_pairs
-from lfpass.config import FusionConfig
-from lfpass.errors import ConfigError
+from lfpass.core.budget import plan_within_budget, with_options
+from lfpass.core.calibration import Calibration, CalibrationError, cross_pairs
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError
 from lfpass.fx.sites import FxSites, find_sites
-from lfpass.plan import FusionPlan
-from lfpass.quality import output_error
+from lfpass.core.plan import FusionPlan
+from lfpass.core.quality import output_error
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ def fuse_keeping(model: nn.Module, config: FusionConfig, batches: Sequence[Any],
                  progress: bool = False) -> tuple[nn.Module, FusionPlan]:
     """Plan and build with calibration: by measured damage when a budget (or data-aware
     options) ask for it, else by weight similarity; the error on held-out batches is in the plan."""
-    from lfpass.api import unique_parameters
-    from lfpass.planner import plan_fusion
+    from lfpass.fx.api import unique_parameters
+    from lfpass.core.planner import plan_fusion
 
     batches = list(batches)
     measure = config.max_error is not None

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Mapping
 from torch import fx, nn
 
 from lfpass.fx.sites import FxSites, find_sites, to_torch
-from lfpass.merge import merged_slots
-from lfpass.plan import FusionPlan, check_plan
+from lfpass.core.merge import merged_slots
+from lfpass.core.plan import FusionPlan, check_plan
 
 if TYPE_CHECKING:
-    from lfpass.calibration import Calibration
+    from lfpass.core.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _set(root: nn.Module, path: str, value: nn.Parameter) -> None:
 def apply_plan(module: nn.Module, plan: FusionPlan, inplace: bool = False,
                counts: Mapping[str, int] | None = None, stats: Calibration | None = None) -> nn.Module:
     """Return ``module`` with each group of ``plan`` sharing one merged tensor per slot
-    (``counts``: the layers a member already stands for, see :func:`lfpass.merge.merged_slots`;
+    (``counts``: the layers a member already stands for, see :func:`lfpass.core.merge.merged_slots`;
     ``stats``: the calibration a data-aware rule such as ``regmean`` merges by)."""
     if not inplace:
         module = copy.deepcopy(module)

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lfpass.errors import PlanError
-from lfpass.sites import Site, make_signature, role_of
-from lfpass.units import find_units
+from lfpass.core.errors import PlanError
+from lfpass.core.sites import Site, make_signature, role_of
+from lfpass.core.units import find_units
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class FxSites:
         return {s.name: s for s in self.plannable}
 
 
-MERGEABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # as lfpass.merge
+MERGEABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # as lfpass.core.dtypes.MERGEABLE
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

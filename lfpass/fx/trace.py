@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from lfpass.errors import TraceError, first_line
+from lfpass.core.errors import TraceError, first_line
 
 log = logging.getLogger(__name__)
 

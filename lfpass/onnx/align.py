@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.align import AlignReport, Move, Skipped, Space, align_spaces, collect, links_from_plan
-from lfpass.calibration import Calibration
+from lfpass.core.align import AlignReport, Move, Skipped, Space, align_spaces, collect, links_from_plan
+from lfpass.core.calibration import Calibration
 from lfpass.onnx.sites import OnnxSites, _constant, _tensor_of, find_sites
-from lfpass.plan import FusionPlan
-from lfpass.sites import Site
+from lfpass.core.plan import FusionPlan
+from lfpass.core.sites import Site
 
 _ELEMENTWISE = {"Relu", "Gelu", "Erf", "Sigmoid", "Tanh", "Mul", "Add", "Sub", "Div", "Identity", "Dropout",
                 "LeakyRelu", "Elu", "Softplus", "HardSigmoid", "HardSwish", "Neg", "Exp", "Pow", "Celu", "Selu",

@@ -3,7 +3,7 @@
 Each layer site's data input (the ``MatMul``/``Gemm``/``Conv``'s activation,
 found by :func:`lfpass.onnx.sites.find_sites`) is made an extra graph output of
 a serialized copy; the copy runs on each feed dict and the values are folded
-into float64 sums (:mod:`lfpass.calibration`), keyed by the site's weight
+into float64 sums (:mod:`lfpass.core.calibration`), keyed by the site's weight
 tensor name, as the FX frontend keys them. A convolution's input becomes its
 patches (``im2col`` with the node's strides, pads and dilations), flattened in
 the weight's ``(channel, *kernel)`` order, as ``torch.nn.functional.unfold``
@@ -23,7 +23,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from lfpass.calibration import Calibration, CalibrationError, LayerStats, accumulate
+from lfpass.core.calibration import Calibration, CalibrationError, LayerStats, accumulate
 from lfpass.onnx.sites import _kind, _node_site, find_sites
 
 log = logging.getLogger(__name__)

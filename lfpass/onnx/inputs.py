@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.errors import ConfigError, InputError, first_line
+from lfpass.core.errors import ConfigError, InputError, first_line
 
 Feeds = dict[str, np.ndarray]
 _FOLLOW = ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity")

@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from lfpass.errors import InputError, first_line
+from lfpass.core.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 

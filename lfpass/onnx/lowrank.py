@@ -2,7 +2,7 @@
 
 After a plan made several layers read one merged tensor, each member layer
 (anchor too) gets its own rank-``r`` part of what it lost,
-``W_member - W_shared`` (:func:`lfpass.lowrank.residual`), as new nodes beside
+``W_member - W_shared`` (:func:`lfpass.core.lowrank.residual`), as new nodes beside
 it; the algebra, per layer kind:
 
 - ``MatMul`` ``x @ W`` (``W``: ``[in, out]`` as read): ``y + (x @ V^T) @ U^T``,
@@ -26,15 +26,15 @@ from typing import Any, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.calibration import Calibration
-from lfpass.errors import PlanError
-from lfpass.lowrank import Member, lookup, plan_members, residual
-from lfpass.merge import round_to
+from lfpass.core.calibration import Calibration
+from lfpass.core.errors import PlanError
+from lfpass.core.lowrank import Member, lookup, plan_members, residual
+from lfpass.core.dtypes import round_to
 from lfpass.onnx.rewrite import _initializer, _Names
 from lfpass.onnx.sites import OnnxSites, _constant, _tensor_of
 from lfpass.onnx.names import _from_namespace, _from_node_name
-from lfpass.plan import FusionPlan
-from lfpass.sites import Site
+from lfpass.core.plan import FusionPlan
+from lfpass.core.sites import Site
 
 log = logging.getLogger(__name__)
 

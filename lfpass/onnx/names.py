@@ -19,7 +19,7 @@ import re
 
 import onnx_ir as ir
 
-from lfpass.sites import role_of
+from lfpass.core.sites import role_of
 
 _PARAM_PATH = re.compile(r"^[A-Za-z_][\w\-]*(?:\.[\w\-]+)+$")
 _OP_CLASS = re.compile(r"^(aten|prims|onnx|torch\.ops)\.")

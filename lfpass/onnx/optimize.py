@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import onnx_ir as ir
 
-from lfpass.config import FusionConfig, from_mapping, load_pipeline
-from lfpass.errors import ConfigError, InputError, OutputError, PlanError, ValidationFailed, first_line
-from lfpass.fileio import check_paths
+from lfpass.core.config import FusionConfig, from_mapping, load_pipeline
+from lfpass.core.errors import ConfigError, InputError, OutputError, PlanError, ValidationFailed, first_line
+from lfpass.core.fileio import check_paths
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
 from lfpass.onnx.fusion_pass import LayerFusionPass
@@ -27,7 +27,7 @@ from lfpass.onnx.pipeline import LABELS, Kept, fuse_keeping, keeps_function
 from lfpass.onnx.save import DataFile, needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.onnx.validate import Validation, score_outputs, validate
-from lfpass.plan import FusionPlan
+from lfpass.core.plan import FusionPlan
 
 log = logging.getLogger(__name__)
 

@@ -19,15 +19,15 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.budget import plan_within_budget
-from lfpass.calibration import Calibration, CalibrationError, cross_pairs
-from lfpass.config import FusionConfig
-from lfpass.errors import ConfigError, InputError
+from lfpass.core.budget import plan_within_budget
+from lfpass.core.calibration import Calibration, CalibrationError, cross_pairs
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError, InputError
 from lfpass.onnx.inputs import Feeds, runtime_inputs
 from lfpass.onnx.load import count_params
 from lfpass.onnx.sites import OnnxSites, find_sites
-from lfpass.plan import FusionPlan, check_plan
-from lfpass.quality import output_error
+from lfpass.core.plan import FusionPlan, check_plan
+from lfpass.core.quality import output_error
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ def fuse_keeping(model: ir.Model, config: FusionConfig, feed: Feeds | None, plan
     array named ``labels`` holds labels for the ``accuracy`` metric)."""
     from dataclasses import replace
 
-    from lfpass.budget import with_options
-    from lfpass.planner import plan_fusion
+    from lfpass.core.budget import with_options
+    from lfpass.core.planner import plan_fusion
 
     if feed is None:
         if config.needs_calibration or (plan is not None and plan.needs_statistics):

@@ -1,7 +1,7 @@
 """Apply a fusion plan to an ONNX graph (onnx-ir), in place.
 
 For each group, member 0 is the anchor. The core merges each slot
-(:func:`lfpass.merge.merged_slots`, as for the FX frontend); this module only
+(:func:`lfpass.core.merge.merged_slots`, as for the FX frontend); this module only
 writes the result into the graph, so every member reads one initializer
 holding the merged tensor:
 
@@ -26,14 +26,15 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.errors import PlanError
-from lfpass.merge import bit_equal, merged_slots
+from lfpass.core.errors import PlanError
+from lfpass.core.dtypes import bit_equal
+from lfpass.core.merge import merged_slots
 from lfpass.onnx.load import read_array
 from lfpass.onnx.sites import OnnxSites
-from lfpass.plan import FusionPlan, check_plan
+from lfpass.core.plan import FusionPlan, check_plan
 
 if TYPE_CHECKING:
-    from lfpass.calibration import Calibration
+    from lfpass.core.calibration import Calibration
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from lfpass.errors import OutputError
-from lfpass.fileio import check_writable, ordinary_mode, same_file, temporary
+from lfpass.core.errors import OutputError
+from lfpass.core.fileio import check_writable, ordinary_mode, same_file, temporary
 
 PROTOBUF_LIMIT = 2**31 - 1
 _INLINE_HEADROOM = 64 << 20  # node and graph protos beside the tensors

@@ -1,4 +1,4 @@
-"""Find the weight-bearing layers of an ONNX graph as :class:`lfpass.sites.Site` objects.
+"""Find the weight-bearing layers of an ONNX graph as :class:`lfpass.core.sites.Site` objects.
 
 A site is a ``Gemm``, ``MatMul``, ``Conv`` or ``ConvTranspose`` node of the
 main graph whose weight is constant: an initializer, a ``Constant`` node, or
@@ -37,8 +37,8 @@ import onnx_ir as ir
 
 from lfpass.onnx.load import read_array
 from lfpass.onnx.names import layer_name
-from lfpass.sites import Site, make_signature
-from lfpass.units import find_units
+from lfpass.core.sites import Site, make_signature
+from lfpass.core.units import find_units
 
 KINDS = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv", "ConvTranspose": "conv_transpose"}
 _PACKED_ATTENTION = ("com.microsoft", "Attention")  # weights = input 1 (q, k, v packed), bias = input 2
@@ -46,7 +46,7 @@ _PACKED_ATTENTION_DEFAULTS = {"unidirectional": 0, "qkv_hidden_sizes": (), "mask
                               "scale": 0.0, "do_rotary": 0, "rotary_embedding_dim": 0, "past_present_share_buffer": 0}
 _PASS_THROUGH = ("Identity", "Transpose", "Cast")
 _ONNX_DOMAINS = ("", "ai.onnx")
-_MERGEABLE = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)  # as lfpass.merge
+_MERGEABLE = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)  # as lfpass.core.dtypes.MERGEABLE
 
 
 @dataclass

@@ -46,7 +46,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from lfpass.errors import InputError, first_line
+from lfpass.core.errors import InputError, first_line
 from lfpass.onnx.inputs import Feeds, Samples
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lfpass.config import FusionConfig, from_mapping
-from lfpass.errors import ConfigError, InputError, OutputError, PlanError
-from lfpass.fileio import atomic_path, write_text
-from lfpass.plan import FusionPlan
+from lfpass.core.config import FusionConfig, from_mapping
+from lfpass.core.errors import ConfigError, InputError, OutputError, PlanError
+from lfpass.core.fileio import atomic_path, write_text
+from lfpass.core.plan import FusionPlan
 from lfpass.train.schedule import Schedule
 
 log = logging.getLogger(__name__)

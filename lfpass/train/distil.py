@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfpass.errors import ConfigError
+from lfpass.core.errors import ConfigError
 from lfpass.train.loop import to_device
 from lfpass.train.task import Inputs, call, count, device_of, index_batches, main_output, select
 

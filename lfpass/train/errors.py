@@ -1,9 +1,9 @@
-"""The retraining package's own error type (a :class:`~lfpass.errors.LfpassError`, so the CLI
+"""The retraining package's own error type (a :class:`~lfpass.core.errors.LfpassError`, so the CLI
 reports it in one line like any other)."""
 
 from __future__ import annotations
 
-from lfpass.errors import LfpassError
+from lfpass.core.errors import LfpassError
 
 
 class TrainingError(LfpassError):

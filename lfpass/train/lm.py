@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfpass.data import EOS, Vocab, lm_batches, wikitext2
-from lfpass.errors import InputError
+from lfpass.core.errors import InputError
 from lfpass.train.task import device_of, main_output, share
 
 LEVELS = ("word", "char")

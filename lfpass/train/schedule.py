@@ -3,7 +3,7 @@
 The paper compresses in steps during retraining rather than at once: each
 stage fuses a little more and retrains with the ties kept, so the network
 adapts to one fusion before the next. :class:`Schedule` holds every knob of
-that loop (the fusion itself is a :class:`~lfpass.config.FusionConfig`), is
+that loop (the fusion itself is a :class:`~lfpass.core.config.FusionConfig`), is
 checked on construction like the config, and round-trips through a dict so a
 checkpoint can refuse to resume under a different schedule.
 """
@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lfpass.errors import ConfigError
+from lfpass.core.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SPACINGS = ("geometric", "linear")

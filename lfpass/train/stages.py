@@ -25,12 +25,12 @@ from typing import Mapping, Sequence
 
 from torch import nn
 
-from lfpass.api import analyze, apply, unique_parameters
-from lfpass.config import FusionConfig
-from lfpass.errors import ConfigError, PlanError
+from lfpass.fx.api import analyze, apply, unique_parameters
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError, PlanError
 from lfpass.fx.sites import find_sites
-from lfpass.plan import FusionPlan, check_plan
-from lfpass.planner import select_sites
+from lfpass.core.plan import FusionPlan, check_plan
+from lfpass.core.planner import select_sites
 
 _EPS = 1e-9  # a stage target this close to the current ratio is already reached
 

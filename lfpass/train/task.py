@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from lfpass.errors import ConfigError
+from lfpass.core.errors import ConfigError
 
 Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 

@@ -7,11 +7,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from lfpass.config import FusionConfig
-from lfpass.errors import ConfigError
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError
 from lfpass.fx import apply_plan, find_sites
-from lfpass.plan import FusionPlan
-from lfpass.planner import plan_fusion
+from lfpass.core.plan import FusionPlan
+from lfpass.core.planner import plan_fusion
 
 
 def unique_parameters(module: nn.Module) -> int:

@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Iterable, Mapping, MutableMapping, Sequence
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from lfpass.errors import ConfigError
+from lfpass.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from lfpass.calibration import Calibration
-    from lfpass.plan import FusionPlan
-    from lfpass.sites import Site
+    from lfpass.core.calibration import Calibration
+    from lfpass.core.plan import FusionPlan
+    from lfpass.core.sites import Site
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from typing import Any
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from lfpass.api import analyze, apply, unique_parameters
-from lfpass.config import FusionConfig
-from lfpass.errors import ConfigError, PlanError, first_line
+from lfpass.fx.api import analyze, apply, unique_parameters
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError, PlanError, first_line
 from lfpass.fx import FxSites, find_sites
-from lfpass.plan import FusionPlan, check_plan
+from lfpass.core.plan import FusionPlan, check_plan
 
 log = logging.getLogger(__name__)
 

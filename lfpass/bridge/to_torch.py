@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from lfpass.errors import InputError, first_line
+from lfpass.core.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from lfpass.errors import LfpassError
+from lfpass.core.errors import LfpassError
 
 if TYPE_CHECKING:
-    from lfpass.config import FusionConfig
-    from lfpass.sites import Site
+    from lfpass.core.config import FusionConfig
+    from lfpass.core.sites import Site
 
 log = logging.getLogger(__name__)
 

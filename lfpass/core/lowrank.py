@@ -17,7 +17,7 @@ Sharing a tensor among the members of a group loses each member's own part;
 lost, ``W_member - W_shared``, at ``r * (out + in)`` parameters per member.
 
 Everything is computed in float64 and rounded once into the weight's dtype
-(:func:`lfpass.merge.round_to`). This module knows no IR.
+(:func:`lfpass.core.dtypes.round_to`). This module knows no IR.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from lfpass.calibration import LayerStats
-from lfpass.errors import PlanError
-from lfpass.merge import round_to
-from lfpass.plan import FusionPlan
-from lfpass.sites import Site
+from lfpass.core.calibration import LayerStats
+from lfpass.core.errors import PlanError
+from lfpass.core.dtypes import round_to
+from lfpass.core.plan import FusionPlan
+from lfpass.core.sites import Site
 
 EPS = 1e-6  # ridge, relative to the mean input energy: keeps S invertible for inputs of low rank
 
@@ -232,7 +232,7 @@ def plan_members(plan: FusionPlan, sites: Any = None,
 def _unit_layer(unit: str, rel: str, known: Callable[[str], bool]) -> str:
     """A unit's layer from the unit's name and the layer's path in it: under the unit (``h.0.mlp``
     + ``c_fc``), or beside it when the unit's last component was made up (``blocks.0.mlp`` for
-    ``blocks.0.fc1`` and ``blocks.0.fc2``; see :mod:`lfpass.units`)."""
+    ``blocks.0.fc1`` and ``blocks.0.fc2``; see :mod:`lfpass.core.units`)."""
     inside = f"{unit}.{rel}" if rel else unit
     beside = f"{unit.rpartition('.')[0]}.{rel}" if rel and "." in unit else inside
     return beside if not known(inside) and known(beside) else inside
@@ -255,7 +255,7 @@ def lookup(mapping: Mapping[str, Any] | None, member: Member, what: str, require
 
 
 def residual_params(site, rank: int, bias: bool = False) -> int:
-    """Parameters a residual of rank ``rank`` adds to one member (a :class:`~lfpass.sites.Site`):
+    """Parameters a residual of rank ``rank`` adds to one member (a :class:`~lfpass.core.sites.Site`):
     ``r * (out + in)`` per layer (a unit: over its layers; a rank past a layer's full rank is cut
     to it), plus ``out`` per layer with a bias when ``bias`` (its own bias given back, as the
     frontends' ``attach_residuals`` do by default)."""

@@ -6,7 +6,7 @@ block, the linear layers under a child named like attention (``attention``,
 ``attn``, ``self_attn``, ``self_attention``, ``crossattention``) form one
 attention unit per such child; the block's other linear layers form its MLP
 unit (``mlp``, ``intermediate`` + ``output``, ``linear1`` + ``linear2``,
-``gate/up/down_proj``). A unit is a :class:`~lfpass.sites.Site` whose slots
+``gate/up/down_proj``). A unit is a :class:`~lfpass.core.sites.Site` whose slots
 are its layers' slots, named by their path inside the unit
 (``self.query.weight``, ``c_attn.bias``), and whose signature is its layers'
 signatures by that path: two units share only when they are built alike.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
-from lfpass.sites import Site, Slot, role_of
+from lfpass.core.sites import Site, Slot, role_of
 
 UNIT_KINDS = ("attention", "mlp")
 _INDEX = re.compile(r"^(?:\d+|.*\D_\d+)$")  # "3" or "encoder_layer_3"

@@ -27,13 +27,13 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from lfpass.calibration import Calibration
-from lfpass.config import KINDS, FusionConfig
-from lfpass.errors import ConfigError
-from lfpass.layers import augmented, input_moment, layers_of, layout_of, to_matrix
-from lfpass.metrics import Metric, get_metric
-from lfpass.plan import Candidate, FusionGroup, FusionPlan
-from lfpass.sites import ClassKey, Site
+from lfpass.core.calibration import Calibration
+from lfpass.core.config import KINDS, FusionConfig
+from lfpass.core.errors import ConfigError
+from lfpass.core.layers import augmented, input_moment, layers_of, layout_of, to_matrix
+from lfpass.core.metrics import Metric, get_metric
+from lfpass.core.plan import Candidate, FusionGroup, FusionPlan
+from lfpass.core.sites import ClassKey, Site
 
 log = logging.getLogger(__name__)
 

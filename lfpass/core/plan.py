@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lfpass.errors import PlanError
-from lfpass.merge import get_rule
-from lfpass.sites import ClassKey, Site
+from lfpass.core.errors import PlanError
+from lfpass.core.rules import get_rule
+from lfpass.core.sites import ClassKey, Site
 
 PLAN_VERSION = 2  # 2: class keys are objects (kind, role, signature), not strings
 

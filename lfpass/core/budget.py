@@ -30,12 +30,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from lfpass.config import FusionConfig
-from lfpass.lowrank import residual_params
-from lfpass.plan import FusionGroup, FusionPlan
-from lfpass.planner import LoadTensor, plan_fusion
-from lfpass.quality import describe
-from lfpass.sites import Site
+from lfpass.core.config import FusionConfig
+from lfpass.core.lowrank import residual_params
+from lfpass.core.plan import FusionGroup, FusionPlan
+from lfpass.core.planner import LoadTensor, plan_fusion
+from lfpass.core.quality import describe
+from lfpass.core.sites import Site
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _NEVER = 1e300  # a threshold no pair reaches: the weight planner scores and cla
 
 def correction_params(site: Site, rank: int) -> int:
     """Parameters a rank-``rank`` correction adds to a member: ``rank * (out + in)`` per layer
-    (a convolution's ``in`` per patch) plus its own bias given back (see :func:`lfpass.lowrank.residual_params`)."""
+    (a convolution's ``in`` per patch) plus its own bias given back (see :func:`lfpass.core.lowrank.residual_params`)."""
     return residual_params(site, rank, bias=True)
 
 

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lfpass.errors import ConfigError
+from lfpass.core.errors import ConfigError
 
 Metric = Callable[[Sequence[np.ndarray]], np.ndarray]
 

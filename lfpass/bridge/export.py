@@ -90,9 +90,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lfpass.api import unique_parameters
-from lfpass.errors import InputError, TraceError, ValidationFailed, first_line
-from lfpass.fileio import check_paths
+from lfpass.fx.api import unique_parameters
+from lfpass.core.errors import InputError, TraceError, ValidationFailed, first_line
+from lfpass.core.fileio import check_paths
 from lfpass.onnx.load import count_params, disk_bytes, read_model, stored_tensors
 from lfpass.onnx.save import needs_external, staged, write
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lfpass.errors import ConfigError
+from lfpass.core.errors import ConfigError
 
 _TINY = 1e-30
 

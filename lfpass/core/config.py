@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from lfpass.errors import ConfigError, first_line
-from lfpass.merge import MERGE_RULES
-from lfpass.metrics import METRICS
+from lfpass.core.errors import ConfigError, first_line
+from lfpass.core.rules import MERGE_RULES
+from lfpass.core.metrics import METRICS
 
 SCOPES = ("model", "layers")
 KINDS = ("linear", "conv", "conv_transpose", "attention", "mlp")

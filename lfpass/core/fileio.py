@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from lfpass.errors import OutputError
+from lfpass.core.errors import OutputError
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

@@ -1,7 +1,7 @@
 """ONNX in, retrain, ONNX out: the deployment path for users who have inputs but no
 labels and no training code.
 
-``distill_onnx`` converts the file to PyTorch (:mod:`lfpass.onnx.to_torch`),
+``distill_onnx`` converts the file to PyTorch (:mod:`lfpass.bridge.to_torch`),
 checks that the conversion computes what the file does on the given inputs,
 fuses it in stages while distilling every stage from the unfused model (a
 frozen copy of the conversion: the teacher is the original's function),
@@ -22,9 +22,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from lfpass.config import FusionConfig
-from lfpass.errors import ConfigError, InputError
-from lfpass.fileio import check_paths
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError, InputError
+from lfpass.core.fileio import check_paths
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import check_input_file, disk_bytes, external_files, read_model
 from lfpass.onnx.validate import Validation, compare, run, score_outputs
@@ -42,7 +42,7 @@ class DistillResult:
     input: Path
     output: Path
     retrain: Any  # lfpass.train.RetrainResult
-    export: Any  # lfpass.onnx_export.ExportResult
+    export: Any  # lfpass.bridge.export.ExportResult
     validation: Validation
     bytes_before: int
     bytes_after: int
@@ -89,8 +89,8 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     (a :class:`lfpass.train.Schedule`), distilling from the original on the samples
     of the ``.npz`` ``inputs`` (first axis; ``eval_fraction`` held out), and write
     the result to ``output``. The input file is only read."""
-    from lfpass.onnx.to_torch import to_torch
-    from lfpass.onnx_export import export
+    from lfpass.bridge.to_torch import to_torch
+    from lfpass.bridge.export import export
     from lfpass.train import Distillation, retrain
 
     path, output, inputs = Path(path), Path(output), Path(inputs)

@@ -1,7 +1,7 @@
 """A site's layers as the matrices ``W`` of ``y = W x + b``, for what needs layers' inputs.
 
 Data-aware merging and the output-error metric weigh a weight by what its
-layer is fed (a calibration Gram, :mod:`lfpass.calibration`), so they need
+layer is fed (a calibration Gram, :mod:`lfpass.core.calibration`), so they need
 each layer's weight as ``[out, in]``, the orientation its Gram is in, and its
 bias beside it. A site's slots are one layer's (``weight``, ``bias``) or a
 unit's (``q.weight``, ``q.bias``, ...): a layer is a weight slot and the bias
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from lfpass.calibration import Calibration
-from lfpass.sites import Signature, Site, Slot
+from lfpass.core.calibration import Calibration
+from lfpass.core.sites import Signature, Site, Slot
 
 _TRANSPOSE = re.compile(r"^Transpose\((?:perm=\(([^)]*)\))?")
 
