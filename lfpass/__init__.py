@@ -23,7 +23,7 @@ _EXPORTS = {
     "apply": "lfpass.fx.api",
     "export": "lfpass.bridge.export",
     "fuse": "lfpass.fx.api",
-    "unique_parameters": "lfpass.fx.api",
+    "unique_parameters": "lfpass.fx.sites",
     "FusionConfig": "lfpass.core.config",
     "load_pipeline": "lfpass.core.config",
     "ConfigError": "lfpass.core.errors",
@@ -44,15 +44,16 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from lfpass.fx.api import analyze, apply, fuse, unique_parameters
+    from lfpass.bridge.export import export
     from lfpass.core.config import FusionConfig, load_pipeline
     from lfpass.core.errors import ConfigError, InputError, LfpassError, PlanError, TraceError, ValidationFailed
-    from lfpass.fx.trace import trace
-    from lfpass.onnx import analyze_onnx, optimize
-    from lfpass.bridge.export import export
-    from lfpass.fx.fusion_pass import LayerFusionPass
     from lfpass.core.plan import FusionGroup, FusionPlan
     from lfpass.core.sites import Site
+    from lfpass.fx.api import analyze, apply, fuse
+    from lfpass.fx.fusion_pass import LayerFusionPass
+    from lfpass.fx.sites import unique_parameters
+    from lfpass.fx.trace import trace
+    from lfpass.onnx import analyze_onnx, optimize
 
 
 def __getattr__(name: str) -> Any:

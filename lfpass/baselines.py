@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lfpass.fx.api import apply, unique_parameters
 from lfpass.core.calibration import Calibration
 from lfpass.core.errors import ConfigError, PlanError
-from lfpass.fx.sites import find_sites
 from lfpass.core.plan import FusionPlan
+from lfpass.fx.api import apply
+from lfpass.fx.batches import call
+from lfpass.fx.sites import find_sites, unique_parameters
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def _influence(model: nn.Module, path: str, batches: Iterable[Any]) -> tuple[lis
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                _call(model, batch)
+                call(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -256,14 +257,6 @@ def _influence(model: nn.Module, path: str, batches: Iterable[Any]) -> tuple[lis
     if not all(counts):
         raise ConfigError(f"influence: some blocks of {path!r} never ran on the batches given")
     return [s / c for s, c in zip(sums, counts)], tuples
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict) or hasattr(batch, "keys"):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 # -- low rank ------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from lfpass.demo.onnx_path import INPUT, export, run_onnx
 from lfpass.demo.training import train
 from lfpass.core.fileio import write_text
 from lfpass.onnx.optimize import optimize
-from lfpass.onnx.pipeline import LABELS, outputs, split, split_feed
+from lfpass.core.keep import split
+from lfpass.onnx.frontend import LABELS, outputs, split_feed
 from lfpass.onnx.load import load_model
 from lfpass.core.quality import output_error
 

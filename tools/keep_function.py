@@ -136,7 +136,8 @@ class Meter:
     """The original's counts and held-out calibration outputs, to measure any model the same way."""
 
     def __init__(self, subject: Subject) -> None:
-        from lfpass.fx.pipeline import outputs, split
+        from lfpass.core.keep import split
+        from lfpass.fx.frontend import outputs
 
         self.s, self._outputs = subject, outputs
         self.params = unique_parameters(subject.model)

@@ -89,8 +89,8 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     (a :class:`lfpass.train.Schedule`), distilling from the original on the samples
     of the ``.npz`` ``inputs`` (first axis; ``eval_fraction`` held out), and write
     the result to ``output``. The input file is only read."""
-    from lfpass.bridge.to_torch import to_torch
     from lfpass.bridge.export import export
+    from lfpass.bridge.to_torch import to_torch
     from lfpass.train import Distillation, retrain
 
     path, output, inputs = Path(path), Path(output), Path(inputs)

@@ -78,6 +78,7 @@ import inspect
 import io
 import logging
 import math
+import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -87,12 +88,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnx_ir as ir
 import torch
+from onnx_ir.passes.common import DeduplicateHashedInitializersPass
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lfpass.fx.api import unique_parameters
 from lfpass.core.errors import InputError, TraceError, ValidationFailed, first_line
 from lfpass.core.fileio import check_paths
+from lfpass.fx.sites import unique_parameters
 from lfpass.onnx.load import count_params, disk_bytes, read_model, stored_tensors
 from lfpass.onnx.save import needs_external, staged, write
 
@@ -135,16 +137,25 @@ class ExportResult:
 # --- post-processing: ties kept -------------------------------------------------------------
 
 
-class DeduplicateTensorsPass(ir.passes.InPlacePass):
-    """Merge initializers with the same dtype, shape and bytes, of any size (by a hash of the
-    bytes, confirmed byte for byte), in each graph."""
+class DeduplicateTensorsPass(DeduplicateHashedInitializersPass):
+    """onnx-ir's hashed initializer deduplication (same dtype, shape and bytes, in each graph),
+    with what it lacks for exported models, which is why :meth:`call` is overridden:
+
+    - any memory layout: onnx-ir 1.1 hashes the array's buffer, which raises ``ValueError``
+      for the non-contiguous array a folded ``Transpose`` leaves; here the bytes are hashed;
+    - equality confirmed byte for byte, not trusted to the hash;
+    - tensors of any size (its default skips those over 4 Gi elements).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(size_limit=sys.maxsize)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for graph in model.graphs():
             kept: dict[tuple, ir.Value] = {}
             for value in tuple(graph.initializers.values()):
-                if _should_skip(value):
+                if value.is_graph_input() or value.is_graph_output() or value.const_value is None:
                     continue
                 tensor = value.const_value
                 data = tensor.tobytes()
@@ -157,13 +168,6 @@ class DeduplicateTensorsPass(ir.passes.InPlacePass):
                 log.debug("initializer %r is a copy of %r: merged", value.name, first.name)
                 modified = True
         return ir.passes.PassResult(model, modified)
-
-
-def _should_skip(value: ir.Value) -> bool:
-    if value.is_graph_input() or value.is_graph_output():
-        log.debug("initializer %r is a graph input or output: left alone", value.name)
-        return True
-    return value.const_value is None
 
 
 def _folds_a_copy(node: ir.Node) -> bool | None:

@@ -9,10 +9,9 @@ import logging
 import sys
 from pathlib import Path
 
-from lfpass.core.errors import ConfigError
 from lfpass.cli.options import EXIT_OK, add_config_options, config_from_args
 from lfpass.core.config import FusionConfig
-from lfpass.core.errors import TraceError
+from lfpass.core.errors import ConfigError, TraceError
 from lfpass.core.fileio import check_paths, write_text
 from lfpass.core.plan import FusionPlan
 
@@ -35,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from lfpass import report
 
     config = config_from_args(args)
-    if config.needs_calibration or config.align != "none" or config.residual_rank:
+    if config.keeps_function:
         raise ConfigError("analyze plans by weight similarity alone; for a plan by measured output error, "
                           "alignment or corrections, run `lfpass optimize MODEL.onnx --inputs CALIB.npz --dry-run`")
     target = args.target
@@ -66,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _analyze_factory(spec: str, config: FusionConfig) -> FusionPlan:
-    from lfpass.fx.api import analyze
     from lfpass.factory import load_factory
+    from lfpass.fx.api import analyze
     from lfpass.fx.trace import trace
 
     model, example = load_factory(spec)

@@ -13,16 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from lfpass.cli.options import (
-    EXIT_OK,
-    EXIT_VALIDATION,
-    add_config_options,
-    add_schedule_options,
-    add_validation_options,
-    config_from_args,
-    schedule_overrides,
-    with_tolerances,
-)
+from lfpass.cli.options import (EXIT_OK, EXIT_VALIDATION, add_config_options, add_schedule_options,
+                                add_validation_options, config_from_args, schedule_overrides, with_tolerances)
 from lfpass.cli.output import MAX_OUTPUT_LINES, history_table, note, output_line, table
 from lfpass.core.config import FusionConfig
 from lfpass.core.errors import ConfigError, InputError, ValidationFailed

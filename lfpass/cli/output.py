@@ -4,7 +4,7 @@ compared output, and notes (one ``lfpass:`` line each on stderr)."""
 from __future__ import annotations
 
 import sys
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lfpass.core.quality import describe
 

@@ -37,19 +37,28 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import combinations
 from typing import TYPE_CHECKING, Iterable, Mapping, MutableMapping, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from lfpass.core.errors import ConfigError
+from lfpass.core.layers import input_width
 
 if TYPE_CHECKING:
     from lfpass.core.calibration import Calibration
+    from lfpass.core.config import FusionConfig
     from lfpass.core.plan import FusionPlan
     from lfpass.core.sites import Site
 
 log = logging.getLogger(__name__)
+
+
+def linear_sum_assignment(cost: np.ndarray, maximize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """scipy's assignment solver, imported when alignment first solves one (not on plain paths)."""
+    from scipy.optimize import linear_sum_assignment as solve
+
+    return solve(cost, maximize=maximize)
 
 SPACE_KINDS = ("permute", "heads")
 MODES = ("weights", "activations")
@@ -592,3 +601,29 @@ def _drop_overlaps(links: list[Link], by_key: Mapping[str, Space]) -> tuple[list
         if link.anchor in by_key and link.member in by_key and link.anchor not in bad and link.member not in bad:
             kept.append(link)
     return kept, skipped
+
+
+# -- what calibration gathers for matching by activations ------------------------------------------
+
+CROSS_BYTES = 1 << 30  # paired statistics for matching by activations: at most this much memory
+
+
+def cross_pairs(sites: Sequence["Site"], config: "FusionConfig") -> list[tuple[str, str]]:
+    """Pairs of layers (by weight name) that may share a tensor under ``config``, whose paired
+    input statistics matching by activations reads, while they fit in :data:`CROSS_BYTES`."""
+    if config.align != "activations":
+        return []
+    classes: dict[object, list["Site"]] = {}
+    for s in sites:
+        if not s.parts:
+            classes.setdefault(s.class_key(config.cross_role), []).append(s)
+    pairs, used = [], 0
+    for members in classes.values():
+        for a, b in combinations(members, 2):
+            used += 8 * input_width(a) * input_width(b)
+            if used > CROSS_BYTES:
+                log.info("paired statistics stop at %d pairs (memory)", len(pairs))
+                return pairs
+            pairs.append((a.weight, b.weight))
+    return pairs
+

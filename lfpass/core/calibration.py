@@ -29,20 +29,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from itertools import combinations
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping
 
 import numpy as np
 
 from lfpass.core.errors import LfpassError
 
-if TYPE_CHECKING:
-    from lfpass.core.config import FusionConfig
-    from lfpass.core.sites import Site
-
 log = logging.getLogger(__name__)
-
-CROSS_BYTES = 1 << 30  # paired statistics for matching by activations: at most this much memory
 
 
 class CalibrationError(LfpassError):
@@ -209,38 +202,3 @@ def accumulate(stats: LayerStats | None, x: np.ndarray, kernel: int = 1) -> Laye
     stats.total += total
     stats.count += x.shape[0]
     return stats
-
-
-def _channels(site: "Site") -> int:
-    """The size of a layer's input channels (a linear layer's features; a convolution's
-    ``in_channels``), over which paired statistics are kept."""
-    sig = dict(site.signature)
-    shape = tuple(sig["shape"])
-    if site.kind == "linear":
-        layout = sig.get("layout")
-        if layout is None:  # ONNX: MatMul [in, out], Gemm by transB, through its Transposes
-            flipped = sum(1 for op in sig.get("via", ()) if str(op).startswith("Transpose")) % 2 == 1
-            out_in = bool(sig.get("transB")) != flipped if "transB" in sig else flipped
-            return shape[1] if out_in else shape[0]
-        return shape[1] if layout in ("out_in", "left_out_in") else shape[0]
-    return shape[1] * int(sig.get("groups", sig.get("group", 1)))
-
-
-def cross_pairs(sites: Sequence["Site"], config: "FusionConfig") -> list[tuple[str, str]]:
-    """Pairs of layers (by weight name) that may share a tensor under ``config``, whose paired
-    input statistics matching by activations reads, while they fit in :data:`CROSS_BYTES`."""
-    if config.align != "activations":
-        return []
-    classes: dict[object, list["Site"]] = {}
-    for s in sites:
-        if not s.parts:
-            classes.setdefault(s.class_key(config.cross_role), []).append(s)
-    pairs, used = [], 0
-    for members in classes.values():
-        for a, b in combinations(members, 2):
-            used += 8 * _channels(a) * _channels(b)
-            if used > CROSS_BYTES:
-                log.info("paired statistics stop at %d pairs (memory)", len(pairs))
-                return pairs
-            pairs.append((a.weight, b.weight))
-    return pairs

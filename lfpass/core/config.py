@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lfpass.core.errors import ConfigError, first_line
-from lfpass.core.rules import MERGE_RULES
 from lfpass.core.metrics import METRICS
+from lfpass.core.rules import MERGE_RULES
 
 SCOPES = ("model", "layers")
 KINDS = ("linear", "conv", "conv_transpose", "attention", "mlp")
@@ -150,15 +150,27 @@ class FusionConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether these options need calibration inputs (statistics or measured error)."""
-        return (self.max_error is not None or self.align == "activations" or self.merge == "regmean"
-                or self.metric == "output")
+        return (self.max_error is not None or self.align == "activations" or self.metric == "output"
+                or self._merges_by_data)
+
+    @property
+    def keeps_function(self) -> bool:
+        """Whether these options ask for the calibrated path: statistics, alignment,
+        per-member corrections or a budget (see :mod:`lfpass.core.keep`)."""
+        return self.needs_calibration or self.align != "none" or self.residual_rank > 0
 
     @property
     def uses_statistics(self) -> bool:
         """Whether building a fused model reads the layers' input statistics (else calibration
         inputs only measure the error)."""
-        return (self.align == "activations" or self.merge == "regmean" or self.metric == "output"
+        return (self.align == "activations" or self._merges_by_data or self.metric == "output"
                 or self.residual_rank > 0)
+
+    @property
+    def _merges_by_data(self) -> bool:
+        """Whether the merge rule weighs members by their calibration statistics (as RegMean does)."""
+        rule = MERGE_RULES.get(self.merge)
+        return rule is not None and rule.uses_stats
 
     def replace(self, **changes: Any) -> "FusionConfig":
         """A copy with ``changes`` applied, checked like any config. ``None`` is a value

@@ -109,12 +109,33 @@ def layout_of(layer: Layer) -> tuple[str | None, str]:
     return ("out_in" if flips % 2 else "in_out"), ""
 
 
+def orient(array: Any, layout: str) -> np.ndarray:
+    """The weight as read (``layout``: ``out_in`` or ``in_out``) as ``[out, in]`` in its own dtype
+    (a convolution's as ``[out, in/g * prod(k)]``): the one place orientation is applied."""
+    a = np.asarray(array)
+    return a.T if layout == "in_out" else a.reshape(a.shape[0], -1)
+
+
 def to_matrix(array: np.ndarray, layout: str) -> np.ndarray:
-    """The stored weight as float64 ``[out, in]`` (a convolution's as ``[out, in/g * prod(k)]``)."""
+    """The stored weight as float64 ``[out, in]`` (:func:`orient`, widened)."""
     a = np.asarray(array)
     a = a.astype(np.float32) if a.dtype.itemsize < 4 else a  # bfloat16 widens exactly through float32
-    a = a.astype(np.float64, copy=False)
-    return a.T if layout == "in_out" else a.reshape(a.shape[0], -1)
+    return orient(a.astype(np.float64, copy=False), layout)
+
+
+def input_width(site: Site) -> int:
+    """The width of a layer site's input (a linear layer's features, a convolution's
+    ``in_channels``), by :func:`layout_of`; where the weight has no ``[out, in]`` matrix
+    (it multiplies from the left, say), the larger side, as a bound."""
+    layer = layers_of(site)[0]
+    sig = dict(layer.signature)
+    shape = tuple(sig["shape"])
+    if layer.kind == "conv":
+        return int(shape[1]) * int(sig.get("groups", sig.get("group", 1)))
+    layout, _ = layout_of(layer)
+    if layout is None:
+        return int(max(shape))
+    return int(shape[1] if layout == "out_in" else shape[0])
 
 
 def from_matrix(matrix: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:

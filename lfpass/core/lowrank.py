@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from lfpass.core.calibration import LayerStats
-from lfpass.core.errors import PlanError
 from lfpass.core.dtypes import round_to
+from lfpass.core.errors import PlanError
 from lfpass.core.plan import FusionPlan
 from lfpass.core.sites import Site
 
@@ -270,3 +270,65 @@ def _layer_params(kind: str, signature, rank: int, bias: bool) -> int:
     out, in_ = layer_dims(kind, signature)
     extra = out if bias and dict(signature).get("bias") is True else 0
     return factor_params(out, in_, min(rank, full_rank(out, in_))) + extra
+
+
+# -- per-member parts, for every frontend ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Part:
+    """What one member layer needs to get its own correction: the layer, its weight (and bias)
+    before fusion as stored, and its calibration statistics (None: plain SVD)."""
+
+    member: Member
+    original: np.ndarray
+    original_bias: np.ndarray | None
+    stats: LayerStats | None
+
+
+def capture_originals(found: Any, plan: FusionPlan) -> dict[str, np.ndarray]:
+    """The tensors of ``plan``'s member layers before fusion (copies, own dtype), keyed by tensor
+    name and by layer name (the bias also by ``<layer>.bias``). ``found``: a frontend's
+    :class:`~lfpass.core.frontend.SiteTable` of the model about to be fused."""
+    out: dict[str, np.ndarray] = {}
+    for m in plan_members(plan, found):
+        out[m.tensor] = out[m.layer] = np.array(found.load_exact(m.tensor))
+        if m.bias:
+            out[m.bias] = out[f"{m.layer}.bias"] = np.array(found.load_exact(m.bias))
+    return out
+
+
+def residual_parts(plan: FusionPlan, originals: Mapping[str, Any], calibration: Mapping[str, LayerStats] | None,
+                   sites: Any = None, bias: bool = True) -> list[Part]:
+    """Every member layer of ``plan`` with what its correction is made from. ``originals``: as
+    :func:`capture_originals` takes them (or any mapping by tensor or layer name); ``sites``:
+    the model's sites before fusion (see :func:`plan_members`); ``bias``: give a member whose
+    bias the merge changed ``original - shared`` back."""
+    known = (lambda layer: layer in originals or f"{layer}.weight" in originals)  # noqa: E731
+    parts = []
+    for m in plan_members(plan, sites, known):
+        original = lookup(originals, m, "original weight")
+        stats = lookup(calibration, m, "calibration statistics") if calibration is not None else None
+        original_bias = next((originals[k] for k in (m.bias, f"{m.layer}.bias") if k and k in originals), None)
+        parts.append(Part(m, np.asarray(original), np.asarray(original_bias) if bias and original_bias is not None
+                          else None, stats))
+    return parts
+
+
+def member_factors(part: Part, member: np.ndarray, shared: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`residual` of one part, ``member`` and ``shared`` as ``[out, in]`` matrices; an error names the layer."""
+    try:
+        return residual(member, shared, part.stats, rank)
+    except PlanError as exc:
+        raise PlanError(f"layer {part.member.layer!r}: {exc}") from None
+
+
+def bias_delta(part: Part, shared: np.ndarray, scale: float = 1.0) -> np.ndarray | None:
+    """``scale * (original bias - shared bias)`` in the bias's dtype (zeros too, so the count a
+    plan makes holds whatever the values), or None when the part has no original bias."""
+    if part.original_bias is None:
+        return None
+    original, shared = np.asarray(part.original_bias), np.asarray(shared)
+    if original.shape != shared.shape:
+        raise PlanError(f"layer {part.member.layer!r}: an original bias of shape {original.shape} does not fit "
+                        f"{shared.shape}")
+    return round_to(scale * (original.astype(np.float64) - shared.astype(np.float64)), shared.dtype)

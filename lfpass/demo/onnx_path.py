@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from lfpass.bridge.export import export as export_onnx
 from lfpass.core.config import FusionConfig
+from lfpass.core.fileio import atomic_path
 from lfpass.data import Split
 from lfpass.demo.tables import render_table
-from lfpass.bridge.export import export as export_onnx
-from lfpass.core.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 

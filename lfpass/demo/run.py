@@ -11,16 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lfpass.fx.api import analyze, apply, unique_parameters
 from lfpass.core.config import FusionConfig
+from lfpass.core.errors import OutputError
+from lfpass.core.fileio import atomic_path, write_text
+from lfpass.core.plan import FusionPlan
 from lfpass.data import Split, mnist_digits
 from lfpass.demo.cnn import build_cnn
 from lfpass.demo.onnx_path import format_onnx_table, onnx_rows
 from lfpass.demo.tables import format_table
 from lfpass.demo.training import cpu_threads, evaluate, train
-from lfpass.core.errors import OutputError
-from lfpass.core.fileio import atomic_path, write_text
-from lfpass.core.plan import FusionPlan
+from lfpass.fx.api import analyze, apply
+from lfpass.fx.sites import unique_parameters
 
 RATIOS = (2.0, 3.33)
 QUICK_SECONDS = 5.0

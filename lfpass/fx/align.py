@@ -33,13 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from lfpass.core.align import AlignReport, Move, Skipped, Space, align_spaces, collect, links_from_plan
-from lfpass.core.calibration import Calibration
-from lfpass.fx.sites import _FUNCTIONAL, _bind, _tensor_names, find_sites
+from lfpass.core.align import Move, Skipped, Space, collect
 from lfpass.core.errors import TraceError
-from lfpass.fx.trace import trace
-from lfpass.core.plan import FusionPlan
 from lfpass.core.sites import Site
+from lfpass.fx.sites import FUNCTIONAL, bind_args, find_sites, tensor_names
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +96,7 @@ class _Graph:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.found = find_sites(gm)
-        canonical, self.tensors, _ = _tensor_names(gm)
+        canonical, self.tensors, _ = tensor_names(gm)
         self.canonical = canonical
         nodes = {n.name: n for n in gm.graph.nodes}
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -146,8 +143,8 @@ class _Graph:
         if node.op == "call_module":
             x = node.args[0] if node.args else node.kwargs.get("input")
             return x if isinstance(x, fx.Node) else None
-        op = _FUNCTIONAL.get(node.target, node.target)
-        a = _bind(op, node.args, node.kwargs)
+        op = FUNCTIONAL.get(node.target, node.target)
+        a = bind_args(op, node.args, node.kwargs)
         if op is aten.addmm.default:
             return a["mat1"]
         if "input" in a:
@@ -596,36 +593,29 @@ def _find(g: _Graph, skipped: list[Skipped] | None) -> list[Space]:
     return collect(candidates(), spaces, reasons, skipped)
 
 
-# -- in place on a module ---------------------------------------------------------------------------------
+# -- what the FX frontend answers for alignment -------------------------------------------------------
 
-def _graph_of(module: nn.Module, example_inputs: Any, gm: fx.GraphModule | None) -> fx.GraphModule:
-    """The graph whose data flow says what may move: ``gm`` if given, else ``module`` traced
-    (``torch.export`` with ``example_inputs`` where ``symbolic_trace`` fails)."""
-    return gm if gm is not None else trace(module, example_inputs)
+def spaces_of(gm: fx.GraphModule, skipped: list[Skipped]) -> tuple[list[Space], dict[str, Site]]:
+    """``gm``'s alignment spaces and the sites they were found with, by name."""
+    graph = _Graph(gm)
+    return _find(graph, skipped), graph.found.by_name()
 
 
-def align_fx(module: nn.Module, plan: FusionPlan, mode: str = "weights", calibration: Calibration | None = None,
-             example_inputs: Any = None, gm: fx.GraphModule | None = None, seed: int = 0) -> AlignReport:
-    """Move each planned member into its anchor's coordinates, in ``module``'s own tensors (in place).
-
-    The function is unchanged (up to rounding of rotations); ``calibration``, when given, is moved
-    alike so it still describes the module."""
-    graph = _Graph(_graph_of(module, example_inputs, gm))
-    skipped: list[Skipped] = []
-    spaces = _find(graph, skipped)
-    sites = graph.found.by_name()
-    links = links_from_plan(plan, sites, spaces)
-    names = {m.tensor for s in spaces for m in s.moves}
+def read_tensors(module: nn.Module, names: Any) -> dict[str, Any]:
+    """The named parameters and buffers of ``module`` as float64 arrays."""
     own = _module_tensors(module)
     missing = sorted(n for n in names if n not in own)
     if missing:
         raise TraceError(f"alignment: the traced graph names tensors the module does not hold ({missing[0]!r})")
-    tensors = {n: own[n].detach().cpu().double().numpy() for n in names}
-    report = align_spaces(spaces, links, tensors, mode, calibration, seed, skipped)
+    return {n: own[n].detach().cpu().double().numpy() for n in names}
+
+
+def write_tensors(module: nn.Module, arrays: Any) -> None:
+    """Store float64 ``arrays`` into ``module``'s tensors of those names, in each one's dtype."""
+    own = _module_tensors(module)
     with torch.no_grad():
-        for name in report.changed:
-            own[name].copy_(torch.from_numpy(tensors[name]).to(own[name].dtype))
-    return report
+        for name, array in arrays.items():
+            own[name].copy_(torch.from_numpy(array).to(own[name].dtype))
 
 
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -634,4 +624,3 @@ def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     for path, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
         out.setdefault(path, t)
     return out
-

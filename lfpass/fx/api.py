@@ -1,30 +1,24 @@
-"""The Python API: trace, analyze, apply, unique_parameters."""
+"""The Python API over PyTorch models: analyze, apply, fuse (and ``unique_parameters``).
+
+``fuse`` with calibration inputs, alignment or per-member parts runs the one
+keep-function pipeline (:mod:`lfpass.core.keep`) over the FX frontend."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from lfpass.core.config import FusionConfig
 from lfpass.core.errors import ConfigError
-from lfpass.fx import apply_plan, find_sites
+from lfpass.core.keep import Fuser, calibrate, fuse_keeping, require_data
 from lfpass.core.plan import FusionPlan
 from lfpass.core.planner import plan_fusion
-
-
-def unique_parameters(module: nn.Module) -> int:
-    """Parameters of ``module``, counting a tensor shared by several layers once."""
-    seen: set[tuple] = set()
-    total = 0
-    for p in module.parameters():  # already unique by object
-        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()), p.device)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += p.numel()
-    return total
+from lfpass.fx.frontend import FxFrontend, OutputFn
+from lfpass.fx.rewrite import apply_plan
+from lfpass.fx.sites import find_sites, unique_parameters
 
 
 def analyze(model: nn.Module, config: FusionConfig | None = None, progress: bool = False) -> FusionPlan:
@@ -48,22 +42,20 @@ def apply(model: nn.Module, plan: FusionPlan, inplace: bool = False,
     ``calibration`` batches to gather its statistics from.
     """
     if plan.keeps_function:
-        from lfpass.fx.pipeline import FxFuser, calibrate
-
         if counts:
             raise ConfigError("a plan that aligns, corrects or merges by data is applied in one stage (no counts)")
-        if plan.needs_statistics and not calibration:
-            raise ConfigError("this plan merges or aligns by data: pass calibration=[batch, ...]")
+        batches = list(calibration or ())
+        require_data(FusionConfig(), plan, bool(batches), FxFrontend.hint)
+        front = FxFrontend(model, example_inputs=batches[0] if batches else None)
         config = FusionConfig(align=plan.align, residual_rank=plan.residual_rank)
-        stats = calibrate(model, list(calibration), config) if calibration else None
-        example = next(iter(calibration)) if calibration else None
-        return FxFuser(model, config, stats, example_inputs=example).build(plan, inplace=inplace)
+        stats = calibrate(front, batches, config) if batches else None
+        return Fuser(front, stats).build(plan, inplace=inplace)
     with torch.no_grad():
         return apply_plan(model, plan, inplace=inplace, counts=counts)
 
 
 def fuse(model: nn.Module, config: FusionConfig | None = None, *, calibration: Sequence[Any] | None = None,
-         labels: Sequence[Any] | None = None, output_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+         labels: Sequence[Any] | None = None, output_fn: OutputFn | None = None,
          progress: bool = False, **overrides: Any) -> tuple[nn.Module, FusionPlan]:
     """Plan and apply: the fused copy and its plan.
 
@@ -76,13 +68,12 @@ def fuse(model: nn.Module, config: FusionConfig | None = None, *, calibration: S
     every floating-point output, flattened per sample). Without any of those
     options this is ``analyze`` then ``apply``."""
     config = (config or FusionConfig()).replace(**overrides)
-    if config.needs_calibration and not calibration:
-        raise ConfigError("these options (max_error, align='activations', merge='regmean' or metric='output') "
-                          "need calibration inputs: pass calibration=[batch, ...]")
-    if calibration or config.align != "none" or config.residual_rank:
-        from lfpass.fx.pipeline import fuse_keeping
-
-        return fuse_keeping(model, config, list(calibration or ()), labels=labels, output_fn=output_fn,
-                            progress=progress)
-    plan = analyze(model, config)
-    return apply(model, plan), plan
+    batches = list(calibration or ())
+    require_data(config, None, bool(batches), FxFrontend.hint)
+    if not batches and not config.keeps_function:
+        plan = analyze(model, config)
+        return apply(model, plan), plan
+    arrays = [np.asarray(torch.as_tensor(y).cpu()) for y in labels] if labels is not None else None
+    front = FxFrontend(model, example_inputs=batches[0] if batches else None, output_fn=output_fn)
+    kept = fuse_keeping(front, config, batches, labels=arrays, progress=progress)
+    return kept.model, kept.plan

@@ -24,7 +24,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,9 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from lfpass.core.calibration import Calibration, CalibrationError, LayerStats
-from lfpass.fx.sites import _bind, _FUNCTIONAL, _MM_OPS, _is_conv1d_hf, find_sites
 from lfpass.core.sites import Site
+from lfpass.fx.batches import as_call
+from lfpass.fx.sites import FUNCTIONAL, MM_OPS, bind_args, find_sites, is_conv1d_hf
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +184,9 @@ class _Watch(fx.Interpreter):
 
 def _activation(target: Any, args: tuple, kwargs: dict) -> Any:
     """The data input of a site call (the weight on the right: a layer never matched from the left here)."""
-    op = _FUNCTIONAL.get(target, target)
-    if op in _MM_OPS:
-        a = _bind(op, args, kwargs)
+    op = FUNCTIONAL.get(target, target)
+    if op in MM_OPS:
+        a = bind_args(op, args, kwargs)
         return a["mat1"] if "mat1" in a else a["self"]
     return args[0] if args else kwargs.get("input")
 
@@ -209,14 +210,6 @@ def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     return list(tree_flatten_spec((positional, keywords), spec))
 
 
-def _as_call(batch: Any) -> tuple[tuple, dict]:
-    if isinstance(batch, Mapping):
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    return (batch,), {}
-
-
 def calibrate_fx(
     module: nn.Module,
     batches: Iterable[Any],
@@ -233,8 +226,39 @@ def calibrate_fx(
     where both layers ran on as many positions. A layer that never ran has no
     entry; no batch at all is a :class:`CalibrationError`."""
     found = find_sites(module)
-    sites = list(found.sites if sites is None else sites)
     pairs = [tuple(p) for p in cross]
+    kernels, convs, hooks, watch = _watch_list(module, found, list(found.sites if sites is None else sites))
+    recorder = _Recorder(kernels, convs, {n for p in pairs for n in p})
+    handles = [mod.register_forward_pre_hook(_hook(recorder, name), with_kwargs=True) for mod, name in hooks]
+    interpreted = isinstance(module, fx.GraphModule) and any(
+        n.op == "call_function" and n.name in watch for n in module.graph.nodes)
+    cross_sums: dict[tuple[str, str], torch.Tensor] = {}
+    count = 0
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        _set_eval(module)
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False):
+                args, kwargs = as_call(batch)
+                if interpreted:
+                    _Watch(module, watch, recorder).run(*_flat_inputs(module, args, kwargs))  # type: ignore[arg-type]
+                else:
+                    module(*args, **kwargs)
+                recorder.end_batch(cross_sums, pairs)
+                count += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    if count == 0:
+        raise CalibrationError("no calibration batches")
+    return Calibration(recorder.result(), {k: v.numpy() for k, v in cross_sums.items()}, count)
+
+
+def _watch_list(module: nn.Module, found: Any, sites: Sequence[Site]):
+    """What to record per layer: its patch size, its conv geometry, the module to hook (a
+    called layer) and the graph nodes to watch (``call_function`` layers), by weight name."""
     modules = {_weight_of(mod): (path, mod) for path, mod in module.named_modules() if _weight_of(mod) is not None}
     kernels: dict[str, int] = {}
     convs: dict[str, _Conv | None] = {}
@@ -255,32 +279,7 @@ def calibrate_fx(
             hooks.append((held[1], site.weight))
         for node in site.location.split(","):
             watch[node] = (site.weight, dict(site.signature).get("layout", ""))
-    recorder = _Recorder(kernels, convs, {n for p in pairs for n in p})
-    handles = [mod.register_forward_pre_hook(_hook(recorder, name), with_kwargs=True) for mod, name in hooks]
-    interpreted = isinstance(module, fx.GraphModule) and any(
-        n.op == "call_function" and n.name in watch for n in module.graph.nodes)
-    cross_sums: dict[tuple[str, str], torch.Tensor] = {}
-    count = 0
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        _set_eval(module)
-        with torch.no_grad():
-            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False):
-                args, kwargs = _as_call(batch)
-                if interpreted:
-                    _Watch(module, watch, recorder).run(*_flat_inputs(module, args, kwargs))  # type: ignore[arg-type]
-                else:
-                    module(*args, **kwargs)
-                recorder.end_batch(cross_sums, pairs)
-                count += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
-    if count == 0:
-        raise CalibrationError("no calibration batches")
-    return Calibration(recorder.result(), {k: v.numpy() for k, v in cross_sums.items()}, count)
+    return kernels, convs, hooks, watch
 
 
 def _weight_of(mod: nn.Module) -> int | None:
@@ -295,7 +294,7 @@ def _weight_of(mod: nn.Module) -> int | None:
 
 
 def _is_layer_module(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)) or _is_conv1d_hf(mod)
+    return isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)) or is_conv1d_hf(mod)
 
 
 def _hook(recorder: _Recorder, name: str):

@@ -13,11 +13,12 @@ from typing import Any
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from lfpass.fx.api import analyze, apply, unique_parameters
 from lfpass.core.config import FusionConfig
 from lfpass.core.errors import ConfigError, PlanError, first_line
-from lfpass.fx import FxSites, find_sites
 from lfpass.core.plan import FusionPlan, check_plan
+from lfpass.fx import FxSites, find_sites
+from lfpass.fx.api import analyze, apply
+from lfpass.fx.sites import unique_parameters
 
 log = logging.getLogger(__name__)
 

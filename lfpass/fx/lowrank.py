@@ -34,14 +34,15 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from lfpass.core.calibration import Calibration, LayerStats
+from lfpass.core.calibration import Calibration
 from lfpass.core.errors import PlanError
-from lfpass.fx.sites import (FxSites, _Finder, _FUNCTIONAL, _CONV_OPS, _LINEAR_OPS, _MM_OPS, _bind,
-                             _is_conv1d_hf, _layer_path, _tensor_names, find_sites, to_numpy, to_torch)
-from lfpass.core.lowrank import Member, activation_svd, lookup, plain_svd, plan_members, residual, uniform_ranks
-from lfpass.core.dtypes import round_to
+from lfpass.core.layers import orient
+from lfpass.core.lowrank import (Member, Part, activation_svd, bias_delta, lookup, member_factors, plain_svd,
+                                 residual_parts, uniform_ranks)
 from lfpass.core.plan import FusionPlan
 from lfpass.core.sites import Site
+from lfpass.fx.sites import (CONV_OPS, FUNCTIONAL, LINEAR_OPS, MM_OPS, FxSites, SiteFinder, bind_args, find_sites,
+                             is_conv1d_hf, layer_path, tensor_names, to_numpy, to_torch, unique_parameters)
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -72,25 +73,6 @@ class LowRank(nn.Module):
         return self.up(self.down(x))
 
 
-# -- which layers --------------------------------------------------------------------------------
-
-def _bias_delta(originals: Mapping[str, Array], m: Member, current: torch.Tensor | None,
-                enabled: bool) -> np.ndarray | None:
-    """``original bias - shared bias`` in the bias's dtype (zeros too, so the count a plan makes
-    holds whatever the values), or None when the layer has no bias or none is given back."""
-    if not enabled or current is None:
-        return None
-    original = next((originals[k] for k in (m.bias, f"{m.layer}.bias") if k and k in originals), None)
-    if original is None:
-        return None
-    shared = to_numpy(current)
-    original = _numpy(original)
-    if original.shape != shared.shape:
-        raise PlanError(f"layer {m.layer!r}: an original bias of shape {original.shape} does not fit "
-                        f"{shared.shape}")
-    return round_to(original.astype(np.float64) - shared.astype(np.float64), shared.dtype)
-
-
 def _numpy(array: Array) -> np.ndarray:
     return to_numpy(array) if isinstance(array, torch.Tensor) else np.asarray(array)
 
@@ -102,39 +84,31 @@ def attach_residuals(module: nn.Module, plan: FusionPlan, originals: Mapping[str
                      sites: FxSites | Mapping[str, Site] | None = None, bias: bool = True) -> nn.Module:
     """Give each member layer of ``plan`` in the fused ``module`` (in place) its rank-``rank``
     correction of ``original - shared``. ``originals``: each member layer's weight (and bias)
-    before fusion, keyed by tensor name (or layer name); :func:`capture_originals` takes them.
-    ``calibration``: activation-aware factors; without it, plain SVD. ``bias``: a member whose
-    bias the merge changed gets ``original - shared`` back as ``up``'s bias (``out`` more
-    parameters); ``sites``: the model's sites before fusion (see :func:`plan_members`)."""
-    members = plan_members(plan, sites, lambda layer: layer in originals or f"{layer}.weight" in originals)
+    before fusion, keyed by tensor name (or layer name), as
+    :func:`lfpass.core.lowrank.capture_originals` takes them. ``calibration``: activation-aware
+    factors; without it, plain SVD. ``bias``: a member whose bias the merge changed gets
+    ``original - shared`` back as ``up``'s bias (``out`` more parameters); ``sites``: the
+    model's sites before fusion (see :func:`lfpass.core.lowrank.plan_members`)."""
+    originals = {k: _numpy(v) for k, v in originals.items()}
+    return attach_parts(module, residual_parts(plan, originals, calibration, sites, bias), rank)
+
+
+def attach_parts(module: nn.Module, parts: Sequence[Part], rank: int) -> nn.Module:
+    """Write each part as ``layer(x) + up(down(x))`` into ``module`` (in place): a called module
+    becomes :class:`ResidualLinear`; a ``call_function`` layer gets two more calls and an ``add``."""
     graph_sites = _call_function_nodes(module) if isinstance(module, fx.GraphModule) else {}
-    layers = frozenset(m.layer for m in members)
+    layers = frozenset(p.member.layer for p in parts)
     with torch.no_grad():
-        for m in members:
-            original = _numpy(lookup(originals, m, "original weight"))
-            stats = lookup(calibration, m, "calibration statistics") if calibration is not None else None
-            if _called_as_module(module, m.layer):
-                _attach_module(module, m, original, stats, rank, originals if bias else None)
+        for part in parts:
+            if _called_as_module(module, part.member.layer):
+                _attach_module(module, part, rank)
             else:
-                nodes = _nodes_of(module, m, graph_sites, layers)
-                _attach_function(module, m, nodes, original, stats, rank, originals if bias else None)
+                _attach_function(module, part, _nodes_of(module, part.member, graph_sites, layers), rank)
     if isinstance(module, fx.GraphModule):
         module.graph.lint()
         module.recompile()
-    log.info("attached rank-%d residuals to %d layers", rank, len(members))
+    log.info("attached rank-%d residuals to %d layers", rank, len(parts))
     return module
-
-
-def capture_originals(module: nn.Module, plan: FusionPlan) -> dict[str, np.ndarray]:
-    """The weights of ``plan``'s member layers in ``module`` before fusion (copies, own dtype),
-    keyed by weight tensor name and by layer name."""
-    found = find_sites(module)
-    out: dict[str, np.ndarray] = {}
-    for m in plan_members(plan, found):
-        out[m.tensor] = out[m.layer] = found.load_exact(m.tensor).copy()
-        if m.bias:
-            out[m.bias] = out[f"{m.layer}.bias"] = found.load_exact(m.bias).copy()
-    return out
 
 
 def _called_as_module(module: nn.Module, layer: str) -> bool:
@@ -150,29 +124,22 @@ def _param(array: np.ndarray, like: torch.Tensor, shape: Sequence[int]) -> nn.Pa
     return nn.Parameter(to_torch(np.ascontiguousarray(array).reshape(shape), like), requires_grad=like.requires_grad)
 
 
-def _factors(original: np.ndarray, shared: np.ndarray, stats: LayerStats | None, rank: int, layer: str):
-    try:
-        return residual(original, shared, stats, rank)
-    except PlanError as exc:
-        raise PlanError(f"layer {layer!r}: {exc}") from None
-
-
-def _attach_module(root: nn.Module, m: Member, original: np.ndarray, stats, rank: int,
-                   originals: Mapping[str, Array] | None) -> None:
+def _attach_module(root: nn.Module, part: Part, rank: int) -> None:
+    m, original = part.member, part.original
     owner_path, _, attr = m.layer.rpartition(".")
     owner = root.get_submodule(owner_path) if owner_path else root
     mod = getattr(owner, attr)
     if isinstance(mod, ResidualLinear):
         raise PlanError(f"layer {m.layer!r} already has a residual")
     if isinstance(owner, nn.MultiheadAttention) or not (
-            isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or _is_conv1d_hf(mod)):
+            isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or is_conv1d_hf(mod)):
         raise PlanError(f"layer {m.layer!r} ({type(mod).__name__}): residuals are made for linear layers, "
                         "transformers' Conv1D and convolutions only")
     weight = mod.weight
     if tuple(original.shape) != tuple(weight.shape):
         raise PlanError(f"layer {m.layer!r}: an original weight of shape {original.shape} does not fit "
                         f"{tuple(weight.shape)}")
-    u, v = _factors(_oi(original, mod), _oi(to_numpy(weight), mod), stats, rank, m.layer)
+    u, v = member_factors(part, _oi(original, mod), _oi(to_numpy(weight), mod), rank)
     r = u.shape[1]
     if isinstance(mod, nn.modules.conv._ConvNd):
         down, up = _conv_pair(mod, r, u, v)
@@ -181,16 +148,15 @@ def _attach_module(root: nn.Module, m: Member, original: np.ndarray, stats, rank
         down = nn.Linear(in_, r, bias=False, device=weight.device, dtype=weight.dtype)
         up = nn.Linear(r, out, bias=False, device=weight.device, dtype=weight.dtype)
         down.weight, up.weight = _param(v, weight, (r, in_)), _param(u, weight, (out, r))
-    delta = _bias_delta(originals or {}, m, mod.bias, originals is not None)
+    delta = bias_delta(part, to_numpy(mod.bias)) if mod.bias is not None else None
     if delta is not None:
         up.bias = _param(delta, mod.bias, delta.shape)
     setattr(owner, attr, ResidualLinear(mod, down, up))
 
 
 def _oi(w: np.ndarray, mod: nn.Module) -> np.ndarray:
-    """A module's weight as a matrix ``[out, in]`` (a convolution's patches flattened)."""
-    w = np.asarray(w)
-    return w.T if _is_conv1d_hf(mod) else w.reshape(w.shape[0], -1)
+    """A module's weight as a matrix ``[out, in]`` (transformers' Conv1D stores ``[in, out]``)."""
+    return orient(w, "in_out" if is_conv1d_hf(mod) else "out_in")
 
 
 def _conv_pair(mod: nn.modules.conv._ConvNd, r: int, u: np.ndarray, v: np.ndarray) -> tuple[nn.Module, nn.Module]:
@@ -223,8 +189,8 @@ class _GraphSite:
 def _call_function_nodes(gm: fx.GraphModule) -> dict[str, _GraphSite]:
     """Each call_function layer node by node name, with the layers it may be: the module that
     made the call (its stack) reading the weight's attribute, then the attribute's own layer."""
-    canonical, tensors, _ = _tensor_names(gm)
-    finder = _Finder(gm, canonical)
+    canonical, tensors, _ = tensor_names(gm)
+    finder = SiteFinder(gm, canonical)
     out = {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -236,8 +202,8 @@ def _call_function_nodes(gm: fx.GraphModule) -> dict[str, _GraphSite]:
         stack = node.meta.get("nn_module_stack") or {}
         caller = list(stack.values())[-1][0] if stack else ""
         attr = target.rpartition(".")[2]
-        layers = tuple(dict.fromkeys(([_layer_path(f"{caller}.{attr}")] if caller else []) + [_layer_path(target)]))
-        out[node.name] = _GraphSite(node, _FUNCTIONAL.get(node.target, node.target), layers, target,
+        layers = tuple(dict.fromkeys(([layer_path(f"{caller}.{attr}")] if caller else []) + [layer_path(target)]))
+        out[node.name] = _GraphSite(node, FUNCTIONAL.get(node.target, node.target), layers, target,
                                     dict(sig).get("layout", "out_in"), _bias_path(gm, node, names))
     return out
 
@@ -246,8 +212,8 @@ def _bias_path(gm: fx.GraphModule, node: fx.Node, names: tuple[str, ...]) -> str
     """The attribute path the node reads its bias through (the graph's, not the canonical name)."""
     if len(names) < 2:
         return ""
-    op = _FUNCTIONAL.get(node.target, node.target)
-    a = _bind(op, node.args, node.kwargs)
+    op = FUNCTIONAL.get(node.target, node.target)
+    a = bind_args(op, node.args, node.kwargs)
     arg = a.get("bias") if "bias" in a else a.get("self")
     while isinstance(arg, fx.Node) and arg.op != "get_attr":
         arg = arg.args[0] if arg.args else None
@@ -278,8 +244,8 @@ def _register(gm: nn.Module, path: str, param: nn.Parameter) -> str:
     return path
 
 
-def _attach_function(gm: fx.GraphModule, m: Member, nodes: list[_GraphSite], original: np.ndarray,
-                     stats, rank: int, originals: Mapping[str, Array] | None) -> None:
+def _attach_function(gm: fx.GraphModule, part: Part, nodes: list[_GraphSite], rank: int) -> None:
+    m, original = part.member, part.original
     first = nodes[0]
     weight = gm.get_parameter(first.target)
     if tuple(original.shape) != tuple(weight.shape):
@@ -288,18 +254,18 @@ def _attach_function(gm: fx.GraphModule, m: Member, nodes: list[_GraphSite], ori
     transposed = first.layout == "in_out"
     if first.layout.startswith("left"):
         raise PlanError(f"layer {m.layer!r}: a weight multiplying from the left gets no residual")
-    oi = (lambda w: w.T) if transposed else (lambda w: w.reshape(w.shape[0], -1))
-    u, v = _factors(oi(np.asarray(original)), oi(to_numpy(weight)), stats, rank, m.layer)
+    layout = "in_out" if transposed else "out_in"
+    u, v = member_factors(part, orient(original, layout), orient(to_numpy(weight), layout), rank)
     r = u.shape[1]
-    conv = first.op in _CONV_OPS or first.op is aten.convolution.default
+    conv = first.op in CONV_OPS or first.op is aten.convolution.default
     shape_v = (r, *weight.shape[1:]) if conv else (r, v.shape[1])
     shape_u = (u.shape[0], r) + (1,) * (weight.dim() - 2) if conv else (u.shape[0], r)
     down = _register(gm, f"{m.layer}.lfpass_down.weight", _param(v, weight, shape_v))
     up = _register(gm, f"{m.layer}.lfpass_up.weight", _param(u, weight, shape_u))
     bias = None
-    if originals is not None and first.bias:
+    if first.bias:
         current = gm.get_parameter(first.bias)
-        delta = _bias_delta(originals, m, current, True)
+        delta = bias_delta(part, to_numpy(current))
         if delta is not None:
             bias = _register(gm, f"{m.layer}.lfpass_up.bias", _param(delta, current, delta.shape))
     for site in nodes:
@@ -308,10 +274,10 @@ def _attach_function(gm: fx.GraphModule, m: Member, nodes: list[_GraphSite], ori
 
 def _input_of(site: _GraphSite) -> fx.Node:
     op = site.op
-    a = _bind(op, site.node.args, site.node.kwargs)
-    if op in _LINEAR_OPS or op in _CONV_OPS or op is aten.convolution.default:
+    a = bind_args(op, site.node.args, site.node.kwargs)
+    if op in LINEAR_OPS or op in CONV_OPS or op is aten.convolution.default:
         return a["input"]
-    if op in _MM_OPS:
+    if op in MM_OPS:
         return a["mat1"] if "mat1" in a else a["self"]
     raise PlanError(f"no residual for a {op} node")
 
@@ -334,7 +300,7 @@ def _insert(graph: fx.Graph, site: _GraphSite, down: str, up: str, bias: str | N
             with graph.inserting_after(low):
                 high = graph.call_function(aten.linear.default, (low, u, b))
         else:
-            a = _bind(site.op, node.args, node.kwargs)
+            a = bind_args(site.op, node.args, node.kwargs)
             if site.op is aten.convolution.default:
                 low = graph.call_function(site.op, (x, v, None, a["stride"], a["padding"], a["dilation"], False,
                                                     a["output_padding"], 1))
@@ -370,7 +336,7 @@ def _factorable(module: nn.Module, kinds: Sequence[str], layers: Sequence[str] |
         except AttributeError:
             mod = None
         tied = any(len(found.holders[t]) > 1 for t in site.tensors)
-        ok = isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (mod is not None and _is_conv1d_hf(mod))
+        ok = isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (mod is not None and is_conv1d_hf(mod))
         if ok and isinstance(mod, nn.modules.conv._ConvNd) and mod.groups != 1:
             ok = False
         if not ok or tied:
@@ -386,7 +352,7 @@ def _factorable(module: nn.Module, kinds: Sequence[str], layers: Sequence[str] |
 
 def _dims(mod: nn.Module) -> tuple[int, int]:
     w = mod.weight
-    if _is_conv1d_hf(mod):
+    if is_conv1d_hf(mod):
         return int(w.shape[1]), int(w.shape[0])
     return int(w.shape[0]), int(np.prod(w.shape[1:]))
 
@@ -438,8 +404,6 @@ def factorize_to_params(module: nn.Module, target_params: int, calibration: Cali
                         inplace: bool = False) -> tuple[nn.Module, float]:
     """:func:`factorize` at one fraction of full rank for every chosen layer, the largest whose
     unique parameter count stays at or below ``target_params``. Returns the model and the fraction."""
-    from lfpass.fx.api import unique_parameters
-
     chosen = _factorable(module, kinds, layers)
     dims = {name: _dims(mod) for name, mod in chosen.items()}
     dense = sum(o * i for o, i in dims.values())

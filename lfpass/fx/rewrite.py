@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Mapping
 
 from torch import fx, nn
 
-from lfpass.fx.sites import FxSites, find_sites, to_torch
 from lfpass.core.merge import merged_slots
 from lfpass.core.plan import FusionPlan, check_plan
+from lfpass.fx.sites import FxSites, find_sites, to_torch
 
 if TYPE_CHECKING:
     from lfpass.core.calibration import Calibration

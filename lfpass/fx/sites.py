@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lfpass.core.errors import PlanError
+from lfpass.core.frontend import SiteTable
 from lfpass.core.sites import Site, make_signature, role_of
 from lfpass.core.units import find_units
 
@@ -46,15 +47,15 @@ log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
-_LINEAR_OPS = {aten.linear.default}
-_CONV_OPS = {
+LINEAR_OPS = {aten.linear.default}
+CONV_OPS = {
     aten.conv1d.default: (1, False), aten.conv2d.default: (2, False), aten.conv3d.default: (3, False),
     aten.conv1d.padding: (1, False), aten.conv2d.padding: (2, False), aten.conv3d.padding: (3, False),
     aten.conv_transpose1d.default: (1, True), aten.conv_transpose2d.input: (2, True),
     aten.conv_transpose3d.input: (3, True),
 }
-_MM_OPS = {aten.addmm.default, aten.mm.default, aten.matmul.default}
-_FUNCTIONAL = {
+MM_OPS = {aten.addmm.default, aten.mm.default, aten.matmul.default}
+FUNCTIONAL = {
     F.linear: aten.linear.default,
     F.conv1d: aten.conv1d.default, F.conv2d: aten.conv2d.default, F.conv3d: aten.conv3d.default,
     F.conv_transpose1d: aten.conv_transpose1d.default, F.conv_transpose2d: aten.conv_transpose2d.input,
@@ -75,7 +76,7 @@ _PERMUTE = {aten.permute.default, aten.permute_copy.default, torch.permute}
 
 
 @dataclass
-class FxSites:
+class FxSites(SiteTable):
     """The sites of one module and how to reach their tensors."""
 
     sites: list[Site]
@@ -83,25 +84,25 @@ class FxSites:
     holders: dict[str, list[str]] = field(default_factory=dict)  # canonical name -> every attribute path
     units: list[Site] = field(default_factory=list)  # attention / MLP units over the layer sites
 
-    def load(self, name: str) -> np.ndarray:
-        """A tensor's values for scoring: float32, or float64 when stored so (float16 and bfloat16 widen exactly)."""
-        t = self.params[name].detach().cpu()
-        return (t if t.dtype == torch.float64 else t.float()).numpy()
-
     def load_exact(self, name: str) -> np.ndarray:
         """A tensor's values in its own dtype (bfloat16 as ``ml_dtypes.bfloat16``), for merging."""
         return to_numpy(self.params[name])
 
-    @property
-    def plannable(self) -> list[Site]:
-        """The layers, then the units over them: what the planner chooses from."""
-        return [*self.sites, *self.units]
-
-    def by_name(self) -> dict[str, Site]:
-        return {s.name: s for s in self.plannable}
-
 
 MERGEABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # as lfpass.core.dtypes.MERGEABLE
+
+
+def unique_parameters(module: nn.Module) -> int:
+    """Parameters of ``module``, counting a tensor shared by several layers once."""
+    seen: set[tuple] = set()
+    total = 0
+    for p in module.parameters():  # already unique by object
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()), p.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += p.numel()
+    return total
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -124,7 +125,7 @@ def to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return t.to(device=like.device)
 
 
-def _tensor_names(module: nn.Module) -> tuple[dict[int, str], dict[str, torch.Tensor], dict[str, list[str]]]:
+def tensor_names(module: nn.Module) -> tuple[dict[int, str], dict[str, torch.Tensor], dict[str, list[str]]]:
     """Canonical name (first path) for every parameter and buffer, and all of its paths."""
     canonical: dict[int, str] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -137,7 +138,7 @@ def _tensor_names(module: nn.Module) -> tuple[dict[int, str], dict[str, torch.Te
     return canonical, tensors, holders
 
 
-def _is_conv1d_hf(mod: nn.Module) -> bool:
+def is_conv1d_hf(mod: nn.Module) -> bool:
     """transformers' ``Conv1D``: a linear layer with its weight stored ``[in, out]``."""
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
 
@@ -153,7 +154,7 @@ def _ntuple(value: Any, n: int) -> Any:
 def _module_site(path: str, mod: nn.Module, canonical: dict[int, str]) -> tuple[str, Any, str, tuple[str, ...]] | None:
     """(kind, signature, layout, tensor names) of a module that is a site, else None."""
     bias = getattr(mod, "bias", None)
-    if isinstance(mod, nn.Linear) or _is_conv1d_hf(mod):
+    if isinstance(mod, nn.Linear) or is_conv1d_hf(mod):
         w = mod.weight
         layout = "out_in" if isinstance(mod, nn.Linear) else "in_out"
         sig = make_signature(shape=tuple(w.shape), bias=bias is not None, layout=layout, dtype=str(w.dtype))
@@ -178,7 +179,7 @@ def _module_site(path: str, mod: nn.Module, canonical: dict[int, str]) -> tuple[
     return kind, sig, path, names
 
 
-def _layer_path(path: str) -> str:
+def layer_path(path: str) -> str:
     """The layer an attribute path names: ``blk.weight`` is ``blk``; ``attn.in_proj_weight``
     is ``attn.in_proj`` (as the module frontend names it); any other attribute
     (``blk.w1``) is a layer of its own, so two weights of one module never share
@@ -204,11 +205,11 @@ def _owner(node: fx.Node, target: str, paths: list[str]) -> str:
         caller = list(stack.values())[-1][0]
         for path in paths:
             if path.rpartition(".")[0] == caller:
-                return _layer_path(path)
-    return _layer_path(target)
+                return layer_path(path)
+    return layer_path(target)
 
 
-def _bind(op: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+def bind_args(op: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Arguments of an aten call by schema name, defaults filled in."""
     out: dict[str, Any] = {}
     for i, a in enumerate(op._schema.arguments):
@@ -252,7 +253,7 @@ def _swaps_all(dims: Any) -> bool:
     return isinstance(dims, (list, tuple)) and len(dims) == 2 and _swaps(dims) and dims[0] % 2 == 1
 
 
-class _Finder:
+class SiteFinder:
     def __init__(self, gm: fx.GraphModule, canonical: dict[int, str]):
         self.gm = gm
         self.canonical = canonical
@@ -280,29 +281,29 @@ class _Finder:
         return None
 
     def function_site(self, node: fx.Node, tensors: dict[str, torch.Tensor]) -> tuple[str, Any, str, tuple[str, ...]] | None:
-        op = _FUNCTIONAL.get(node.target, node.target)
-        if op in _LINEAR_OPS:
-            a = _bind(op, node.args, node.kwargs)
+        op = FUNCTIONAL.get(node.target, node.target)
+        if op in LINEAR_OPS:
+            a = bind_args(op, node.args, node.kwargs)
             w, b = self.const(a["weight"]), self.const(a["bias"]) if a["bias"] is not None else None
             if w is None or w[1] or (a["bias"] is not None and b is None):
                 return None
             shape = tuple(tensors[w[0]].shape)
             sig = make_signature(shape=shape, bias=b is not None, layout="out_in", dtype=str(tensors[w[0]].dtype))
             return "linear", sig, w[2], (w[0],) + ((b[0],) if b else ())
-        if op in _CONV_OPS:
-            nd, transposed = _CONV_OPS[op]
-            a = _bind(op, node.args, node.kwargs)
+        if op in CONV_OPS:
+            nd, transposed = CONV_OPS[op]
+            a = bind_args(op, node.args, node.kwargs)
             if isinstance(a.get("padding"), str) and op in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
                 op = {aten.conv1d.default: aten.conv1d.padding, aten.conv2d.default: aten.conv2d.padding,
                       aten.conv3d.default: aten.conv3d.padding}[op]
-                a = _bind(op, node.args, node.kwargs)
+                a = bind_args(op, node.args, node.kwargs)
             return self._conv(a, nd, transposed, tensors)
         if op is aten.convolution.default:
-            a = _bind(op, node.args, node.kwargs)
+            a = bind_args(op, node.args, node.kwargs)
             nd = len(a["stride"])
             return self._conv(a, nd, bool(a["transposed"]), tensors)
-        if op in _MM_OPS:
-            a = _bind(op, node.args, node.kwargs)
+        if op in MM_OPS:
+            a = bind_args(op, node.args, node.kwargs)
             lhs, rhs = (a["mat1"], a["mat2"]) if "mat1" in a else (a["self"], a["other"] if "other" in a else a["mat2"])
             bias = None
             if op is aten.addmm.default:
@@ -339,7 +340,7 @@ class _Finder:
 
 def find_sites(module: nn.Module) -> FxSites:
     """Every weight-bearing layer of ``module``, in graph (or module) order."""
-    canonical, tensors, holders = _tensor_names(module)
+    canonical, tensors, holders = tensor_names(module)
     found: dict[str, Site] = {}  # weight name -> site
     nodes: dict[str, list[str]] = {}
     owned: set[str] = set()  # every tensor name some site holds
@@ -361,7 +362,7 @@ def find_sites(module: nn.Module) -> FxSites:
         nodes[names[0]] = [where]
 
     if isinstance(module, fx.GraphModule):
-        finder = _Finder(module, canonical)
+        finder = SiteFinder(module, canonical)
         for node in module.graph.nodes:
             if node.op == "call_module":  # a layer, or a leaf module holding layers (nn.MultiheadAttention)
                 called = module.get_submodule(node.target)

@@ -11,14 +11,14 @@ space, and the reason is kept. Attention heads are not found here (FX only).
 
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.core.align import AlignReport, Move, Skipped, Space, align_spaces, collect, links_from_plan
-from lfpass.core.calibration import Calibration
-from lfpass.onnx.sites import OnnxSites, _constant, _tensor_of, find_sites
-from lfpass.core.plan import FusionPlan
+from lfpass.core.align import Move, Skipped, Space, collect
 from lfpass.core.sites import Site
+from lfpass.onnx.sites import OnnxSites, constant_source, find_sites, tensor_of
 
 _ELEMENTWISE = {"Relu", "Gelu", "Erf", "Sigmoid", "Tanh", "Mul", "Add", "Sub", "Div", "Identity", "Dropout",
                 "LeakyRelu", "Elu", "Softplus", "HardSigmoid", "HardSwish", "Neg", "Exp", "Pow", "Celu", "Selu",
@@ -76,8 +76,8 @@ class _Graph:
 
 
 def _scalar(value: ir.Value) -> bool:
-    found = _constant(value, allow=("Identity", "Cast"))
-    return isinstance(found, tuple) and _tensor_of(found[0]).size == 1
+    found = constant_source(value, allow=("Identity", "Cast"))
+    return isinstance(found, tuple) and tensor_of(found[0]).size == 1
 
 
 def _region(g: _Graph, start: _Layer) -> Space | str:
@@ -99,7 +99,7 @@ def _region(g: _Graph, start: _Layer) -> Space | str:
                     consumers.append(layer)
                 continue
             if node.op_type == "BatchNormalization" and use.idx == 0:
-                holders = [_constant(v, allow=("Identity",)) for v in node.inputs[1:5]]
+                holders = [constant_source(v, allow=("Identity",)) for v in node.inputs[1:5]]
                 if not all(isinstance(h, tuple) and h[0].is_initializer() for h in holders) or len(node.outputs) > 1 \
                         and any(o.uses() for o in node.outputs[1:]):
                     return f"{node.name}: a BatchNormalization without stored statistics"
@@ -166,18 +166,21 @@ def _find(g: _Graph, skipped: list[Skipped] | None) -> list[Space]:
                    skipped=skipped)
 
 
-def align_onnx(model: ir.Model, plan: FusionPlan, mode: str = "weights", calibration: Calibration | None = None,
-               seed: int = 0) -> AlignReport:
-    """Move each planned member into its anchor's coordinates, in ``model``'s initializers (in place)."""
+def spaces_of(model: ir.Model, skipped: list[Skipped]) -> tuple[list[Space], dict[str, Site]]:
+    """``model``'s alignment spaces and the sites they were found with, by name."""
     g = _Graph(model)
-    skipped: list[Skipped] = []
-    spaces = _find(g, skipped)
-    links = links_from_plan(plan, g.found.by_name(), spaces)
+    return _find(g, skipped), g.found.by_name()
+
+
+def read_tensors(model: ir.Model, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The named initializers of ``model`` as float64 arrays."""
     initializers = model.graph.initializers
-    names = {m.tensor for s in spaces for m in s.moves}
-    stored = {n: initializers[n].const_value.numpy() for n in names}
-    tensors = {n: np.asarray(a, dtype=np.float64) for n, a in stored.items()}
-    report = align_spaces(spaces, links, tensors, mode, calibration, seed, skipped)
-    for name in report.changed:
-        initializers[name].const_value = ir.tensor(tensors[name].astype(stored[name].dtype), name=name)
-    return report
+    return {n: np.asarray(initializers[n].const_value.numpy(), dtype=np.float64) for n in names}
+
+
+def write_tensors(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> None:
+    """Store float64 ``arrays`` as ``model``'s initializers of those names, each in its own dtype."""
+    initializers = model.graph.initializers
+    for name, array in arrays.items():
+        dtype = initializers[name].const_value.numpy().dtype
+        initializers[name].const_value = ir.tensor(array.astype(dtype), name=name)

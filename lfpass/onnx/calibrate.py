@@ -24,7 +24,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lfpass.core.calibration import Calibration, CalibrationError, LayerStats, accumulate
-from lfpass.onnx.sites import _kind, _node_site, find_sites
+from lfpass.onnx.sites import find_sites, layer_kind, node_site
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,9 @@ def _readers(model: ir.Model, weights: set[str]) -> dict[str, list[ir.Node]]:
     """The site nodes reading each weight tensor, in graph order."""
     out: dict[str, list[ir.Node]] = {}
     for node in model.graph:
-        if _kind(node) is None:
+        if layer_kind(node) is None:
             continue
-        hit = _node_site(node)
+        hit = node_site(node)
         if isinstance(hit, tuple) and hit[1].name in weights:
             out.setdefault(hit[1].name, []).append(node)
     return out

@@ -23,11 +23,11 @@ import onnx_ir as ir
 from lfpass.core.calibration import Calibration
 from lfpass.core.config import FusionConfig
 from lfpass.core.errors import PlanError
+from lfpass.core.plan import FusionPlan, check_plan
+from lfpass.core.planner import plan_fusion
 from lfpass.onnx.load import count_params
 from lfpass.onnx.rewrite import Store, apply_plan, in_memory
 from lfpass.onnx.sites import OnnxSites, find_sites
-from lfpass.core.plan import FusionPlan, check_plan
-from lfpass.core.planner import plan_fusion
 
 log = logging.getLogger(__name__)
 

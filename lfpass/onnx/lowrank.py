@@ -21,20 +21,21 @@ bias of its ``up`` part (``bias=True``). ``U`` and ``V`` are new initializers
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from lfpass.core.calibration import Calibration
-from lfpass.core.errors import PlanError
-from lfpass.core.lowrank import Member, lookup, plan_members, residual
 from lfpass.core.dtypes import round_to
-from lfpass.onnx.rewrite import _initializer, _Names
-from lfpass.onnx.sites import OnnxSites, _constant, _tensor_of
-from lfpass.onnx.names import _from_namespace, _from_node_name
+from lfpass.core.errors import PlanError
+from lfpass.core.layers import orient
+from lfpass.core.lowrank import Member, Part, bias_delta, member_factors, residual_parts
 from lfpass.core.plan import FusionPlan
 from lfpass.core.sites import Site
+from lfpass.onnx.names import from_namespace, from_node_name
+from lfpass.onnx.rewrite import FreshNames, add_initializer
+from lfpass.onnx.sites import OnnxSites, constant_source, tensor_of
 
 log = logging.getLogger(__name__)
 
@@ -46,39 +47,21 @@ def attach_residuals_onnx(model: ir.Model, plan: FusionPlan, originals: Mapping[
                           sites: OnnxSites | Mapping[str, Site] | None = None, bias: bool = True) -> int:
     """Give each member layer of ``plan`` in the fused ``model`` its rank-``rank`` correction; returns
     the layers changed. ``originals``: each member layer's weight (and bias) before fusion as stored,
-    keyed by tensor name (or layer name): :func:`capture_originals_onnx`. ``sites``: the model's sites
-    before fusion (the ``found`` given to ``apply_plan``), which name each layer's nodes; without them
-    a layer is found by its node name or the exporter's namespace."""
-    members = plan_members(plan, sites, lambda layer: layer in originals)
-    names = _Names(model)
+    keyed by tensor name (or layer name): :func:`lfpass.core.lowrank.capture_originals`. ``sites``:
+    the model's sites before fusion (the ``found`` given to ``apply_plan``), which name each layer's
+    nodes; without them a layer is found by its node name or the exporter's namespace."""
+    return attach_parts(model, residual_parts(plan, originals, calibration, sites, bias), rank)
+
+
+def attach_parts(model: ir.Model, parts: Sequence[Part], rank: int) -> int:
+    """Write each part beside its layer's nodes in ``model`` (in place); returns the layers changed."""
+    names = FreshNames(model)
     graph = model.graph
     by_name = {node.name: node for node in graph if node.name}
-    for m in members:
-        nodes = _nodes_of(graph, m, by_name)
-        original = np.asarray(lookup(originals, m, "original weight"))
-        stats = lookup(calibration, m, "calibration statistics") if calibration is not None else None
-        original_bias = _original_bias(originals, m) if bias else None
-        _attach(graph, nodes, m, original, original_bias, stats, rank, names)
-    log.info("attached rank-%d residuals to %d layers", rank, len(members))
-    return len(members)
-
-
-def capture_originals_onnx(found: OnnxSites, plan: FusionPlan) -> dict[str, np.ndarray]:
-    """The tensors of ``plan``'s member layers before fusion (copies, own dtype), by tensor name
-    and by layer name (the bias also by ``<layer>.bias``)."""
-    out: dict[str, np.ndarray] = {}
-    for m in plan_members(plan, found):
-        out[m.tensor] = out[m.layer] = np.array(found.load_exact(m.tensor))
-        if m.bias:
-            out[m.bias] = out[f"{m.layer}.bias"] = np.array(found.load_exact(m.bias))
-    return out
-
-
-def _original_bias(originals: Mapping[str, np.ndarray], m: Member) -> np.ndarray | None:
-    for key in (m.bias, f"{m.layer}.bias"):
-        if key and key in originals:
-            return np.asarray(originals[key])
-    return None
+    for part in parts:
+        _attach(graph, _nodes_of(graph, part.member, by_name), part, rank, names)
+    log.info("attached rank-%d residuals to %d layers", rank, len(parts))
+    return len(parts)
 
 
 def _nodes_of(graph: ir.Graph, m: Member, by_name: Mapping[str, ir.Node]) -> list[ir.Node]:
@@ -86,7 +69,7 @@ def _nodes_of(graph: ir.Graph, m: Member, by_name: Mapping[str, ir.Node]) -> lis
         nodes = [by_name[n] for n in m.location.split(",") if n in by_name]
     else:
         nodes = [n for n in graph if n.op_type in ("MatMul", "Gemm", "Conv") and m.layer in
-                 (_from_node_name(n), _from_namespace(n), n.name)]
+                 (from_node_name(n), from_namespace(n), n.name)]
     if not nodes:
         raise PlanError(f"layer {m.layer!r} is not in the fused model (pass the sites found before fusion)")
     return nodes
@@ -96,7 +79,7 @@ def _nodes_of(graph: ir.Graph, m: Member, by_name: Mapping[str, ir.Node]) -> lis
 
 def _chain(value: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
     """The constant holding ``value`` and the ``Identity``/``Transpose``/``Cast`` nodes from it to ``value``."""
-    found = _constant(value)
+    found = constant_source(value)
     if not isinstance(found, tuple):
         raise PlanError(f"{value.name!r} is not a constant weight")
     holder, ops = found[0], []
@@ -120,18 +103,16 @@ def _through(array: np.ndarray, ops: list[ir.Node]) -> np.ndarray:
 
 def _as_read(value: ir.Value, stored: np.ndarray | None = None) -> np.ndarray:
     holder, ops = _chain(value)
-    return _through(_tensor_of(holder).numpy() if stored is None else stored, ops)
+    return _through(tensor_of(holder).numpy() if stored is None else stored, ops)
 
 
 # -- writing the residual -------------------------------------------------------------------------------
 
 def _oi(node: ir.Node, read: np.ndarray) -> np.ndarray:
-    """The weight as the matrix ``[out, in]`` of ``y = W x``."""
-    if node.op_type == "Conv":
-        return read.reshape(read.shape[0], -1)
-    if node.op_type == "Gemm" and _attr(node, "transB", 0):
-        return read
-    return read.T
+    """The weight as read by ``node`` as the matrix ``[out, in]`` of ``y = W x``: a MatMul reads
+    ``[in, out]``, a Gemm by ``transB``, a Conv ``[out, in, *k]``."""
+    transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attr(node, "transB", 0))
+    return orient(read, "in_out" if transposed else "out_in")
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
@@ -142,7 +123,7 @@ def _attr(node: ir.Node, name: str, default: Any) -> Any:
 def _check(node: ir.Node, m: Member) -> None:
     if node.domain not in _ONNX_DOMAINS or node.op_type not in ("MatMul", "Gemm", "Conv"):
         raise PlanError(f"layer {m.layer!r}: a {node.op_type} node gets no residual (MatMul, Gemm, Conv only)")
-    if node.op_type == "MatMul" and _constant(node.inputs[0]) is not None and isinstance(_constant(node.inputs[0]),
+    if node.op_type == "MatMul" and constant_source(node.inputs[0]) is not None and isinstance(constant_source(node.inputs[0]),
                                                                                          tuple):
         raise PlanError(f"layer {m.layer!r}: a weight multiplying from the left gets no residual")
     if node.op_type == "Gemm" and _attr(node, "transA", 0):
@@ -151,20 +132,17 @@ def _check(node: ir.Node, m: Member) -> None:
         raise PlanError(f"layer {m.layer!r}: a grouped Conv gets no residual")
 
 
-def _attach(graph: ir.Graph, nodes: list[ir.Node], m: Member, original: np.ndarray, original_bias, stats,
-            rank: int, names: _Names) -> None:
+def _attach(graph: ir.Graph, nodes: list[ir.Node], part: Part, rank: int, names: FreshNames) -> None:
+    m, original = part.member, part.original
     node = nodes[0]
     _check(node, m)
     read = _as_read(node.inputs[1])
     _, ops = _chain(node.inputs[1])
-    if original.shape != _tensor_of(_chain(node.inputs[1])[0]).numpy().shape:
+    if original.shape != tensor_of(_chain(node.inputs[1])[0]).numpy().shape:
         raise PlanError(f"layer {m.layer!r}: an original weight of shape {original.shape} does not fit the "
                         "shared one")
     member = _through(original, ops)
-    try:
-        u, v = residual(_oi(node, member), _oi(node, read), stats, rank)
-    except PlanError as exc:
-        raise PlanError(f"layer {m.layer!r}: {exc}") from None
+    u, v = member_factors(part, _oi(node, member), _oi(node, read), rank)
     r = u.shape[1]
     if node.op_type == "Gemm":
         u = round_to(u.astype(np.float64) * float(_attr(node, "alpha", 1.0)), u.dtype)
@@ -172,10 +150,10 @@ def _attach(graph: ir.Graph, nodes: list[ir.Node], m: Member, original: np.ndarr
         v, u = v.reshape((r, *read.shape[1:])), u.reshape((read.shape[0], r) + (1,) * (read.ndim - 2))
     else:
         v, u = v.T, u.T
-    vt = _initializer(graph, names.fresh(f"{m.layer}.down.weight"), np.ascontiguousarray(v))
-    ut = _initializer(graph, names.fresh(f"{m.layer}.up.weight"), np.ascontiguousarray(u))
-    delta = _bias_delta(node, original_bias, m)
-    db = _initializer(graph, names.fresh(f"{m.layer}.up.bias"), delta) if delta is not None else None
+    vt = add_initializer(graph, names.fresh(f"{m.layer}.down.weight"), np.ascontiguousarray(v))
+    ut = add_initializer(graph, names.fresh(f"{m.layer}.up.weight"), np.ascontiguousarray(u))
+    delta = _bias_delta(node, part)
+    db = add_initializer(graph, names.fresh(f"{m.layer}.up.bias"), delta) if delta is not None else None
     for n in nodes:
         _check(n, m)
         _insert(graph, n, vt, ut, db, names)
@@ -187,9 +165,9 @@ def _current_bias(node: ir.Node) -> tuple[np.ndarray, float] | None:
         found = _matmul_bias(node)
         return (found, 1.0) if found is not None else None
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        found = _constant(node.inputs[2], allow=("Identity",))
+        found = constant_source(node.inputs[2], allow=("Identity",))
         if isinstance(found, tuple):
-            return _tensor_of(found[0]).numpy(), float(_attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+            return tensor_of(found[0]).numpy(), float(_attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
     return None
 
 
@@ -200,23 +178,18 @@ def _matmul_bias(node: ir.Node) -> np.ndarray | None:
     add = uses[0].node
     if add.op_type != "Add" or add.domain not in _ONNX_DOMAINS or len(add.inputs) != 2:
         return None
-    found = _constant(add.inputs[1 - uses[0].idx], allow=("Identity",))
-    return _tensor_of(found[0]).numpy() if isinstance(found, tuple) else None
+    found = constant_source(add.inputs[1 - uses[0].idx], allow=("Identity",))
+    return tensor_of(found[0]).numpy() if isinstance(found, tuple) else None
 
 
-def _bias_delta(node: ir.Node, original: np.ndarray | None, m: Member) -> np.ndarray | None:
-    if original is None:
-        return None
+def _bias_delta(node: ir.Node, part: Part) -> np.ndarray | None:
     current = _current_bias(node)
     if current is None:
         return None
-    shared, scale = current
-    if original.shape != shared.shape:
-        raise PlanError(f"layer {m.layer!r}: an original bias of shape {original.shape} does not fit {shared.shape}")
-    delta = round_to(scale * (original.astype(np.float64) - shared.astype(np.float64)), shared.dtype)
-    if node.op_type == "Conv":
-        return np.ascontiguousarray(delta.reshape(-1))
-    return np.ascontiguousarray(delta)
+    delta = bias_delta(part, *current)
+    if delta is None:
+        return None
+    return np.ascontiguousarray(delta.reshape(-1) if node.op_type == "Conv" else delta)
 
 
 def _output(node: ir.Node) -> ir.Value:
@@ -228,7 +201,7 @@ def _output(node: ir.Node) -> ir.Value:
 
 
 def _insert(graph: ir.Graph, node: ir.Node, vt: ir.Value, ut: ir.Value, bias: ir.Value | None,
-            names: _Names) -> None:
+            names: FreshNames) -> None:
     x, target = node.inputs[0], _output(node)
     base = target.name or node.name or "residual"
 

@@ -25,7 +25,7 @@ _PARAM_PATH = re.compile(r"^[A-Za-z_][\w\-]*(?:\.[\w\-]+)+$")
 _OP_CLASS = re.compile(r"^(aten|prims|onnx|torch\.ops)\.")
 
 
-def _from_node_name(node: ir.Node) -> str | None:
+def from_node_name(node: ir.Node) -> str | None:
     name = node.name or ""
     return name.strip("/") if name.startswith("/") and "/" in name.strip("/") else None
 
@@ -44,7 +44,7 @@ def _from_initializer(weight: ir.Value) -> str | None:
     return name
 
 
-def _from_namespace(node: ir.Node) -> str | None:
+def from_namespace(node: ir.Node) -> str | None:
     """The innermost module path in the dynamo exporter's ``namespace`` property."""
     namespace = node.metadata_props.get("namespace", "")
     path, kind = None, ""
@@ -64,7 +64,7 @@ def layer_name(node: ir.Node, weight: ir.Value) -> tuple[str, str]:
     initializer name, the ``namespace`` metadata; else the node's (or the
     weight's) own name with an empty role, so only signatures group it.
     """
-    for source in (_from_node_name(node), _from_initializer(weight), _from_namespace(node)):
+    for source in (from_node_name(node), _from_initializer(weight), from_namespace(node)):
         if source:
             return source, role_of(source)
     return node.name or weight.name or node.op_type, ""

@@ -20,14 +20,15 @@ import onnx_ir as ir
 from lfpass.core.config import FusionConfig, from_mapping, load_pipeline
 from lfpass.core.errors import ConfigError, InputError, OutputError, PlanError, ValidationFailed, first_line
 from lfpass.core.fileio import check_paths
+from lfpass.core.keep import Kept
+from lfpass.core.plan import FusionPlan
 from lfpass.onnx import inputs as onnx_inputs
-from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
+from lfpass.onnx.frontend import LABELS, fuse_keeping_onnx
 from lfpass.onnx.fusion_pass import LayerFusionPass
-from lfpass.onnx.pipeline import LABELS, Kept, fuse_keeping, keeps_function
+from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
 from lfpass.onnx.save import DataFile, needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.onnx.validate import Validation, score_outputs, validate
-from lfpass.core.plan import FusionPlan
 
 log = logging.getLogger(__name__)
 
@@ -222,27 +223,13 @@ def optimize(
     write. Nothing is written when nothing can be fused, or under ``dry_run``.
     """
     config, plan = as_config(config), as_plan(plan)
-    path = Path(path)
-    output = Path(output) if output is not None else default_output(path)
-    check_input_file(path)
+    path, output = Path(path), Path(output) if output is not None else default_output(Path(path))
     read_paths = {"the input model": path, "--inputs": Path(inputs) if inputs is not None else None, **(reads or {})}
-    write_paths = {"the output": None if dry_run else output, **(writes or {})}
-    check_paths(read_paths, write_paths)
     clock = time.perf_counter()
-    model, value_info = read_model(path)
-    data_files = list(external_files(model).values())
-    check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, write_paths)
+    model, value_info, data_files = _read(path, read_paths, {"the output": None if dry_run else output,
+                                                             **(writes or {})})
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
-    kept = None
-    if keeps_function(config) or (plan is not None and plan.keeps_function):  # lossy by design, measured
-        feed = onnx_inputs.load_npz(inputs, model, allow=(LABELS,))[0] if inputs is not None else None
-        found = find_sites(model)
-        kept = fuse_keeping(model, config, feed, plan, progress)
-        result = _planned(path, found, data_files, kept.plan, dry_run)
-    else:
-        fusion = LayerFusionPass(config, plan, progress=progress)
-        plan = fusion.plan_for(model)
-        result = _planned(path, fusion.sites, data_files, plan, dry_run)
+    result, kept, fusion = _plan(path, model, config, plan, inputs, data_files, dry_run, progress)
     result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
     if not result.plan.groups or dry_run:
         return result
@@ -253,30 +240,9 @@ def optimize(
         result.message = "\n".join(m for m in (result.message, note) if m)
     scores = score_outputs(model)
     keep = [p for p in (*read_paths.values(), *data_files) if p is not None]
-    # an output that will be external for sure is staged first, and each merged tensor goes
-    # into its data file as it is made: one group's tensors in memory at a time
-    streamed = kept is None and (external_data if external_data is not None else bool(data_files))
     with contextlib.ExitStack() as stack:
-        where = stack.enter_context(staged(output, True, keep)) if streamed else None
-        clock = time.perf_counter()
-        if kept is not None:
-            model, fusion = kept.model, None
-        else:
-            if where is not None:
-                fusion.store = DataFile(where)
-            fusion(model)
-        result.params_after = count_params(model)
-        result.seconds["rewrite"] = time.perf_counter() - clock
-        if where is None:
-            external = external_data if external_data is not None else bool(data_files) or needs_external(model)
-            if not external and needs_external(model):
-                raise OutputError(f"{output}: the tensors exceed protobuf's 2 GB limit; write them as external data")
-            where = stack.enter_context(staged(output, external, keep))
-        clock = time.perf_counter()
-        write(model, where, value_info)
-        del model, fusion  # onnxruntime loads the files; free the graph before it does
-        result.seconds["write"] = time.perf_counter() - clock
-        result.bytes_after = disk_bytes(where.model, [where.data] if where.data else [])
+        where = _rewrite(result, model, value_info, kept, fusion, output, keep, external_data, data_files, stack)
+        del model, fusion  # onnxruntime loads the files: free the graph before it does
         if check:
             _check(result, where.model, output, feeds, scores, config, strict, progress)
         if kept is not None:
@@ -285,6 +251,62 @@ def optimize(
     log.info("wrote %s: %d -> %d params, %d -> %d bytes", output, result.params_before, result.params_after,
              result.bytes_before, result.bytes_after)
     return result
+
+
+def _read(path: Path, read_paths: Mapping[str, Path | None],
+          write_paths: Mapping[str, Path | None]) -> tuple[ir.Model, Any, list[Path]]:
+    """The model, its value infos and its data files, once no write lands on a read."""
+    check_input_file(path)
+    check_paths(read_paths, write_paths)
+    model, value_info = read_model(path)
+    data_files = list(external_files(model).values())
+    check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, write_paths)
+    return model, value_info, data_files
+
+
+def _plan(path: Path, model: ir.Model, config: FusionConfig, plan: FusionPlan | None, inputs: str | Path | None,
+          data_files: list[Path], dry_run: bool,
+          progress: bool) -> tuple[OptimizeResult, Kept | None, LayerFusionPass | None]:
+    """The plan and its predicted figures: built already when it keeps the function (lossy by
+    design, measured on held-out calibration inputs), else the fusion pass that will apply it."""
+    if config.keeps_function or (plan is not None and plan.keeps_function):
+        feed = onnx_inputs.load_npz(inputs, model, allow=(LABELS,))[0] if inputs is not None else None
+        found = find_sites(model)
+        kept = fuse_keeping_onnx(model, config, feed, plan, progress)
+        return _planned(path, found, data_files, kept.plan, dry_run), kept, None
+    fusion = LayerFusionPass(config, plan, progress=progress)
+    plan = fusion.plan_for(model)
+    return _planned(path, fusion.sites, data_files, plan, dry_run), None, fusion
+
+
+def _rewrite(result: OptimizeResult, model: ir.Model, value_info: Any, kept: Kept | None,
+             fusion: LayerFusionPass | None, output: Path, keep: list[Path], external_data: bool | None,
+             data_files: list[Path], stack: contextlib.ExitStack) -> Any:
+    """Apply the plan (or take the kept build) and write it to a staged output; the staged files."""
+    # an output that will be external for sure is staged first, and each merged tensor goes
+    # into its data file as it is made: one group's tensors in memory at a time
+    streamed = kept is None and (external_data if external_data is not None else bool(data_files))
+    where = stack.enter_context(staged(output, True, keep)) if streamed else None
+    clock = time.perf_counter()
+    if kept is not None:
+        model = kept.model
+    else:
+        assert fusion is not None
+        if where is not None:
+            fusion.store = DataFile(where)
+        fusion(model)
+    result.params_after = count_params(model)
+    result.seconds["rewrite"] = time.perf_counter() - clock
+    if where is None:
+        external = external_data if external_data is not None else bool(data_files) or needs_external(model)
+        if not external and needs_external(model):
+            raise OutputError(f"{output}: the tensors exceed protobuf's 2 GB limit; write them as external data")
+        where = stack.enter_context(staged(output, external, keep))
+    clock = time.perf_counter()
+    write(model, where, value_info)
+    result.seconds["write"] = time.perf_counter() - clock
+    result.bytes_after = disk_bytes(where.model, [where.data] if where.data else [])
+    return where
 
 
 def _planned(path: Path, found: OnnxSites, data_files: list[Path], plan: FusionPlan, dry_run: bool) -> OptimizeResult:

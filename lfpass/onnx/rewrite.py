@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.core.errors import PlanError
 from lfpass.core.dtypes import bit_equal
+from lfpass.core.errors import PlanError
 from lfpass.core.merge import merged_slots
+from lfpass.core.plan import FusionPlan, check_plan
 from lfpass.onnx.load import read_array
 from lfpass.onnx.sites import OnnxSites
-from lfpass.core.plan import FusionPlan, check_plan
 
 if TYPE_CHECKING:
     from lfpass.core.calibration import Calibration
@@ -48,7 +48,7 @@ def in_memory(array: np.ndarray, name: str) -> ir.TensorProtocol:
 _REMOVABLE = ("Constant", "Identity", "Transpose", "Cast")
 
 
-class _Names:
+class FreshNames:
     """Fresh value names that clash with nothing in the model (subgraphs included)."""
 
     def __init__(self, model: ir.Model):
@@ -73,7 +73,7 @@ def _as_array(merged: np.ndarray, like: ir.TensorProtocol) -> np.ndarray:
     return np.ascontiguousarray(merged)
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray, store: Store = in_memory) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, store: Store = in_memory) -> ir.Value:
     tensor = store(array, name)
     value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
@@ -90,7 +90,7 @@ def apply_plan(model: ir.Model, found: OnnxSites, plan: FusionPlan, stats: Calib
     sites = found.by_name()
     check_plan(plan, sites)
     graph = model.graph
-    names = _Names(model)
+    names = FreshNames(model)
     dead: list[ir.Value] = []
     for merged in merged_slots(plan, sites, found.load_exact, stats=stats):
         holders = [found.values[x.tensor] for x in merged.members]
@@ -138,7 +138,7 @@ def _share_bias(graph, anchor, edges, merged, like, names, store) -> list[ir.Val
         _set_value(graph, anchor, array, like, store)
         shared = anchor
     else:
-        shared = _initializer(graph, names.fresh(anchor.name), array, store)
+        shared = add_initializer(graph, names.fresh(anchor.name), array, store)
     old = []
     for node, i in edges:
         if node.inputs[i] is not shared:

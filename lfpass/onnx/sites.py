@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.onnx.load import read_array
-from lfpass.onnx.names import layer_name
+from lfpass.core.frontend import SiteTable
 from lfpass.core.sites import Site, make_signature
 from lfpass.core.units import find_units
+from lfpass.onnx.load import read_array
+from lfpass.onnx.names import layer_name
 
 KINDS = {"Gemm": "linear", "MatMul": "linear", "Conv": "conv", "ConvTranspose": "conv_transpose"}
 _PACKED_ATTENTION = ("com.microsoft", "Attention")  # weights = input 1 (q, k, v packed), bias = input 2
@@ -50,8 +51,9 @@ _MERGEABLE = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.D
 
 
 @dataclass
-class OnnxSites:
-    """The sites of one model and where their tensors live."""
+class OnnxSites(SiteTable):
+    """The sites of one model and where their tensors live (external data is memory-mapped,
+    read when asked)."""
 
     sites: list[Site]
     values: dict[str, ir.Value]  # tensor name -> initializer or Constant output holding it
@@ -60,32 +62,18 @@ class OnnxSites:
     units: list[Site] = field(default_factory=list)  # attention / MLP units over the layer sites
 
     def tensor(self, name: str) -> ir.TensorProtocol:
-        return _tensor_of(self.values[name])
-
-    def load(self, name: str) -> np.ndarray:
-        """A tensor's values for scoring: float32, or float64 when stored so (external data
-        is memory-mapped, read when asked). float16 and bfloat16 widen exactly."""
-        array = self.load_exact(name)
-        return array if array.dtype == np.float64 else np.asarray(array, dtype=np.float32)
+        return tensor_of(self.values[name])
 
     def load_exact(self, name: str) -> np.ndarray:
         """A tensor's values in its own dtype (bfloat16 as ``ml_dtypes.bfloat16``), for merging;
         external data is mapped for as long as the array lives (:func:`read_array`)."""
         return read_array(self.tensor(name))
 
-    @property
-    def plannable(self) -> list[Site]:
-        """The layers, then the units over them: what the planner chooses from."""
-        return [*self.sites, *self.units]
-
-    def by_name(self) -> dict[str, Site]:
-        return {s.name: s for s in self.plannable}
-
 
 Constant = tuple[ir.Value, tuple[str, ...]]  # the value holding the tensor, and the ops between it and the node
 
 
-def _constant(value: ir.Value | None, allow: tuple[str, ...] = _PASS_THROUGH) -> Constant | str | None:
+def constant_source(value: ir.Value | None, allow: tuple[str, ...] = _PASS_THROUGH) -> Constant | str | None:
     """``(holder, ops passed through)`` when ``value`` is constant; a reason string
     when it comes from a graph input; ``None`` when it is computed."""
     chain: list[str] = []
@@ -115,7 +103,7 @@ def _attr(attr: ir.Attr) -> Any:
     return value.name if isinstance(value, ir.DataType) else value
 
 
-def _tensor_of(holder: ir.Value) -> ir.TensorProtocol:
+def tensor_of(holder: ir.Value) -> ir.TensorProtocol:
     if holder.const_value is not None:
         return holder.const_value
     return holder.producer().attributes["value"].as_tensor()
@@ -141,7 +129,7 @@ def _is_packed_attention(node: ir.Node) -> bool:
     return (node.domain, node.op_type) == _PACKED_ATTENTION
 
 
-def _kind(node: ir.Node) -> str | None:
+def layer_kind(node: ir.Node) -> str | None:
     """The site kind of ``node``, or None when it is no layer."""
     if node.domain in _ONNX_DOMAINS:
         return KINDS.get(node.op_type)
@@ -149,10 +137,10 @@ def _kind(node: ir.Node) -> str | None:
 
 
 def _weight_side(node: ir.Node) -> tuple[str, Constant | str | None]:
-    """Which side the weight multiplies from, and what ``_constant`` says of it."""
+    """Which side the weight multiplies from, and what ``constant_source`` says of it."""
     if node.op_type in ("Conv", "ConvTranspose") or _is_packed_attention(node):
-        return "right", _constant(_input(node, 1))
-    a, b = _constant(_input(node, 0)), _constant(_input(node, 1))
+        return "right", constant_source(_input(node, 1))
+    a, b = constant_source(_input(node, 0)), constant_source(_input(node, 1))
     if isinstance(b, tuple) and isinstance(a, tuple):
         return "right", None  # both constant: a foldable expression, not a layer
     if isinstance(b, tuple) or isinstance(a, tuple):
@@ -196,13 +184,13 @@ def _bias_add(node: ir.Node, out: int) -> Bias | None:
     if add.op_type != "Add" or add.domain not in _ONNX_DOMAINS or add.graph is not node.graph or len(add.inputs) != 2:
         return None
     other = 1 - index
-    found = _constant(add.inputs[other], allow=("Identity",))
-    if not isinstance(found, tuple) or tuple(int(d) for d in _tensor_of(found[0]).shape) != (out,):
+    found = constant_source(add.inputs[other], allow=("Identity",))
+    if not isinstance(found, tuple) or tuple(int(d) for d in tensor_of(found[0]).shape) != (out,):
         return None
     return found[0], (add, other)
 
 
-def _node_site(node: ir.Node) -> tuple[Any, ir.Value, Bias | None] | str | None:
+def node_site(node: ir.Node) -> tuple[Any, ir.Value, Bias | None] | str | None:
     """``(signature, weight holder, bias)``, a reason the node was skipped, or
     ``None`` when it is no layer. Gemm and Conv carry their bias as an input;
     MatMul's bias is the constant of the Add that reads its product."""
@@ -210,7 +198,7 @@ def _node_site(node: ir.Node) -> tuple[Any, ir.Value, Bias | None] | str | None:
     if not isinstance(found, tuple):
         return found
     holder, chain = found
-    tensor = _tensor_of(holder)
+    tensor = tensor_of(holder)
     shape = tuple(int(d) for d in tensor.shape)
     if node.op_type == "MatMul" and len(shape) < 2:
         return None
@@ -225,7 +213,7 @@ def _node_site(node: ir.Node) -> tuple[Any, ir.Value, Bias | None] | str | None:
     bias_index = 2 if node.op_type in ("Gemm", "Conv", "ConvTranspose") or _is_packed_attention(node) else None
     bias = None
     if bias_index is not None and _input(node, bias_index) is not None:
-        found_bias = _constant(_input(node, bias_index), allow=("Identity",))
+        found_bias = constant_source(_input(node, bias_index), allow=("Identity",))
         if isinstance(found_bias, tuple):
             bias = (found_bias[0], (node, bias_index))
         else:
@@ -233,7 +221,7 @@ def _node_site(node: ir.Node) -> tuple[Any, ir.Value, Bias | None] | str | None:
     elif node.op_type == "MatMul" and side == "right":
         bias = _bias_add(node, _shape_through(shape, chain)[-1])
     if bias is not None:
-        btensor = _tensor_of(bias[0])
+        btensor = tensor_of(bias[0])
         if not _mergeable(btensor):
             return _not_float("bias", bias[0].name, btensor)
         fields.update(bias=True, bias_shape=tuple(int(d) for d in btensor.shape), bias_dtype=btensor.dtype.name)
@@ -257,10 +245,10 @@ def find_sites(model: ir.Model) -> OnnxSites:
     found: dict[str, dict[str, Any]] = {}  # weight name -> site fields
     skipped: list[str] = []
     for node in model.graph:
-        kind = _kind(node)
+        kind = layer_kind(node)
         if kind is None:
             continue
-        hit = _node_site(node)
+        hit = node_site(node)
         if isinstance(hit, str):
             skipped.append(f"{node.name or node.op_type}: {hit}")
             continue
@@ -292,7 +280,7 @@ def find_sites(model: ir.Model) -> OnnxSites:
         seen.add(name)
         for h in holders:
             values[h.name] = h
-        numel = sum(_tensor_of(h).size for h in holders)
+        numel = sum(tensor_of(h).size for h in holders)
         tensors = tuple(h.name for h in holders)
         sites.append(Site(name, entry["kind"], entry["role"], entry["sig"], tensors, numel, ",".join(entry["nodes"])))
         if entry["bias"] is not None:

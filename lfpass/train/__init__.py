@@ -15,6 +15,7 @@ every fused tensor shared (one ``nn.Parameter`` held by several layers).
   :func:`train_steps` (the generic loop), :func:`load_run` (a checkpoint).
 """
 
+from lfpass.train.checkpoint import load as load_run
 from lfpass.train.classify import ImageClassification
 from lfpass.train.distil import Distillation, frozen_copy
 from lfpass.train.errors import TrainingError
@@ -24,7 +25,6 @@ from lfpass.train.retrain import RetrainResult, StageRow, retrain
 from lfpass.train.schedule import Schedule
 from lfpass.train.stages import fuse_stage, layer_counts, plan_stage, rebuild, scope_params
 from lfpass.train.task import Task
-from lfpass.train.checkpoint import load as load_run
 
 __all__ = [
     "Distillation",

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfpass.data import Split, cifar10, mnist_digits, stratified_split
 from lfpass.core.errors import InputError
+from lfpass.data import Split, cifar10, mnist_digits, stratified_split
 from lfpass.train.task import device_of, index_batches, main_output
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lfpass.core.errors import ConfigError
+from lfpass.fx.batches import call
 from lfpass.train.loop import to_device
-from lfpass.train.task import Inputs, call, count, device_of, index_batches, main_output, select
+from lfpass.train.task import Inputs, count, device_of, index_batches, main_output, select
 
 LOSSES = ("mse", "cosine")
 Pick = Callable[[Any], torch.Tensor]

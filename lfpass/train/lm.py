@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfpass.data import EOS, Vocab, lm_batches, wikitext2
 from lfpass.core.errors import InputError
+from lfpass.data import EOS, Vocab, lm_batches, wikitext2
 from lfpass.train.task import device_of, main_output, share
 
 LEVELS = ("word", "char")

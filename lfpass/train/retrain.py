@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lfpass.fx.api import unique_parameters
 from lfpass.core.config import FusionConfig
 from lfpass.core.errors import ConfigError, OutputError
 from lfpass.core.plan import FusionPlan
+from lfpass.fx.sites import unique_parameters
 from lfpass.train import checkpoint
 from lfpass.train.distributed import Env, setup
 from lfpass.train.errors import TrainingError

@@ -25,12 +25,12 @@ from typing import Mapping, Sequence
 
 from torch import nn
 
-from lfpass.fx.api import analyze, apply, unique_parameters
 from lfpass.core.config import FusionConfig
 from lfpass.core.errors import ConfigError, PlanError
-from lfpass.fx.sites import find_sites
 from lfpass.core.plan import FusionPlan, check_plan
 from lfpass.core.planner import select_sites
+from lfpass.fx.api import analyze, apply
+from lfpass.fx.sites import find_sites, unique_parameters
 
 _EPS = 1e-9  # a stage target this close to the current ratio is already reached
 

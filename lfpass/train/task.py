@@ -89,14 +89,6 @@ def select(inputs: Inputs, index: torch.Tensor | slice) -> Inputs:
     return tuple(v[index] for v in inputs)
 
 
-def call(model: Any, inputs: Inputs) -> Any:
-    """``model`` on ``inputs``: one tensor, positional tensors, or keyword tensors."""
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(*inputs)
-
 
 def main_output(output: Any) -> torch.Tensor:
     """The tensor a model's output stands for: itself, its ``logits`` or ``last_hidden_state``

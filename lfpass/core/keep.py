@@ -1,0 +1,160 @@
+"""Fusion that keeps the function: one pipeline over any frontend.
+
+Given calibration batches, :func:`fuse_keeping` gathers the layers' input
+statistics, plans (by measured output damage under a budget, else by weight
+similarity), and builds the fused model with :class:`Fuser`: each member moved
+into its anchor's coordinates (``align``), the groups merged (data-aware rules
+with the statistics), each member given its own low-rank correction
+(``residual_rank``). The error on the held-out batches goes into the plan.
+
+The budgeted planner calls :meth:`Fuser.build` for every candidate it
+measures, so what it measures is exactly what it returns. Everything here is
+IR-neutral; the frontend (:mod:`lfpass.core.frontend`) runs and rewrites.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from lfpass.core.align import AlignReport, Skipped, align_spaces, cross_pairs, links_from_plan
+from lfpass.core.budget import plan_within_budget, with_options
+from lfpass.core.calibration import Calibration, CalibrationError
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError
+from lfpass.core.frontend import Frontend
+from lfpass.core.lowrank import capture_originals, residual_parts
+from lfpass.core.plan import FusionPlan, check_plan
+from lfpass.core.planner import plan_fusion
+from lfpass.core.quality import output_error
+
+log = logging.getLogger(__name__)
+
+DATA_OPTIONS = "max_error, align='activations', merge='regmean' or metric='output'"
+
+
+def require_data(config: FusionConfig, plan: FusionPlan | None, has_data: bool, hint: str) -> None:
+    """A :class:`ConfigError` when ``config`` (or ``plan``) needs calibration inputs and none came."""
+    if not has_data and (config.needs_calibration or (plan is not None and plan.needs_statistics)):
+        raise ConfigError(f"these options ({DATA_OPTIONS}) need calibration inputs: {hint}")
+
+
+def split(batches: Sequence[Any], holdout: float) -> tuple[list[Any], list[Any]]:
+    """``(calibration, held out)``: the last ``ceil(holdout * n)`` batches are held out."""
+    batches = list(batches)
+    if len(batches) < 2:
+        raise CalibrationError(f"measuring the error needs at least 2 calibration batches (one held out); "
+                               f"got {len(batches)}")
+    k = min(max(1, math.ceil(holdout * len(batches))), len(batches) - 1)
+    return batches[:-k], batches[-k:]
+
+
+def align_model(frontend: Frontend, model: Any, plan: FusionPlan, mode: str = "weights",
+                calibration: Calibration | None = None, seed: int = 0) -> AlignReport:
+    """Move each planned member of ``model`` (a frontend's copy) into its anchor's coordinates,
+    in place: the frontend finds the spaces and holds the tensors; the decisions are here.
+    ``calibration``, when given, is moved alike so it still describes the model."""
+    skipped: list[Skipped] = []
+    spaces, sites = frontend.spaces(model, skipped)
+    links = links_from_plan(plan, sites, spaces)
+    tensors = frontend.read(model, sorted({m.tensor for s in spaces for m in s.moves}))
+    report = align_spaces(spaces, links, tensors, mode, calibration, seed, skipped)
+    frontend.write(model, {name: tensors[name] for name in report.changed})
+    return report
+
+
+@dataclass
+class Fuser:
+    """Builds fused copies of a frontend's model for plans, keeping what calibration learned."""
+
+    frontend: Frontend
+    calibration: Calibration | None = None
+
+    def build(self, plan: FusionPlan, inplace: bool = False) -> Any:
+        """A fused copy of the model (the model itself when ``inplace``): aligned, merged and
+        corrected as ``plan`` says."""
+        front = self.frontend
+        model = front.model if inplace else front.copy()
+        stats = self.calibration.copy() if self.calibration is not None else None
+        if plan.align != "none" and plan.groups:
+            align_model(front, model, plan, plan.align, calibration=stats)
+        found = front.find_sites(model)
+        check_plan(plan, found.by_name())
+        originals = capture_originals(found, plan) if plan.residual_rank else None
+        front.apply(model, found, plan, stats)
+        if plan.residual_rank and plan.groups:
+            assert originals is not None
+            front.attach_parts(model, residual_parts(plan, originals, stats, found), plan.residual_rank)
+        return model
+
+
+@dataclass
+class Kept:
+    """A fused model, its plan (with the held-out error), and what the error was measured on."""
+
+    model: Any
+    plan: FusionPlan
+    frontend: Frontend
+    held: list[Any]
+    reference: list[np.ndarray] | None
+    labels: list[np.ndarray] | None
+
+    def error_of(self, model: Any) -> float | None:
+        """The error of ``model`` (anything the frontend runs: a written file too) on the
+        held-out batches (None without any)."""
+        if self.reference is None:
+            return None
+        return output_error(self.reference, self.frontend.outputs(model, self.held),
+                            self.plan.error_metric or "cosine", self.labels)
+
+
+def calibrate(frontend: Frontend, batches: Sequence[Any], config: FusionConfig,
+              progress: bool = False) -> Calibration:
+    """The frontend's model's input statistics on ``batches`` (paired ones too when ``align``
+    is by activations)."""
+    return frontend.calibrate(batches, cross_pairs(frontend.found.sites, config), progress)
+
+
+def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any], *,
+                 labels: Sequence[np.ndarray] | None = None, plan: FusionPlan | None = None,
+                 progress: bool = False) -> Kept:
+    """Plan (by measured damage when a budget asks for it, else by weight similarity; or take
+    ``plan``) and build; the error on held-out batches is in the plan.
+
+    ``batches``: calibration batches as the frontend runs them; ``labels``: one array per
+    batch, for the ``accuracy`` metric."""
+    batches = list(batches)
+    require_data(config, plan, bool(batches), frontend.hint)
+    measure = config.max_error is not None and plan is None
+    calib, held = split(batches, config.holdout) if measure or len(batches) >= 2 else (batches, [])
+    held_labels = list(labels[len(calib):]) if labels is not None else None
+    stats = None
+    if calib and (config.uses_statistics or (plan is not None and plan.keeps_function)):
+        stats = calibrate(frontend, calib, config if plan is None else config.replace(align=plan.align), progress)
+    fuser = Fuser(frontend, stats)
+    found = frontend.found
+    scoring = {"stats": stats} if config.metric == "output" else {}
+    reference = frontend.outputs(frontend.model, held) if held else None
+
+    def evaluate(candidate: FusionPlan) -> float:
+        return output_error(reference, frontend.outputs(fuser.build(candidate), held), config.error_metric,
+                            held_labels)
+
+    total = frontend.count(frontend.model)
+    if plan is not None:
+        check_plan(plan, found.by_name())
+    elif measure:
+        plan = plan_within_budget(found.plannable, found.load, config, total, evaluate, progress, **scoring)
+    else:
+        plan = with_options(plan_fusion(found.plannable, found.load, config, total, progress=progress, **scoring),
+                            found.by_name(), config)
+    fused = fuser.build(plan)
+    if reference is not None and plan.error is None:
+        error = output_error(reference, frontend.outputs(fused, held), config.error_metric, held_labels)
+        plan = replace(plan, error=error, error_metric=config.error_metric)
+    log.info("kept: %d groups, ratio %.3f, held-out error %s", len(plan.groups), plan.model_ratio, plan.error)
+    return Kept(fused, plan, frontend, held, reference, held_labels)

@@ -1,0 +1,123 @@
+"""The FX frontend: a PyTorch model (``nn.Module``, ``torch.fx`` or ``torch.export`` graph)
+as the core's :class:`~lfpass.core.frontend.Frontend`.
+
+Everything the keep-function pipeline (:mod:`lfpass.core.keep`) asks of a
+model, answered in torch: its sites, unique parameters, calibration by forward
+hooks (an interpreter for ``torch.export`` graphs), outputs on batches, a deep
+copy to rewrite, alignment spaces from the traced data flow, tensors read and
+written by name, the plan applied as shared ``nn.Parameter``\\s, and per-member
+parts as extra modules or graph nodes. Every rewrite runs without gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from lfpass.core.align import AlignReport, Skipped, Space
+from lfpass.core.calibration import Calibration
+from lfpass.core.errors import ConfigError
+from lfpass.core.frontend import Frontend
+from lfpass.core.keep import align_model
+from lfpass.core.lowrank import Part
+from lfpass.core.plan import FusionPlan
+from lfpass.core.sites import Site
+from lfpass.fx.align import read_tensors, spaces_of, write_tensors
+from lfpass.fx.batches import call
+from lfpass.fx.calibrate import calibrate_fx
+from lfpass.fx.lowrank import attach_parts
+from lfpass.fx.rewrite import apply_plan
+from lfpass.fx.sites import FxSites, find_sites, unique_parameters
+from lfpass.fx.trace import trace
+
+OutputFn = Callable[[Any, Any], torch.Tensor]  # (model output, the batch it ran on) -> [batch, ...]
+
+
+def default_output(output: Any, batch: Any) -> torch.Tensor:
+    """Every floating-point tensor the model returns, flattened per sample and joined."""
+    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise ConfigError("the model returns no floating-point tensor to measure its error on")
+    n = leaves[0].shape[0] if leaves[0].dim() else 1
+    return torch.cat([t.reshape(n, -1).float() for t in leaves if t.dim() and t.shape[0] == n], dim=1)
+
+
+def outputs(model: nn.Module, batches: Iterable[Any], output_fn: OutputFn | None = None) -> list[np.ndarray]:
+    """``model``'s outputs on ``batches`` (eval mode, no gradients), one float64 array per batch."""
+    output_fn = output_fn or default_output
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [output_fn(call(model, b), b).detach().double().cpu().numpy() for b in batches]
+    finally:
+        model.train(was)
+
+
+@dataclass
+class FxFrontend(Frontend[nn.Module]):
+    """``model`` (never modified) for the core. ``example_inputs``: one batch, for
+    ``torch.export`` where ``symbolic_trace`` fails (alignment reads the traced data flow);
+    ``output_fn(output, batch)``: what the error is measured on (default: every
+    floating-point output, flattened per sample); ``gm``: the model's graph, if traced already."""
+
+    model: nn.Module
+    example_inputs: Any = None
+    output_fn: OutputFn | None = None
+    gm: fx.GraphModule | None = field(default=None, repr=False)
+    hint = "pass calibration=[batch, ...]"
+
+    def graph(self) -> fx.GraphModule:
+        """The model's graph, traced once: alignment reads its data flow for every build."""
+        if self.gm is None:
+            self.gm = trace(self.model, self.example_inputs)
+        return self.gm
+
+    def find_sites(self, model: nn.Module) -> FxSites:
+        return find_sites(model)
+
+    def count(self, model: nn.Module) -> int:
+        return unique_parameters(model)
+
+    def calibrate(self, batches: Sequence[Any], cross: Sequence[tuple[str, str]],
+                  progress: bool = False) -> Calibration:
+        return calibrate_fx(self.model, batches, cross=cross, progress=progress)
+
+    def outputs(self, model: nn.Module, batches: Sequence[Any]) -> list[np.ndarray]:
+        return outputs(model, batches, self.output_fn)
+
+    def copy(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def spaces(self, model: nn.Module, skipped: list[Skipped]) -> tuple[list[Space], Mapping[str, Site]]:
+        return spaces_of(self.graph(), skipped)  # a copy's names are the original's
+
+    def read(self, model: nn.Module, names: Sequence[str]) -> dict[str, np.ndarray]:
+        return read_tensors(model, names)
+
+    def write(self, model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+        write_tensors(model, arrays)
+
+    def apply(self, model: nn.Module, found: Any, plan: FusionPlan, stats: Calibration | None) -> None:
+        with torch.no_grad():
+            apply_plan(model, plan, inplace=True, stats=stats)
+
+    def attach_parts(self, model: nn.Module, parts: Sequence[Part], rank: int) -> None:
+        attach_parts(model, parts, rank)
+
+
+def align_fx(module: nn.Module, plan: FusionPlan, mode: str = "weights", calibration: Calibration | None = None,
+             example_inputs: Any = None, gm: fx.GraphModule | None = None, seed: int = 0) -> AlignReport:
+    """Move each planned member into its anchor's coordinates, in ``module``'s own tensors (in place).
+
+    The function is unchanged (up to rounding of rotations); ``calibration``, when given, is moved
+    alike so it still describes the module. ``gm``: the graph whose data flow says what may move
+    (default: ``module`` traced, with ``example_inputs`` for ``torch.export``)."""
+    front = FxFrontend(module, example_inputs, gm=gm)
+    return align_model(front, module, plan, mode, calibration, seed)

@@ -1,0 +1,146 @@
+"""The ONNX frontend: an onnx-ir model as the core's :class:`~lfpass.core.frontend.Frontend`.
+
+Everything the keep-function pipeline (:mod:`lfpass.core.keep`) asks of a
+model, answered for ONNX: its sites, unique parameters, calibration in
+onnxruntime (the layers' inputs exposed as outputs), outputs on feeds
+(onnxruntime, graph optimisations off, so the runtime hides no difference),
+a copy to rewrite, alignment spaces from the graph's data flow, initializers
+read and written by name, the plan applied as shared initializers, and
+per-member parts as extra MatMul/Conv nodes. Each build copies the graph, so
+this path is for models that fit in memory twice (and in one 2 GB protobuf
+for onnxruntime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from lfpass.core.align import AlignReport, Skipped, Space
+from lfpass.core.calibration import Calibration
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import InputError
+from lfpass.core.frontend import Frontend
+from lfpass.core.keep import Kept, align_model, fuse_keeping
+from lfpass.core.lowrank import Part
+from lfpass.core.plan import FusionPlan
+from lfpass.core.sites import Site
+from lfpass.onnx.align import read_tensors, spaces_of, write_tensors
+from lfpass.onnx.calibrate import calibrate_onnx
+from lfpass.onnx.inputs import Feeds, runtime_inputs
+from lfpass.onnx.load import count_params
+from lfpass.onnx.lowrank import attach_parts
+from lfpass.onnx.rewrite import apply_plan
+from lfpass.onnx.sites import OnnxSites, find_sites
+
+LABELS = "labels"  # the reserved array name for labels in a calibration .npz
+_BATCHES = 8  # a calibration .npz is cut into this many batches along its first axis
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def session(model: ir.Model | Path):
+    """An onnxruntime session on ``model`` (in memory, or a file), graph optimisations off."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    source = str(model) if isinstance(model, Path) else ir.to_proto(model).SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def outputs(model: ir.Model | Path, feeds: Sequence[Feeds]) -> list[np.ndarray]:
+    """Every floating-point output per batch, flattened per sample and joined (float64)."""
+    sess = session(model)
+    out = []
+    for feed in feeds:
+        results = [np.asarray(r) for r in sess.run(None, feed)]
+        floats = [r for r in results if r.dtype.kind == "f" and r.ndim >= 1]
+        n = floats[0].shape[0]
+        out.append(np.concatenate([r.reshape(n, -1).astype(np.float64) for r in floats if r.shape[0] == n], axis=1))
+    return out
+
+
+def split_feed(feed: Feeds, model: ir.Model, batches: int = _BATCHES) -> list[Feeds]:
+    """One ``.npz`` feed (first axis: samples) cut into up to ``batches`` batches."""
+    sizes = {a.shape[0] for a in feed.values() if a.ndim}
+    if len(sizes) != 1:
+        raise InputError("calibration inputs must share their first axis (samples); "
+                         f"got first dimensions {sorted(sizes)}")
+    n = sizes.pop()
+    if n < 2:
+        raise InputError(f"calibration needs at least 2 samples along the first axis, got {n}")
+    for v in runtime_inputs(model):
+        dim = v.shape[0] if v.shape is not None and len(v.shape) else None
+        if isinstance(dim, int) and dim != n:
+            raise InputError(f"input {v.name!r} has a fixed batch size of {dim}: calibration cuts its "
+                             f"{n} samples into batches, so export the model with a dynamic batch axis")
+    cuts = np.array_split(np.arange(n), min(batches, n))
+    return [{k: a[idx] for k, a in feed.items()} for idx in cuts]
+
+
+@dataclass
+class OnnxFrontend(Frontend[ir.Model]):
+    """``model`` (an in-memory onnx-ir model, never modified) for the core."""
+
+    model: ir.Model
+    hint = "pass --inputs CALIB.npz"
+
+    def find_sites(self, model: ir.Model) -> OnnxSites:
+        return find_sites(model)
+
+    def count(self, model: ir.Model) -> int:
+        return count_params(model)
+
+    def calibrate(self, batches: Sequence[Feeds], cross: Sequence[tuple[str, str]],
+                  progress: bool = False) -> Calibration:
+        return calibrate_onnx(self.model, batches, cross=cross, progress=progress)
+
+    def outputs(self, model: ir.Model | Path | str, batches: Sequence[Feeds]) -> list[np.ndarray]:
+        return outputs(model if isinstance(model, ir.Model) else Path(model), batches)
+
+    def copy(self) -> ir.Model:
+        return copy_model(self.model)
+
+    def spaces(self, model: ir.Model, skipped: list[Skipped]) -> tuple[list[Space], Mapping[str, Site]]:
+        return spaces_of(model, skipped)
+
+    def read(self, model: ir.Model, names: Sequence[str]) -> dict[str, np.ndarray]:
+        return read_tensors(model, names)
+
+    def write(self, model: ir.Model, arrays: Mapping[str, np.ndarray]) -> None:
+        write_tensors(model, arrays)
+
+    def apply(self, model: ir.Model, found: Any, plan: FusionPlan, stats: Calibration | None) -> None:
+        apply_plan(model, found, plan, stats=stats)
+
+    def attach_parts(self, model: ir.Model, parts: Sequence[Part], rank: int) -> None:
+        attach_parts(model, parts, rank)
+
+
+def align_onnx(model: ir.Model, plan: FusionPlan, mode: str = "weights", calibration: Calibration | None = None,
+               seed: int = 0) -> AlignReport:
+    """Move each planned member into its anchor's coordinates, in ``model``'s initializers (in place)."""
+    return align_model(OnnxFrontend(model), model, plan, mode, calibration, seed)
+
+
+def fuse_keeping_onnx(model: ir.Model, config: FusionConfig, feed: Feeds | None, plan: FusionPlan | None = None,
+                      progress: bool = False) -> Kept:
+    """:func:`lfpass.core.keep.fuse_keeping` on one calibration ``.npz``'s arrays (first axis:
+    samples; an array named ``labels`` holds labels for the ``accuracy`` metric), cut into batches."""
+    batches: list[Feeds] = []
+    labels = None
+    if feed is not None:
+        feed = dict(feed)
+        label_array = feed.pop(LABELS, None)
+        batches = split_feed(feed, model)
+        if label_array is not None:
+            labels = np.array_split(label_array, len(batches))
+    return fuse_keeping(OnnxFrontend(model), config, batches, labels=labels, plan=plan, progress=progress)
