@@ -33,7 +33,8 @@ from lfpass.demo.training import train
 from lfpass.core.fileio import write_text
 from lfpass.onnx.optimize import optimize
 from lfpass.core.keep import split
-from lfpass.onnx.frontend import LABELS, outputs, split_feed
+from lfpass.onnx.frontend import outputs, split_feed
+from lfpass.onnx.inputs import LABELS
 from lfpass.onnx.load import load_model
 from lfpass.core.quality import output_error
 

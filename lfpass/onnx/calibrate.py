@@ -20,7 +20,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lfpass.core.calibration import Calibration, CalibrationError, LayerStats, accumulate
@@ -180,6 +179,8 @@ def _session(model: ir.Model, probes: Sequence[tuple[str, ir.Value, dict]], base
             graph.outputs.remove(x)
         for x in typed:
             x.type = None
+    import onnxruntime as ort  # when a model is calibrated: plain fusion never starts the runtime
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # values as the graph names them
     if base:

@@ -31,13 +31,12 @@ from lfpass.core.plan import FusionPlan
 from lfpass.core.sites import Site
 from lfpass.onnx.align import read_tensors, spaces_of, write_tensors
 from lfpass.onnx.calibrate import calibrate_onnx
-from lfpass.onnx.inputs import Feeds, runtime_inputs
+from lfpass.onnx.inputs import LABELS, Feeds, runtime_inputs
 from lfpass.onnx.load import count_params
 from lfpass.onnx.lowrank import attach_parts
 from lfpass.onnx.rewrite import apply_plan
 from lfpass.onnx.sites import OnnxSites, find_sites
 
-LABELS = "labels"  # the reserved array name for labels in a calibration .npz
 _BATCHES = 8  # a calibration .npz is cut into this many batches along its first axis
 
 

@@ -43,6 +43,7 @@ _FOLLOW = ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity")
 _SAME_SHAPE = ("Cast", "Identity")
 MAX_GENERATED_BYTES = 2 * 1024**3
 """The most one generated feed (all inputs of one sample together) may take: 2 GiB."""
+LABELS = "labels"  # the reserved array name for labels in a calibration .npz
 _NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 

@@ -13,22 +13,23 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import onnx_ir as ir
 
 from lfpass.core.config import FusionConfig, from_mapping, load_pipeline
 from lfpass.core.errors import ConfigError, InputError, OutputError, PlanError, ValidationFailed, first_line
 from lfpass.core.fileio import check_paths
-from lfpass.core.keep import Kept
 from lfpass.core.plan import FusionPlan
 from lfpass.onnx import inputs as onnx_inputs
-from lfpass.onnx.frontend import LABELS, fuse_keeping_onnx
 from lfpass.onnx.fusion_pass import LayerFusionPass
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
 from lfpass.onnx.save import DataFile, needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.onnx.validate import Validation, score_outputs, validate
+
+if TYPE_CHECKING:
+    from lfpass.core.keep import Kept
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +271,9 @@ def _plan(path: Path, model: ir.Model, config: FusionConfig, plan: FusionPlan | 
     """The plan and its predicted figures: built already when it keeps the function (lossy by
     design, measured on held-out calibration inputs), else the fusion pass that will apply it."""
     if config.keeps_function or (plan is not None and plan.keeps_function):
-        feed = onnx_inputs.load_npz(inputs, model, allow=(LABELS,))[0] if inputs is not None else None
+        from lfpass.onnx.frontend import fuse_keeping_onnx  # the calibrated path, imported when taken
+
+        feed = onnx_inputs.load_npz(inputs, model, allow=(onnx_inputs.LABELS,))[0] if inputs is not None else None
         found = find_sites(model)
         kept = fuse_keeping_onnx(model, config, feed, plan, progress)
         return _planned(path, found, data_files, kept.plan, dry_run), kept, None
