@@ -1,8 +1,10 @@
-"""The ONNX frontend: find sites in an ONNX graph, apply a plan, write and validate the result.
+"""The ONNX adapter (onnx-ir): find sites, apply a plan, write and validate the result.
 
-The core (sites, similarity, planner, merge rules) is reused unchanged; this
-package only reads graphs (onnx-ir, external data left on disk), re-points
-node inputs to shared initializers, and checks the result in onnxruntime.
+It implements the core's frontend contract (:class:`lfpass.onnx.frontend.OnnxFrontend`,
+imported when the keep-function path is taken) and never imports torch: it reads graphs
+(external data left on disk), re-points node inputs to shared initializers, and checks
+the result in onnxruntime. ``optimize`` is the deployment entry point; ``fusion_pass``
+the onnx-ir pass.
 """
 
 from lfpass.onnx.fusion_pass import LayerFusionPass
