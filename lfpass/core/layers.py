@@ -81,15 +81,20 @@ def _flips(via: Any) -> int | None:
 def layout_of(layer: Layer) -> tuple[str | None, str]:
     """``("out_in" | "in_out", "")``: how the stored weight maps to ``[out, in]``; or
     ``(None, why)`` when it has no such matrix."""
-    f = dict(layer.signature)
+    return signature_layout(layer.kind, layer.signature)
+
+
+def signature_layout(kind: str, signature: Any) -> tuple[str | None, str]:
+    """:func:`layout_of` for a layer given by its kind and signature."""
+    f = dict(signature)
     shape = tuple(f.get("shape", ()))
-    if layer.kind == "conv":
+    if kind == "conv":
         groups = f.get("groups", f.get("group", 1))
         if groups != 1:
             return None, f"a grouped convolution (groups={groups})"
         return "out_in", ""
-    if layer.kind != "linear":
-        return None, f"a {layer.kind} layer"
+    if kind != "linear":
+        return None, f"a {kind} layer"
     if len(shape) != 2:
         return None, f"a {len(shape)}-D weight"
     if "layout" in f:  # FX

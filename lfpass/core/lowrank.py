@@ -22,6 +22,7 @@ Everything is computed in float64 and rounded once into the weight's dtype
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -31,8 +32,11 @@ import numpy as np
 from lfpass.core.calibration import LayerStats
 from lfpass.core.dtypes import round_to
 from lfpass.core.errors import PlanError
+from lfpass.core.layers import signature_layout
 from lfpass.core.plan import FusionPlan
 from lfpass.core.sites import Site
+
+log = logging.getLogger(__name__)
 
 EPS = 1e-6  # ridge, relative to the mean input energy: keeps S invertible for inputs of low rank
 
@@ -203,6 +207,8 @@ class Member:
     tensor: str
     location: str = ""
     bias: str = ""
+    kind: str = ""  # the layer's kind and signature, where known: what decides whether it takes a part
+    signature: Any = ()
 
 
 def plan_members(plan: FusionPlan, sites: Any = None,
@@ -218,14 +224,16 @@ def plan_members(plan: FusionPlan, sites: Any = None,
             site = by_name.get(name)
             if site is not None:
                 parts = [by_name[p] for p in site.parts] if site.parts else [site]
-                out += [Member(index, p.name, p.weight, p.location, _bias_name(p)) for p in parts]
+                out += [Member(index, p.name, p.weight, p.location, _bias_name(p), p.kind, p.signature)
+                        for p in parts]
             elif group.cls.kind in ("attention", "mlp"):
                 base = name.split(":")[0]
-                for rel, _ in group.cls.signature:
+                for rel, (kind, sig) in group.cls.signature:
                     layer = _unit_layer(base, rel, known)
-                    out.append(Member(index, layer, f"{layer}.weight", bias=f"{layer}.bias"))
+                    out.append(Member(index, layer, f"{layer}.weight", bias=f"{layer}.bias", kind=kind, signature=sig))
             else:
-                out.append(Member(index, name, f"{name}.weight", bias=f"{name}.bias"))
+                out.append(Member(index, name, f"{name}.weight", bias=f"{name}.bias", kind=group.cls.kind,
+                                  signature=group.cls.signature))
     return out
 
 
@@ -264,8 +272,18 @@ def residual_params(site, rank: int, bias: bool = False) -> int:
     return _layer_params(site.kind, site.signature, rank, bias)
 
 
+def declined(kind: str, signature: Any) -> str:
+    """Why a layer takes no per-member part ("" when it does): it needs an ``[out, in]``
+    matrix (no grouped, depthwise or transposed convolution, no weight multiplying from the
+    left, no Gemm with ``transA``; a Gemm's ``alpha`` goes into the part). Counting and
+    attaching both ask here."""
+    if not kind:
+        return ""
+    return signature_layout(kind, {k: v for k, v in dict(signature).items() if k not in ("alpha", "beta")})[1]
+
+
 def _layer_params(kind: str, signature, rank: int, bias: bool) -> int:
-    if rank <= 0:
+    if rank <= 0 or declined(kind, signature):
         return 0
     out, in_ = layer_dims(kind, signature)
     extra = out if bias and dict(signature).get("bias") is True else 0
@@ -306,8 +324,14 @@ def residual_parts(plan: FusionPlan, originals: Mapping[str, Any], calibration: 
     known = (lambda layer: layer in originals or f"{layer}.weight" in originals)  # noqa: E731
     parts = []
     for m in plan_members(plan, sites, known):
+        why = declined(m.kind, m.signature)
+        if why:
+            log.info("layer %s takes no per-member part: %s", m.layer, why)
+            continue
         original = lookup(originals, m, "original weight")
-        stats = lookup(calibration, m, "calibration statistics") if calibration is not None else None
+        stats = lookup(calibration, m, "calibration statistics", required=False) if calibration is not None else None
+        if calibration is not None and stats is None:
+            log.info("layer %s has no calibration statistics (it never ran on them): plain SVD", m.layer)
         original_bias = next((originals[k] for k in (m.bias, f"{m.layer}.bias") if k and k in originals), None)
         parts.append(Part(m, np.asarray(original), np.asarray(original_bias) if bias and original_bias is not None
                           else None, stats))

@@ -100,7 +100,7 @@ def _region(g: _Graph, start: _Layer) -> Space | str:
                 continue
             if node.op_type == "BatchNormalization" and use.idx == 0:
                 holders = [constant_source(v, allow=("Identity",)) for v in node.inputs[1:5]]
-                if not all(isinstance(h, tuple) and h[0].is_initializer() for h in holders) or len(node.outputs) > 1 \
+                if not all(isinstance(h, tuple) for h in holders) or len(node.outputs) > 1 \
                         and any(o.uses() for o in node.outputs[1:]):
                     return f"{node.name}: a BatchNormalization without stored statistics"
                 norms.append([h[0].name for h in holders])
@@ -172,15 +172,30 @@ def spaces_of(model: ir.Model, skipped: list[Skipped]) -> tuple[list[Space], dic
     return _find(g, skipped), g.found.by_name()
 
 
+def _holders(model: ir.Model) -> dict[str, ir.Value]:
+    """Every stored tensor by name: initializers, and the outputs of ``Constant`` nodes (a
+    converter's weights are often those)."""
+    out = {n.outputs[0].name: n.outputs[0] for n in model.graph
+           if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and "value" in n.attributes}
+    out.update(model.graph.initializers)
+    return out
+
+
 def read_tensors(model: ir.Model, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """The named initializers of ``model`` as float64 arrays."""
-    initializers = model.graph.initializers
-    return {n: np.asarray(initializers[n].const_value.numpy(), dtype=np.float64) for n in names}
+    """The named stored tensors of ``model`` (initializers or ``Constant`` nodes) as float64 arrays."""
+    holders = _holders(model)
+    return {n: np.asarray(tensor_of(holders[n]).numpy(), dtype=np.float64) for n in names}
 
 
 def write_tensors(model: ir.Model, arrays: Mapping[str, np.ndarray]) -> None:
-    """Store float64 ``arrays`` as ``model``'s initializers of those names, each in its own dtype."""
-    initializers = model.graph.initializers
+    """Store float64 ``arrays`` into ``model``'s tensors of those names, each in its own dtype."""
+    holders = _holders(model)
     for name, array in arrays.items():
-        dtype = initializers[name].const_value.numpy().dtype
-        initializers[name].const_value = ir.tensor(array.astype(dtype), name=name)
+        holder = holders[name]
+        tensor = ir.tensor(array.astype(tensor_of(holder).numpy().dtype), name=name)
+        if holder.is_initializer():
+            holder.const_value = tensor
+        else:
+            holder.producer().attributes["value"] = ir.AttrTensor("value", tensor)
+            if holder.const_value is not None:
+                holder.const_value = tensor

@@ -87,10 +87,17 @@ def split_feed(feed: Feeds, model: ir.Model, batches: int = _BATCHES) -> list[Fe
 
 @dataclass
 class OnnxFrontend(Frontend[ir.Model]):
-    """``model`` (an in-memory onnx-ir model, never modified) for the core."""
+    """``model`` (an in-memory onnx-ir model, whose values are never modified) for the core.
+
+    Tensors the model holds in external files are read into memory once: its copies and
+    the onnxruntime sessions built from them are then self-contained, wherever the model's
+    folder is (this path holds the model in memory anyway; see the module's note)."""
 
     model: ir.Model
     hint = "pass --inputs CALIB.npz"
+
+    def __post_init__(self) -> None:
+        ir.external_data.load_to_model(self.model)
 
     def find_sites(self, model: ir.Model) -> OnnxSites:
         return find_sites(model)

@@ -190,7 +190,8 @@ class DataFile:
 
 def _unload(model: ir.Model, where: Staged) -> None:
     """Move every initializer of 1 KiB or more into ``where.data``, one tensor at a time,
-    after what a :class:`DataFile` already put there (left as it is). A tensor still in
+    after what a :class:`DataFile` already put there (left as it is), and bring smaller ones
+    the input held externally inline: every tensor ends next to the output. A tensor still in
     the input's data file is copied file to file (``copy_file_range`` where the system
     has it), never read into memory or left mapped.
 
@@ -203,7 +204,11 @@ def _unload(model: ir.Model, where: Staged) -> None:
         for graph in (model.graph, *model.graph.subgraphs()):
             for value in graph.initializers.values():
                 tensor = value.const_value
-                if tensor is None or tensor.nbytes < _EXTERNAL_MIN_BYTES:
+                if tensor is None:
+                    continue
+                if tensor.nbytes < _EXTERNAL_MIN_BYTES:  # inline, even when the input held it externally
+                    if isinstance(tensor, ir.ExternalTensor) and os.path.realpath(tensor.path) != target:
+                        value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name or value.name)
                     continue
                 if isinstance(tensor, ir.ExternalTensor) and os.path.realpath(tensor.path) == target:
                     continue  # already in the output's data file

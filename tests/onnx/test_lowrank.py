@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lfpass.core.calibration import Calibration, accumulate
 from lfpass.core.errors import PlanError
-from lfpass.core.lowrank import capture_originals
+from lfpass.core.lowrank import capture_originals, declined, residual_params
 from lfpass.core.plan import FusionGroup, FusionPlan
 from lfpass.onnx import apply_plan, find_sites
 from lfpass.onnx.load import count_params
@@ -182,8 +182,10 @@ def test_conv_residuals():
 def test_refusals():
     model = conv_stack(ch=4, group=2)
     found, plan, originals = fuse(model, tuple(names(model, "conv")[:2]))
-    with pytest.raises(PlanError, match="grouped"):
-        attach_residuals_onnx(model, plan, originals, 2, sites=found)
+    # a grouped conv is declined per layer (and counted as nothing), never the whole run
+    assert attach_residuals_onnx(model, plan, originals, 2, sites=found) == 0
+    assert residual_params(found.by_name()[plan.groups[0].members[0]], 2, bias=True) == 0
+    assert declined("conv", found.by_name()[plan.groups[0].members[0]].signature) == "a grouped convolution (groups=2)"
     model, _, _ = matmul_mlp()
     found, plan, originals = fuse(model, tuple(names(model, "linear")[:2]))
     with pytest.raises(PlanError, match="no original weight"):
