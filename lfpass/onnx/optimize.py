@@ -224,6 +224,7 @@ def optimize(
     write. Nothing is written when nothing can be fused, or under ``dry_run``.
     """
     config, plan = as_config(config), as_plan(plan)
+    _refuse_dropped_options(config, plan)
     path, output = Path(path), Path(output) if output is not None else default_output(Path(path))
     read_paths = {"the input model": path, "--inputs": Path(inputs) if inputs is not None else None, **(reads or {})}
     clock = time.perf_counter()
@@ -234,7 +235,7 @@ def optimize(
     result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
     if not result.plan.groups or dry_run:
         return result
-    check = check and kept is None  # a lossy build is judged by its held-out error, below
+    check = check and (kept is None or kept.plan.max_error is None)  # a budget judges by its held-out error
     feeds = _feeds(model, config, check, inputs, input_shapes, samples)
     note = onnx_inputs.random_input_note(model, inputs is None) if check else None
     if note:
@@ -252,6 +253,22 @@ def optimize(
     log.info("wrote %s: %d -> %d params, %d -> %d bytes", output, result.params_before, result.params_after,
              result.bytes_before, result.bytes_after)
     return result
+
+
+_PLANNING = ("metric", "merge", "target_ratio", "threshold", "ratio_scope", "cross_role", "max_group_size",
+             "max_overshoot", "granularity", "heads", "max_error", "align", "residual_rank", "kinds", "include",
+             "exclude", "min_params")
+
+
+def _refuse_dropped_options(config: FusionConfig, plan: FusionPlan | None) -> None:
+    """A given plan replaces planning: options that would have changed it are refused, never dropped."""
+    if plan is None:
+        return
+    default = FusionConfig()
+    changed = [f for f in _PLANNING if getattr(config, f) != getattr(default, f)]
+    if changed:
+        raise ConfigError(f"--plan replaces planning, so {', '.join(changed)} would be ignored: drop them, or "
+                          "make a new plan with them (lfpass analyze --plan-out)")
 
 
 def _read(path: Path, read_paths: Mapping[str, Path | None],
@@ -327,8 +344,10 @@ def _feeds(model: ir.Model, config: FusionConfig, check: bool, inputs: str | Pat
     """The inputs validation runs on: the ``.npz`` given, else generated (read before the rewrite)."""
     if not check:
         return []
-    if inputs is not None:
-        return onnx_inputs.load_npz(inputs, model)
+    if inputs is not None:  # calibration inputs may carry labels: not an input of the model
+        samples = onnx_inputs.load_npz(inputs, model, allow=(onnx_inputs.LABELS,))
+        samples[0].pop(onnx_inputs.LABELS, None)
+        return samples
     return onnx_inputs.generate(model, input_shapes, samples=samples, seed=config.seed)
 
 

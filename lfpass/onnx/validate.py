@@ -14,7 +14,10 @@ class agrees.
 
 The verdict is polygraphy's elementwise rule: an element fails only when it is
 outside *both* tolerances, i.e. it passes when
-``|a - b| <= max(atol, rtol * |b|)``. The relative error is defined to match:
+``|a - b| <= max(atol, rtol * |b|)``; and an output passes only when, besides,
+its cosine with the original's is at least ``1 - rtol`` (0.99 at the defaults):
+outputs whose values all sit near zero, within ``atol``, pass no longer while
+pointing elsewhere (class scores of 1e-4 with cosine 0.22 did). The relative error is defined to match:
 
     rel = |a - b| / max(|b|, atol / rtol)
 
@@ -183,9 +186,21 @@ def compare(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict
                 tops.setdefault(name, []).append(float(np.mean(a.argmax(-1) == b.argmax(-1))))
     for name, values in tops.items():
         stats[name].top1 = float(np.mean(values))
+    floor = min_cosine(rtol)
+    for s in stats.values():
+        if s.passed and not s.cosine >= floor:
+            s.passed = False
+            s.reason = (f"cosine {s.cosine:.4f} is below {floor:g}: every value is within the tolerances, but "
+                        "the output points elsewhere (values near zero against atol)")
     result.outputs = list(stats.values())
     result.passed = all(s.passed for s in result.outputs)
     return result
+
+
+def min_cosine(rtol: float) -> float:
+    """The cosine with the original's output a pass also needs: ``1 - rtol`` (0.99 at the
+    default), at least 1e-6 below 1."""
+    return 1.0 - max(rtol, 1e-6)
 
 
 def _mismatch(reference: Sequence[dict[str, np.ndarray]], candidate: Sequence[dict[str, np.ndarray]]) -> str:

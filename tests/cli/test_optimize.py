@@ -108,7 +108,7 @@ def test_validate_command(tmp_path, model, capsys):
     code, out, err = _run(capsys, "validate", model, lossy, "--report", tmp_path / "v.json")
     assert code == 1 and "FAILED" in out
     assert json.loads((tmp_path / "v.json").read_text())["passed"] is False
-    assert _run(capsys, "validate", model, lossy, "--atol", "1e9")[0] == 0
+    assert _run(capsys, "validate", model, lossy, "--atol", "1e9", "--rtol", "2")[0] == 0  # cosine needs 1 - rtol
 
 
 def test_inputs_npz_and_input_shape(tmp_path, model, capsys):
@@ -256,3 +256,22 @@ def test_unknown_metric_or_merge_rule(tmp_path, model, capsys, flag, value):
 def test_bad_plan_file(tmp_path, model, capsys):
     (tmp_path / "plan.json").write_text("{not json")
     _bad(capsys, tmp_path, "optimize", model, "--plan", tmp_path / "plan.json", says="not a valid lfpass plan")
+
+
+def test_plan_with_options_that_would_change_it_is_refused(tmp_path, model, capsys):
+    plan = tmp_path / "plan.json"
+    assert _run(capsys, "analyze", model, "--ratio", "1.5", "--plan-out", plan)[0] == 0
+    for flags in (["--merge", "regmean"], ["--ratio", "3"], ["--align", "weights"]):
+        code, out, err = _run(capsys, "optimize", model, "--plan", plan, "-o", tmp_path / "o.onnx", *flags)
+        assert code == 2 and len(err) == 1 and "would be ignored" in err[0], err
+        assert not (tmp_path / "o.onnx").exists()
+    assert _run(capsys, "optimize", model, "--plan", plan, "-o", tmp_path / "o.onnx")[0] in (0, 1)
+
+
+def test_keep_function_options_without_a_budget_are_validated(tmp_path, model, capsys):
+    """Alignment alone (no --max-error) changes outputs: the written file is compared with the
+    input like any other, and a file outside the tolerances exits 1."""
+    out = tmp_path / "aligned.onnx"
+    code, text, err = _run(capsys, "optimize", model, "-o", out, "--align", "weights", "--ratio", "6", "--cross-role")
+    assert out.exists() and "validation" in text + " ".join(err)
+    assert code == 1 and any("validation outside tolerance" in e for e in err), err

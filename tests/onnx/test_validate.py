@@ -17,7 +17,7 @@ from lfpass import cli
 from lfpass.core.errors import ConfigError, InputError
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import load_model
-from lfpass.onnx.validate import compare, validate
+from lfpass.onnx.validate import compare, min_cosine, validate
 
 WIDTH = 32
 ATOL, RTOL = 1e-3, 1e-2
@@ -132,8 +132,21 @@ def test_max_rel_agrees_with_the_verdict(atol, rtol):
             cand = ref + rng.standard_normal(64) * noise
             result = compare([{"y": ref}], [{"y": cand}], atol, rtol)
             elementwise = bool(np.all(np.abs(cand - ref) <= np.maximum(atol, rtol * np.abs(ref))))
-            assert result.passed == elementwise
+            cosine = ref @ cand / (np.linalg.norm(ref) * np.linalg.norm(cand))
+            assert result.passed == (elementwise and cosine >= min_cosine(rtol))
             assert (result.outputs[0].max_rel <= rtol * (1 + 1e-9)) == elementwise
+
+
+def test_values_within_atol_that_point_elsewhere_fail():
+    """Class scores of 1e-4 (inside atol 1e-3) with cosine 0.22: every element passes the
+    tolerances, the output does not."""
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((4, 10)) * 1e-4
+    cand = 0.25 * ref + rng.standard_normal((4, 10)) * 1e-4
+    result = compare([{"logits": ref}], [{"logits": cand}], ATOL, RTOL)
+    assert np.all(np.abs(cand - ref) <= ATOL) and not result.passed
+    assert "points elsewhere" in result.summary() and result.outputs[0].cosine < 0.9
+    assert compare([{"logits": ref}], [{"logits": ref + 1e-9}], ATOL, RTOL).passed
 
 
 # -- open input dimensions ----------------------------------------------------------------------
