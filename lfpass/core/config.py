@@ -123,6 +123,10 @@ class FusionConfig:
             raise ConfigError(f"max_error: must be a finite number >= 0, got {self.max_error!r}")
         if self.error_metric not in ERROR_METRICS:
             raise ConfigError(f"error_metric: must be one of {ERROR_METRICS}, got {self.error_metric!r}")
+        top = 2.0 if self.error_metric == "cosine" else 1.0  # 1 - cosine reaches 2; a share of samples, 1
+        if self.max_error is not None and self.max_error > top:
+            raise ConfigError(f"max_error: {self.max_error:g} is past any error error_metric {self.error_metric!r} "
+                              f"can measure (its errors lie in [0, {top:g}]); give a budget of at most {top:g}")
         if not (_is_number(self.holdout) and 0 < self.holdout < 1):
             raise ConfigError(f"holdout: must be a number between 0 and 1, got {self.holdout!r}")
         if self.align not in ALIGNMENTS:

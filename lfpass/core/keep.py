@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from lfpass.core.frontend import Frontend
 from lfpass.core.lowrank import capture_originals, residual_parts
 from lfpass.core.plan import FusionPlan, check_plan
 from lfpass.core.planner import plan_fusion
-from lfpass.core.quality import output_error
+from lfpass.core.quality import describe, output_error
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,19 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     ``plan``) and build; the error on held-out batches is in the plan.
 
     ``batches``: calibration batches as the frontend runs them; ``labels``: one array per
-    batch, for the ``accuracy`` metric."""
+    batch, for the ``accuracy`` metric. A budget splits them three ways: statistics, the
+    batches the planner chooses on, and the batches the result is verified on, which the
+    planner never saw: the plan's ``error`` (and :meth:`Kept.error_of`) is on those."""
     batches = list(batches)
     require_data(config, plan, bool(batches), frontend.hint)
     measure = config.max_error is not None and plan is None
-    calib, held = split(batches, config.holdout) if measure or len(batches) >= 2 else (batches, [])
-    held_labels = list(labels[len(calib):]) if labels is not None else None
+    if measure:
+        calib, choose, held = split_three(batches, config.holdout)
+    else:
+        calib, held = split(batches, config.holdout) if len(batches) >= 2 else (batches, [])
+        choose = held
+    cut = lambda part, start: list(labels[start:start + len(part)]) if labels is not None else None  # noqa: E731
+    choose_labels, held_labels = cut(choose, len(calib)), cut(held, len(batches) - len(held))
     stats = None
     if calib and (config.uses_statistics or (plan is not None and plan.keeps_function)):
         stats = calibrate(frontend, calib, config if plan is None else config.replace(align=plan.align), progress)
@@ -139,10 +146,13 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     found = frontend.found
     scoring = {"stats": stats} if config.metric == "output" else {}
     reference = frontend.outputs(frontend.model, held) if held else None
+    chosen_on = frontend.outputs(frontend.model, choose) if measure else None
+    if measure:
+        measurable(chosen_on + reference, config.error_metric)
 
     def evaluate(candidate: FusionPlan) -> float:
-        return output_error(reference, frontend.outputs(fuser.build(candidate), held), config.error_metric,
-                            held_labels)
+        return output_error(chosen_on, frontend.outputs(fuser.build(candidate), choose), config.error_metric,
+                            choose_labels)
 
     total = frontend.count(frontend.model)
     if plan is not None:
@@ -153,8 +163,46 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
         plan = with_options(plan_fusion(found.plannable, found.load, config, total, progress=progress, **scoring),
                             found.by_name(), config)
     fused = fuser.build(plan)
-    if reference is not None and plan.error is None:
+    if reference is not None and (plan.error is None or measure):
         error = output_error(reference, frontend.outputs(fused, held), config.error_metric, held_labels)
+        if measure:
+            plan = replace(plan, message=f"{plan.message}; verified on {samples(held)} samples the planner never "
+                                         f"saw (chosen on {samples(choose)}): {describe(config.error_metric, error)}")
         plan = replace(plan, error=error, error_metric=config.error_metric)
     log.info("kept: %d groups, ratio %.3f, held-out error %s", len(plan.groups), plan.model_ratio, plan.error)
     return Kept(fused, plan, frontend, held, reference, held_labels)
+
+
+def split_three(batches: Sequence[Any], holdout: float) -> tuple[list[Any], list[Any], list[Any]]:
+    """``(calibration, chosen on, verified on)``: ``ceil(holdout * n)`` batches each for choosing
+    and verifying (the last ones), the rest for the statistics."""
+    batches = list(batches)
+    if len(batches) < 3:
+        raise CalibrationError(f"a budget needs at least 3 calibration batches (statistics, choosing, verifying "
+                               f"on inputs the planner never saw); got {len(batches)}: give more samples")
+    k = min(max(1, math.ceil(holdout * len(batches))), (len(batches) - 1) // 2)
+    return batches[:-2 * k], batches[-2 * k:-k], batches[-k:]
+
+
+def samples(batches: Sequence[Any]) -> int:
+    """Samples in ``batches`` (the first axis of each batch's first array)."""
+    total = 0
+    for batch in batches:
+        first = batch
+        while isinstance(first, (Mapping, list, tuple)):
+            first = next(iter(first.values())) if isinstance(first, Mapping) else first[0]
+        shape = getattr(first, "shape", ())
+        total += int(shape[0]) if len(shape) else 1
+    return total
+
+
+def measurable(outputs: Sequence[np.ndarray], metric: str) -> None:
+    """A :class:`CalibrationError` when the original model's outputs on the calibration inputs
+    cannot measure an error: not finite, or the same for every sample (constant inputs, say)."""
+    joined = np.concatenate([np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in outputs])
+    if not np.isfinite(joined).all():
+        raise CalibrationError("the model's outputs on the calibration inputs are not finite (NaN or Inf): "
+                               "they cannot measure an error")
+    if metric != "accuracy" and np.ptp(joined, axis=0).max(initial=0.0) == 0.0:
+        raise CalibrationError("the model's outputs are the same for every calibration sample (constant or "
+                               "all-zero inputs?): they cannot measure an error; give real inputs")

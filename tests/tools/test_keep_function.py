@@ -101,8 +101,9 @@ def test_ratios_come_from_unique_parameters_and_match(run):
                        else r["layer_params"] / (row["unique_params"] - other))
             assert row["ratio"] == pytest.approx(recount, rel=1e-12) and row["ratio"] > 1.0
         ratios = [row["ratio"] for row in r["rows"][1:]]
-        assert max(ratios) / min(ratios) - 1.0 <= 0.02, (r["experiment"], ratios)
-        assert r["ratio_spread"] <= 0.02
+        reference = r["rows"][1]["ratio"]  # plain's: each damage-order column lands on its curve point nearest it
+        assert all(abs(x / reference - 1.0) <= r["tolerance"] for x in ratios), (r["experiment"], ratios)
+        assert max(ratios) / min(ratios) - 1.0 <= 2 * r["tolerance"] and r["ratio_spread"] <= 2 * r["tolerance"]
         shared = [row for row in r["rows"] if row["key"] in ("plain", "regmean", "aligned", "aligned_regmean")]
         assert len({row["unique_params"] for row in shared}) == 1  # one plan, merged four ways
 
