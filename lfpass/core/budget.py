@@ -61,7 +61,14 @@ def with_options(plan: FusionPlan, sites: Mapping[str, Site], config: FusionConf
     (each member's correction is counted against the group's saving)."""
     groups = [replace(g, extra=sum(correction_params(sites[m], config.residual_rank) for m in g.members))
               for g in plan.groups]
-    return with_groups(replace(plan, groups=()), groups, align=config.align, residual_rank=config.residual_rank)
+    costly = [g for g in groups if g.saved <= 0]
+    planned = with_groups(replace(plan, groups=()), [g for g in groups if g.saved > 0], align=config.align,
+                          residual_rank=config.residual_rank)
+    if costly:
+        note = (f"{len(costly)} group(s) kept apart: their members' rank-{config.residual_rank} corrections cost as "
+                f"much as sharing saves (a smaller residual_rank keeps them)")
+        planned = replace(planned, message="; ".join(m for m in (planned.message, note) if m))
+    return planned
 
 
 class _Groups:

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from lfpass.core.align import AlignReport, Skipped, Space
 from lfpass.core.calibration import Calibration
 from lfpass.core.config import FusionConfig
-from lfpass.core.errors import InputError
+from lfpass.core.errors import InputError, first_line
 from lfpass.core.frontend import Frontend
 from lfpass.core.keep import Kept, align_model, fuse_keeping
 from lfpass.core.lowrank import Part
@@ -60,7 +60,12 @@ def outputs(model: ir.Model | Path, feeds: Sequence[Feeds]) -> list[np.ndarray]:
     sess = session(model)
     out = []
     for feed in feeds:
-        results = [np.asarray(r) for r in sess.run(None, feed)]
+        try:
+            results = [np.asarray(r) for r in sess.run(None, feed)]
+        except Exception as exc:  # onnxruntime's own error types: the inputs do not fit the model
+            shapes = ", ".join(f"{k} {tuple(a.shape)} {a.dtype}" for k, a in feed.items())
+            raise InputError(f"onnxruntime cannot run the model on the calibration inputs ({shapes}): "
+                             f"{first_line(exc)}") from None
         floats = [r for r in results if r.dtype.kind == "f" and r.ndim >= 1]
         n = floats[0].shape[0]
         out.append(np.concatenate([r.reshape(n, -1).astype(np.float64) for r in floats if r.shape[0] == n], axis=1))
@@ -81,6 +86,10 @@ def split_feed(feed: Feeds, model: ir.Model, batches: int = _BATCHES) -> list[Fe
         if isinstance(dim, int) and dim != n:
             raise InputError(f"input {v.name!r} has a fixed batch size of {dim}: calibration cuts its "
                              f"{n} samples into batches, so export the model with a dynamic batch axis")
+    for name, a in feed.items():
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise InputError(f"calibration input {name!r} holds NaN or Inf ({int((~np.isfinite(a)).sum()):,} "
+                             "values): give finite inputs")
     cuts = np.array_split(np.arange(n), min(batches, n))
     return [{k: a[idx] for k, a in feed.items()} for idx in cuts]
 
@@ -147,6 +156,10 @@ def fuse_keeping_onnx(model: ir.Model, config: FusionConfig, feed: Feeds | None,
         feed = dict(feed)
         label_array = feed.pop(LABELS, None)
         batches = split_feed(feed, model)
+        n = sum(len(next(iter(b.values()))) for b in batches)
+        if label_array is not None and (label_array.ndim == 0 or label_array.shape[0] != n):
+            raise InputError(f"calibration {LABELS!r}: {label_array.shape[0] if label_array.ndim else 0} labels "
+                             f"for {n} samples; give one label per sample")
         if label_array is not None:
             labels = np.array_split(label_array, len(batches))
     return fuse_keeping(OnnxFrontend(model), config, batches, labels=labels, plan=plan, progress=progress)

@@ -152,16 +152,20 @@ def test_a_budget_fuses_the_alike_pair_and_measures_what_it_built():
     assert front.model.reads == {n: n for n in front.model.tensors}  # the original is never touched
 
 
-def test_full_rank_parts_give_each_member_its_own_function_back():
+def test_parts_pay_for_themselves_and_full_rank_gives_the_function_back():
     front = MlpFrontend(mlp())
-    config = FusionConfig(target_ratio=1.6, residual_rank=D)
-    kept = fuse_keeping(front, config, batches())
+    kept = fuse_keeping(front, FusionConfig(target_ratio=1.6, residual_rank=1), batches())
     assert len(kept.plan.groups) >= 1 and kept.model.parts
+    assert front.count(kept.model) == kept.plan.params_after < front.count(front.model)
     x = batches(1, seed=7)[0]
-    np.testing.assert_allclose(kept.model.forward(x), front.model.forward(x), rtol=1e-4, atol=1e-4)
-    assert front.count(kept.model) == kept.plan.params_after
     shared_only = Fuser(front).build(replace(kept.plan, residual_rank=0))
-    assert np.abs(shared_only.forward(x) - front.model.forward(x)).max() > 1e-2  # the parts did the work
+    error = lambda m: np.abs(m.forward(x) - front.model.forward(x)).max()  # noqa: E731
+    assert error(kept.model) < error(shared_only)
+    full = Fuser(front).build(replace(kept.plan, residual_rank=D))  # the parts' algebra: exact at full rank
+    np.testing.assert_allclose(full.forward(x), front.model.forward(x), rtol=1e-4, atol=1e-4)
+    assert error(shared_only) > 1e-2  # ... where sharing alone is not
+    costly = fuse_keeping(front, FusionConfig(target_ratio=1.6, residual_rank=D), batches())
+    assert not costly.plan.groups and "cost as much as sharing saves" in costly.plan.message
 
 
 def test_regmean_and_a_given_plan_are_built_the_same_way_again():
