@@ -28,6 +28,7 @@ file is reported as a wrong file rather than as a model onnxruntime rejects.
 from __future__ import annotations
 
 import math
+import re
 import zipfile
 import zlib
 from pathlib import Path
@@ -41,6 +42,7 @@ from lfpass.core.errors import ConfigError, InputError, first_line
 Feeds = dict[str, np.ndarray]
 _FOLLOW = ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity")
 _SAME_SHAPE = ("Cast", "Identity")
+_PLACEHOLDER = re.compile(r"^[\W_]*$|^-?\d+$")  # "?", "", "-1": no name
 MAX_GENERATED_BYTES = 2 * 1024**3
 """The most one generated feed (all inputs of one sample together) may take: 2 GiB."""
 LABELS = "labels"  # the reserved array name for labels in a calibration .npz
@@ -89,7 +91,10 @@ def _fixed(dim: object) -> int | None:
 
 
 def _dim_name(dim: object) -> str:
-    return "" if isinstance(dim, int) else str(getattr(dim, "value", None) or "")
+    """The name that ties an open dimension to others of that name; "" for a placeholder such
+    as a converter's ``?`` for every unknown size (it names nothing, so it ties nothing)."""
+    name = "" if isinstance(dim, int) else str(getattr(dim, "value", None) or "")
+    return "" if _PLACEHOLDER.match(name) else name
 
 
 def _describe_shape(value: ir.Value) -> str:

@@ -230,3 +230,15 @@ def test_random_input_note(tmp_path, model):
         assert note is not None and kind in note and "--inputs" in note and "\n" not in note
         assert random_input_note(load_model(src), feeds_were_generated=False) is None
     assert random_input_note(load_model(model), feeds_were_generated=True) is None
+
+
+def test_placeholder_dim_names_tie_nothing(tmp_path):
+    """A converter writes ``?`` for every unknown size: a 3 x 32 input declared ``(?, ?)`` is
+    not forced square."""
+    src = _linear(tmp_path / "q.onnx", ["?", "?"])
+    np.savez(tmp_path / "in.npz", x=np.ones((3, WIDTH), np.float32))
+    feeds = onnx_inputs.load_npz(tmp_path / "in.npz", load_model(src))
+    assert feeds[0]["x"].shape == (3, WIDTH)
+    named = _linear(tmp_path / "n.onnx", ["n", "n"])  # a real name still ties its dimensions
+    with pytest.raises(InputError, match="n = "):
+        onnx_inputs.load_npz(tmp_path / "in.npz", load_model(named))
