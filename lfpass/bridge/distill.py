@@ -5,8 +5,9 @@ labels and no training code.
 checks that the conversion computes what the file does on the given inputs,
 fuses it in stages while distilling every stage from the unfused model (a
 frozen copy of the conversion: the teacher is the original's function),
-exports the result with every shared tensor stored once
-(:func:`lfpass.export`, checked in onnxruntime against PyTorch), and then
+exports the result with every shared tensor stored once, the input's opset and
+open dimensions kept (:func:`lfpass.export`, checked in onnxruntime against
+PyTorch), and then
 measures in onnxruntime how close the written file is to the original file on
 the held-out inputs (cosine and max error per output).
 """
@@ -31,6 +32,7 @@ from lfpass.onnx.validate import Validation, compare, run, score_outputs
 
 log = logging.getLogger(__name__)
 
+_DYNAMO_MIN_OPSET = 18  # below it, the legacy exporter writes the input's own opset
 _CONVERSION_ATOL = 1e-4  # of the output scale: onnx2torch must compute what the file does
 
 
@@ -81,6 +83,17 @@ def _check_conversion(module: torch.nn.Module, path: Path, names: list[str], sam
                              f"(max abs {error:.3g}); it cannot be retrained here")
 
 
+def _dynamic_axes(model) -> tuple[dict[int, str], ...] | None:
+    """The input's open dimensions, per input ``{axis: name}`` (the export keeps them: a
+    distilled file takes any batch the original took), or None when every size is fixed."""
+    axes = []
+    for i, v in enumerate(onnx_inputs.runtime_inputs(model)):
+        dims = list(v.shape.dims) if v.shape is not None else []
+        axes.append({a: (str(getattr(d, "value", "") or "") or f"{v.name}_{a}")
+                     for a, d in enumerate(dims) if not isinstance(d, int)})
+    return tuple(axes) if any(axes) else None
+
+
 def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, config: FusionConfig, schedule: Any, *,
                  eval_fraction: float = 0.1, checkpoint_dir: str | Path | None = None, resume: bool = False,
                  progress: bool = False, reads: Mapping[str, Path | None] | None = None,
@@ -104,6 +117,7 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     check_paths({f"the input's data file {i}": d for i, d in enumerate(data_files)}, {"the output": output})
     names = [v.name for v in onnx_inputs.runtime_inputs(model)]
     outputs = [v.name for v in model.graph.outputs]
+    opset, dynamic = model.opset_imports.get("", None), _dynamic_axes(model)
     samples = _samples(onnx_inputs.load_npz(inputs, model)[0], names, inputs)
     scores = score_outputs(model)
     del model
@@ -113,7 +127,8 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     result = retrain(module, task, config, schedule, checkpoint_dir=checkpoint_dir, resume=resume,
                      progress=progress)
     held_out = task.eval_inputs
-    exported = export(result.model, tuple(held_out), output, input_names=names, output_names=outputs)
+    exported = export(result.model, tuple(held_out), output, input_names=names, output_names=outputs, opset=opset,
+                      dynamic_shapes=dynamic, dynamo=opset is None or opset >= _DYNAMO_MIN_OPSET)
     feeds = [dict(zip(names, (t.numpy() for t in held_out)))]
     validation = compare(run(path, feeds), run(output, feeds), config.atol, config.rtol, scores)
     log.info("distilled %s -> %s: ratio %.3f", path, output, result.ratio)

@@ -62,6 +62,7 @@ def weights_as_parameters(gm: fx.GraphModule) -> int:
     is named after its ONNX node, as ``Gemm``/``Conv`` layers are); returns how many
     were changed. A constant two nodes read becomes one parameter both hold."""
     lifted: dict[tuple, list[nn.Parameter]] = {}
+    sources: set[str] = set()
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(gm.get_submodule(node.target)).__name__ != "OnnxMatMul":
             continue
@@ -71,12 +72,13 @@ def weights_as_parameters(gm: fx.GraphModule) -> int:
         tensor = _attr(gm, weight.target)
         if not torch.is_tensor(tensor) or not tensor.is_floating_point() or tensor.dim() < 2:
             continue
+        sources.add(weight.target)
         gm.get_submodule(node.target).register_parameter("weight", _lift(tensor, lifted))
         with gm.graph.inserting_before(node):
             read = gm.graph.get_attr(f"{node.target}.weight")
         node.op, node.target, node.args = "call_function", torch.matmul, (node.args[0], read)
     gm.graph.eliminate_dead_code()
-    _drop_unread(gm)
+    _drop_unread(gm, sources)
     gm.graph.lint()
     gm.recompile()
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.matmul)
@@ -102,11 +104,13 @@ def _attr(gm: nn.Module, path: str) -> object:
     return getattr(gm.get_submodule(owner_path) if owner_path else gm, attr)
 
 
-def _drop_unread(gm: fx.GraphModule) -> None:
-    """Remove the buffers the lifted weights came from once no node reads them."""
+def _drop_unread(gm: fx.GraphModule, sources: set[str]) -> None:
+    """Remove the buffers the lifted weights came from (``sources``) once no node reads them.
+    Only those: a module's own buffers (BatchNorm's running statistics) are read by the module,
+    not by a graph node, and stay."""
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for path, _ in list(gm.named_buffers()):
-        if path not in read:
-            owner_path, _, attr = path.rpartition(".")
-            owner = gm.get_submodule(owner_path) if owner_path else gm
+    for path in sources - read:
+        owner_path, _, attr = path.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._buffers:
             del owner._buffers[attr]

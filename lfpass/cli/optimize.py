@@ -115,6 +115,9 @@ def run_distill(args: argparse.Namespace, config: FusionConfig) -> int:
     print(f"{'output':<11}{result.output}")
     if args.report:
         write_text(args.report, json.dumps(result.to_dict(), indent=2, default=str))
+    if not result.validation.passed:
+        print(f"lfpass: validation outside tolerance: {result.validation.summary()}", file=sys.stderr)
+        return EXIT_VALIDATION
     return EXIT_OK
 
 

@@ -1,0 +1,38 @@
+"""``optimize --distill`` on files lfpass did not make: a converter's CNN with BatchNorm (its
+running statistics survive the conversion), written back with the input's opset and open batch
+dimension, and an exit code that says what the written file's comparison said."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from lfpass.cli import main
+from tests.onnx.test_real_files import converter_cnn
+
+pytest.importorskip("onnx2torch")
+
+
+def test_distill_keeps_batchnorm_opset_and_dynamic_batch(tmp_path, capsys, monkeypatch):
+    src, calib = tmp_path / "in" / "model.onnx", tmp_path / "calib.npz"
+    src.parent.mkdir()
+    converter_cnn(src)
+    np.savez(calib, image=np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    out, report = tmp_path / "out" / "small.onnx", tmp_path / "r.json"
+    out.parent.mkdir()
+    rc = main(["optimize", str(src), "--distill", str(calib), "--ratio", "1.2", "--stages", "1", "--steps", "3",
+               "-o", str(out), "--report", str(report)])
+    err = capsys.readouterr().err
+    assert "internal error" not in err and rc in (0, 1), err
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written)
+    opset = {o.domain: o.version for o in written.opset_import}
+    assert opset.get("", opset.get("ai.onnx")) == 13  # the input's own opset
+    batch = written.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # any batch, as the input took
+    passed = json.loads(report.read_text())["against_original"]["passed"]
+    assert rc == (0 if passed else 1) and (passed or "validation outside tolerance" in err)
