@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lfpass.core.config import FusionConfig
-from lfpass.core.errors import ConfigError, InputError
+from lfpass.core.errors import ConfigError, InputError, TraceError
 from lfpass.core.fileio import check_paths
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import check_input_file, disk_bytes, external_files, read_model
@@ -107,6 +107,12 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     from lfpass.train import Distillation, retrain
 
     path, output, inputs = Path(path), Path(output), Path(inputs)
+    if config.keeps_function:
+        used = [f"{k}={v!r}" for k, v in (("max_error", config.max_error), ("align", config.align),
+                                          ("residual_rank", config.residual_rank), ("merge", config.merge),
+                                          ("metric", config.metric)) if v not in (None, "none", 0, "mean", "cosine")]
+        raise ConfigError(f"distillation retrains plans made by weight similarity, so these options would be "
+                          f"ignored: {', '.join(used)}; drop them, or fuse without distillation")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("distilling an ONNX file runs in one process; under torchrun, retrain a PyTorch model")
     check_input_file(path)
@@ -127,8 +133,16 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     result = retrain(module, task, config, schedule, checkpoint_dir=checkpoint_dir, resume=resume,
                      progress=progress)
     held_out = task.eval_inputs
-    exported = export(result.model, tuple(held_out), output, input_names=names, output_names=outputs, opset=opset,
-                      dynamic_shapes=dynamic, dynamo=opset is None or opset >= _DYNAMO_MIN_OPSET)
+    legacy = opset is not None and opset < _DYNAMO_MIN_OPSET
+    try:
+        exported = export(result.model, tuple(held_out), output, input_names=names, output_names=outputs,
+                          opset=opset, dynamic_shapes=dynamic, dynamo=not legacy)
+    except TraceError as exc:
+        if not legacy:
+            raise
+        log.warning("the legacy exporter cannot keep opset %d (%s); exporting with the dynamo exporter", opset, exc)
+        exported = export(result.model, tuple(held_out), output, input_names=names, output_names=outputs,
+                          dynamic_shapes=dynamic)
     feeds = [dict(zip(names, (t.numpy() for t in held_out)))]
     validation = compare(run(path, feeds), run(output, feeds), config.atol, config.rtol, scores)
     log.info("distilled %s -> %s: ratio %.3f", path, output, result.ratio)

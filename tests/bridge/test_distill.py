@@ -36,3 +36,15 @@ def test_distill_keeps_batchnorm_opset_and_dynamic_batch(tmp_path, capsys, monke
     assert batch.dim_param and not batch.dim_value  # any batch, as the input took
     passed = json.loads(report.read_text())["against_original"]["passed"]
     assert rc == (0 if passed else 1) and (passed or "validation outside tolerance" in err)
+
+
+@pytest.mark.parametrize("flags", [["--align", "weights"], ["--merge", "regmean"], ["--max-error", "0.1"],
+                                   ["--residual-rank", "2"]])
+def test_options_distillation_cannot_honour_are_refused(tmp_path, capsys, flags):
+    src = tmp_path / "model.onnx"
+    converter_cnn(src)
+    np.savez(tmp_path / "c.npz", image=np.zeros((8, 3, 16, 16), np.float32))
+    rc = main(["optimize", str(src), "--distill", str(tmp_path / "c.npz"), "--ratio", "1.2", *flags,
+               "-o", str(tmp_path / "o.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "would be ignored" in err[0] and not (tmp_path / "o.onnx").exists()
