@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from lfpass.cli import main
-from tests.onnx.test_real_files import converter_cnn
+from tests.onnx.test_real_files import converter_cnn  # the zoo of tools/zoo.py
 
 pytest.importorskip("onnx2torch")
 
