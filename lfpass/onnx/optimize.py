@@ -223,8 +223,7 @@ def optimize(
     report, say): before any work, no write may land on a read or on another
     write. Nothing is written when nothing can be fused, or under ``dry_run``.
     """
-    config, plan = as_config(config), as_plan(plan)
-    _refuse_dropped_options(config, plan)
+    config, plan = _given(config, plan)
     path, output = Path(path), Path(output) if output is not None else default_output(Path(path))
     read_paths = {"the input model": path, "--inputs": Path(inputs) if inputs is not None else None, **(reads or {})}
     clock = time.perf_counter()
@@ -260,15 +259,17 @@ _PLANNING = ("metric", "merge", "target_ratio", "threshold", "ratio_scope", "cro
              "exclude", "min_params")
 
 
-def _refuse_dropped_options(config: FusionConfig, plan: FusionPlan | None) -> None:
-    """A given plan replaces planning: options that would have changed it are refused, never dropped."""
-    if plan is None:
-        return
-    default = FusionConfig()
-    changed = [f for f in _PLANNING if getattr(config, f) != getattr(default, f)]
-    if changed:
-        raise ConfigError(f"--plan replaces planning, so {', '.join(changed)} would be ignored: drop them, or "
-                          "make a new plan with them (lfpass analyze --plan-out)")
+def _given(config: Any, plan: Any) -> tuple[FusionConfig, FusionPlan | None]:
+    """The config and plan as given; a plan replaces planning, so options that would have
+    changed it are refused, never dropped."""
+    config, plan = as_config(config), as_plan(plan)
+    if plan is not None:
+        default = FusionConfig()
+        changed = [f for f in _PLANNING if getattr(config, f) != getattr(default, f)]
+        if changed:
+            raise ConfigError(f"--plan replaces planning, so {', '.join(changed)} would be ignored: drop them, or "
+                              "make a new plan with them (lfpass analyze --plan-out)")
+    return config, plan
 
 
 def _read(path: Path, read_paths: Mapping[str, Path | None],
