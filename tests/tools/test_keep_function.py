@@ -12,28 +12,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.tools.test_retrain_experiments import play  # the play-shaped text both tools read
+
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "keep_function.py"
 METHODS = ["original", "plain", "regmean", "aligned", "aligned_regmean", "residual", "budgeted", "asvd"]
-WORDS = ("king queen lord lady sword crown night day love death heart hand blood honour fair foul "
-         "speak hear see come go stay fly weep laugh sleep wake swear die live know think").split()
-
-
-def play(n: int, seed: int = 0) -> str:
-    """A play-shaped text: an ACT heading, speaker lines, sentences of 6-18 words."""
-    rng = random.Random(seed)
-    blocks = ["THE TRAGEDY OF NOBODY", "ACT I. Scene 1."]
-    for i in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 18))]
-        blocks.append(f"First Lord.\n{' '.join(words).capitalize()} {i}.")
-    return "\n\n".join(blocks) + "\n"
 
 
 @pytest.fixture(scope="module")
