@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``analyze`` to the ``lfpass`` parser."""
     p = sub.add_parser("analyze", help="score layer similarity and plan a fusion (writes nothing but a heatmap)")
     p.add_argument("target", help="MODULE:FACTORY returning an nn.Module (or (model, example_inputs)), or a .onnx file")
-    add_config_options(p)
+    add_config_options(p, keep_title="keeping the function (refused here: analyze plans by weight similarity "
+                                     "alone; use `lfpass optimize --inputs CALIB.npz --dry-run`)")
     p.add_argument("--top", type=int, default=5, help="pairs to show per class")
     p.add_argument("--heatmap", type=Path, help="heatmap PNG path (default: NAME.similarity.png)")
     p.add_argument("--plan-out", type=Path, help="save the plan as JSON for review and `optimize --plan`")

@@ -17,8 +17,10 @@ EXIT_OK, EXIT_VALIDATION, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
 
 
-def add_config_options(p: argparse.ArgumentParser) -> None:
-    """The options that build a FusionConfig; shared by every subcommand that plans."""
+def add_config_options(p: argparse.ArgumentParser,
+                       keep_title: str = "keeping the function (calibration inputs: --inputs)") -> None:
+    """The options that build a FusionConfig; shared by every subcommand that plans (``keep_title``
+    heads the keep-function group: a subcommand without ``--inputs`` says where they apply)."""
     p.add_argument("--pipeline", type=Path, help="a passes/*.toml pipeline (flags given here override it)")
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--ratio", type=float, help="target compression ratio (unique params before / after)")
@@ -33,7 +35,7 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
                    help="tensor: each projection by role; block: whole attention / MLP units")
     p.add_argument("--heads", action="store_true", default=None, help="let output heads (lm_head, classifier) fuse")
     p.add_argument("--seed", type=int)
-    keep = p.add_argument_group("keeping the function (calibration inputs: --inputs)")
+    keep = p.add_argument_group(keep_title)
     keep.add_argument("--max-error", type=float,
                       help="largest held-out output error allowed (e.g. 0.01: output cosine >= 0.99); "
                            "without --ratio, fuse as far as the budget allows")
