@@ -106,7 +106,7 @@ class FxFrontend(Frontend[nn.Module]):
 
     def apply(self, model: nn.Module, found: Any, plan: FusionPlan, stats: Calibration | None) -> None:
         with torch.no_grad():
-            apply_plan(model, plan, inplace=True, stats=stats)
+            apply_plan(model, plan, inplace=True, stats=stats, found=found)
 
     def attach_parts(self, model: nn.Module, parts: Sequence[Part], rank: int) -> None:
         attach_parts(model, parts, rank)

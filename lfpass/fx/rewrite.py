@@ -36,13 +36,15 @@ def _set(root: nn.Module, path: str, value: nn.Parameter) -> None:
 
 
 def apply_plan(module: nn.Module, plan: FusionPlan, inplace: bool = False,
-               counts: Mapping[str, int] | None = None, stats: Calibration | None = None) -> nn.Module:
+               counts: Mapping[str, int] | None = None, stats: Calibration | None = None,
+               found: FxSites | None = None) -> nn.Module:
     """Return ``module`` with each group of ``plan`` sharing one merged tensor per slot
     (``counts``: the layers a member already stands for, see :func:`lfpass.core.merge.merged_slots`;
-    ``stats``: the calibration a data-aware rule such as ``regmean`` merges by)."""
+    ``stats``: the calibration a data-aware rule such as ``regmean`` merges by; ``found``: the
+    module's sites when the caller has them, with ``inplace``)."""
     if not inplace:
-        module = copy.deepcopy(module)
-    found: FxSites = find_sites(module)
+        module, found = copy.deepcopy(module), None
+    found = found if found is not None else find_sites(module)
     sites = found.by_name()
     check_plan(plan, sites)
     repoint: dict[str, str] = {}
