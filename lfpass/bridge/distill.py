@@ -108,8 +108,8 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
 
     path, output, inputs = Path(path), Path(output), Path(inputs)
     if config.keeps_function:
-        used = [f"{k}={v!r}" for k, v in (("max_error", config.max_error), ("align", config.align),
-                                          ("residual_rank", config.residual_rank), ("merge", config.merge),
+        used = [f"{k}={v!r}" for k, v in (("max_error", config.max_error), ("align", config.alignment),
+                                          ("residual_rank", config.residual_rank), ("merge", config.merge_rule),
                                           ("metric", config.metric)) if v not in (None, "none", 0, "mean", "cosine")]
         raise ConfigError(f"distillation retrains plans made by weight similarity, so these options would be "
                           f"ignored: {', '.join(used)}; drop them, or fuse without distillation")

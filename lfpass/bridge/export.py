@@ -273,16 +273,23 @@ def _legacy(model: nn.Module, args: tuple, options: ExportOptions, folder: Path)
     """The legacy exporter's graph, unfolded. It writes a file: into a scratch folder in
     ``folder``, read back whole (external data too) before the folder goes."""
     names = options.input_names or _argument_names(model, args)
+    wanted = list(options.output_names or ())
+    # the legacy exporter refuses a name that is a bare number (its own value names, which it
+    # also writes as output names): such outputs are exported as output_N and renamed after
+    given = [f"output_{i}" if name.isdigit() else name for i, name in enumerate(wanted)] or None
+    axes = _dynamic_axes(options.dynamic_shapes, names)
     with tempfile.TemporaryDirectory(prefix=".lfpass-export.", dir=folder) as scratch:
         target = Path(scratch) / "legacy.onnx"
         with _quiet():
             torch.onnx.export(
                 model, args, str(target), dynamo=False, do_constant_folding=False,
                 opset_version=options.opset or LEGACY_OPSET, input_names=names,
-                output_names=options.output_names, dynamic_axes=_dynamic_axes(options.dynamic_shapes, names),
+                output_names=given, dynamic_axes=axes,
             )
         exported = read_model(target)[0]
         ir.external_data.load_to_model(exported)
+    for value, name in zip(exported.graph.outputs, wanted):
+        value.name = name
     return exported
 
 

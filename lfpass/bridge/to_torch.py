@@ -7,10 +7,10 @@ onnx2torch keeps a ``MatMul``'s constant weight as a buffer read by an
 parameter, so the FX frontend sees a linear layer it may share and training
 updates it. ``Gemm`` and ``Conv`` already come out as ``nn.Linear``/``nn.Conv*``.
 
-Where onnx2torch has no converter for an operator (it covers opsets up to
-about 17, as the legacy exporter writes them), one :class:`InputError` line
-names the operator and points to the ONNX-only path (``lfpass optimize``
-without retraining).
+onnx2torch covers opsets up to about 17; :mod:`lfpass.bridge.onnx_ops` adds
+what the dynamo exporter's opset 18+ files need. Where an operator still has
+no converter, one :class:`InputError` line names it and points to the
+ONNX-only path (``lfpass optimize`` without retraining).
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def to_torch(path: str | Path) -> fx.GraphModule:
     import onnx_graphsurgeon as gs
     from onnx2torch import convert
 
+    from lfpass.bridge.onnx_ops import install
     from lfpass.onnx.load import read_model
 
+    install()  # the newer opsets' versions of operators onnx2torch converts, and Gelu
     read_model(path)  # one-line errors for a missing, broken or invalid file
     try:
         graph = gs.import_onnx(onnx.load(str(path)))

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from lfpass import report
 
     config = config_from_args(args)
-    if config.keeps_function:
+    if config.keeps_function or config.measuring:
         raise ConfigError("analyze plans by weight similarity alone; for a plan by measured output error, "
                           "alignment or corrections, run `lfpass optimize MODEL.onnx --inputs CALIB.npz --dry-run`")
     target = args.target

@@ -26,7 +26,8 @@ def add_config_options(p: argparse.ArgumentParser,
     goal.add_argument("--ratio", type=float, help="target compression ratio (unique params before / after)")
     goal.add_argument("--threshold", type=float, help="fuse every pair at least this similar instead")
     p.add_argument("--metric", help="cosine | cov | euclidean | wasserstein | kl | output (needs --inputs)")
-    p.add_argument("--merge", help="mean | weighted | keep | mix | regmean (needs --inputs)")
+    p.add_argument("--merge", help="auto | mean | weighted | keep | mix | regmean (needs --inputs); auto (default): "
+                                   "regmean with calibration inputs, else mean")
     p.add_argument("--scope", choices=("model", "layers"), help="what the ratio is measured over")
     p.add_argument("--cross-role", action="store_true", default=None, help="let same-shaped layers of any role share")
     p.add_argument("--max-group-size", type=int, help="at most this many layers share one tensor")
@@ -42,8 +43,16 @@ def add_config_options(p: argparse.ArgumentParser,
     keep.add_argument("--error-metric", choices=("cosine", "top1", "accuracy"),
                       help="what --max-error measures (accuracy needs 'labels' with the inputs)")
     keep.add_argument("--holdout", type=float, help="share of the calibration inputs held out to measure the error")
-    keep.add_argument("--align", choices=("none", "weights", "activations"),
-                      help="move members into their anchor's coordinates first (function-preserving)")
+    keep.add_argument("--margin", type=float,
+                      help="keep the error this many standard errors (over the samples planning measures on) "
+                           "below --max-error (default 1.645: one-sided 95%%)")
+    keep.add_argument("--error-output", metavar="NAME", help="measure the error on this output only (default: all)")
+    keep.add_argument("--pooling", choices=("none", "mean", "cls"),
+                      help="pool the measured output over positions first, as its users do: mean (over the "
+                           "attention_mask input where there is one), cls (the first position), none (default)")
+    keep.add_argument("--align", choices=("auto", "none", "weights", "activations"),
+                      help="move members into their anchor's coordinates first (function-preserving); auto "
+                           "(default): activations with calibration inputs, else none")
     keep.add_argument("--residual-rank", type=int, help="give every member its own correction of this rank")
 
 
@@ -63,6 +72,8 @@ def config_from_args(args: argparse.Namespace) -> FusionConfig:
         ("max_overshoot", args.max_overshoot), ("granularity", args.granularity), ("heads", args.heads),
         ("max_error", getattr(args, "max_error", None)), ("error_metric", getattr(args, "error_metric", None)),
         ("holdout", getattr(args, "holdout", None)), ("align", getattr(args, "align", None)),
+        ("margin", getattr(args, "margin", None)), ("error_output", getattr(args, "error_output", None)),
+        ("pooling", getattr(args, "pooling", None)),
         ("residual_rank", getattr(args, "residual_rank", None)),
     ):
         if value is not None:

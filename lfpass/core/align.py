@@ -611,7 +611,7 @@ CROSS_BYTES = 1 << 30  # paired statistics for matching by activations: at most 
 def cross_pairs(sites: Sequence["Site"], config: "FusionConfig") -> list[tuple[str, str]]:
     """Pairs of layers (by weight name) that may share a tensor under ``config``, whose paired
     input statistics matching by activations reads, while they fit in :data:`CROSS_BYTES`."""
-    if config.align != "activations":
+    if config.alignment != "activations":
         return []
     classes: dict[object, list["Site"]] = {}
     for s in sites:

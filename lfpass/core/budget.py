@@ -62,7 +62,7 @@ def with_options(plan: FusionPlan, sites: Mapping[str, Site], config: FusionConf
     groups = [replace(g, extra=sum(correction_params(sites[m], config.residual_rank) for m in g.members))
               for g in plan.groups]
     costly = [g for g in groups if g.saved <= 0]
-    planned = with_groups(replace(plan, groups=()), [g for g in groups if g.saved > 0], align=config.align,
+    planned = with_groups(replace(plan, groups=()), [g for g in groups if g.saved > 0], align=config.alignment,
                           residual_rank=config.residual_rank)
     if costly:
         note = (f"{len(costly)} group(s) kept apart: their members' rank-{config.residual_rank} corrections cost as "
@@ -94,34 +94,59 @@ class _Groups:
 
 
 class _Builder:
-    """FusionGroups for member lists, with their class, size, corrections and similarity."""
+    """FusionGroups for member lists, with their class, size, corrections, similarity and merge rule."""
 
-    def __init__(self, base: FusionPlan, sites: Mapping[str, Site], config: FusionConfig) -> None:
-        self.sites, self.config = sites, config
+    def __init__(self, base: FusionPlan, sites: Mapping[str, Site], config: FusionConfig,
+                 rules: Sequence[str]) -> None:
+        self.sites, self.config, self.rules = sites, config, tuple(rules)
         self.key = {name: key for key, names in base.classes for name in names}
         self.score = {(c.a, c.b): c.score for c in base.candidates}
         self.score.update({(c.b, c.a): c.score for c in base.candidates})
         self.damage: dict[tuple[str, ...], float] = {}
+        self.rule: dict[tuple[str, ...], str] = {}  # the rule each group kept so far merges by
 
-    def group(self, members: Sequence[str]) -> FusionGroup:
+    def group(self, members: Sequence[str], rule: str | None = None) -> FusionGroup:
         site = self.sites[members[0]]
         pairs = [self.score.get((a, b), math.nan) for i, a in enumerate(members) for b in members[i + 1:]]
         extra = sum(correction_params(self.sites[m], self.config.residual_rank) for m in members)
-        return FusionGroup(tuple(members), self.config.merge, float(np.nanmean(pairs)) if pairs else math.nan,
+        rule = rule or self.rule.get(tuple(members), self.rules[0])
+        return FusionGroup(tuple(members), rule, float(np.nanmean(pairs)) if pairs else math.nan,
                            self.key[members[0]], site.numel, extra, self.damage.get(tuple(members)))
+
+    def least(self, groups: list[list[str]], joined: list[str], order: Sequence[str],
+              measure: Callable[[FusionPlan], float], base: FusionPlan,
+              good_enough: Callable[[float], bool]) -> tuple[str, float]:
+        """The rule (tried in ``order``, stopping at the first ``good_enough``) that gives the least
+        error when ``joined`` merges by it among ``groups``, and that error."""
+        best: tuple[str, float] | None = None
+        for rule in order:
+            self.rule[tuple(joined)] = rule
+            error = measure(with_groups(base, _plan_groups(self, groups)))
+            if best is None or error < best[1]:
+                best = (rule, error)
+            if good_enough(error):
+                break
+        assert best is not None
+        self.rule[tuple(joined)] = best[0]
+        return best
 
 
 def plan_within_budget(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, params_total: int,
-                       evaluate: Evaluate, progress: bool = False, **scoring) -> FusionPlan:
+                       evaluate: Evaluate, progress: bool = False, rules: Sequence[str] | None = None,
+                       **scoring) -> FusionPlan:
     """Plan by measured damage (see the module docstring); ``evaluate(plan)`` is the error
-    of the model that plan makes. ``scoring`` goes to the weight planner (e.g. ``stats``)."""
+    of the model that plan makes. ``scoring`` goes to the weight planner (e.g. ``stats``).
+
+    ``rules``: the merge rules a group may use (default ``config``'s one). With several, each
+    pair is measured under each and keeps the one that damages least; a joined group tries its
+    rules in that order until one keeps the budget, and keeps the best it measured."""
     base = plan_fusion(sites, load, config.replace(target_ratio=None, threshold=_NEVER, max_overshoot=None),
                        params_total, progress=progress, **scoring)
     base = replace(base, target_ratio=config.target_ratio, threshold=None, max_overshoot=None,
-                   align=config.align, residual_rank=config.residual_rank, error_metric=config.error_metric,
+                   align=config.alignment, residual_rank=config.residual_rank, error_metric=config.error_metric,
                    max_error=config.max_error, message="")
     by_name = {s.name: s for s in sites}
-    build = _Builder(base, by_name, config)
+    build = _Builder(base, by_name, config, rules or (config.merge_rule,))
     pairs = [(c.a, c.b) for c in base.candidates]
     if not pairs:
         return replace(base, error=0.0, message=_note(base, config, 0, 0, 0.0))
@@ -131,7 +156,7 @@ def plan_within_budget(sites: Sequence[Site], load: LoadTensor, config: FusionCo
         if group.saved <= 0:
             costly.append((a, b, "kept apart: the members' corrections cost as much as sharing saves"))
             continue
-        damage = evaluate(with_groups(base, [group]))
+        damage = build.least([[a, b]], [a, b], build.rules, evaluate, base, lambda e: False)[1]
         build.damage[(a, b)] = damage
         singles.append((a, b, group.saved, damage))
     order = sorted(singles, key=lambda p: (-p[2] / max(p[3], 1e-12), -build.score[(p[0], p[1])], p[0], p[1]))
@@ -160,8 +185,11 @@ def _accumulate(base: FusionPlan, build: _Builder, order, evaluate: Evaluate, co
             decisions.append((a, b, f"kept apart: the joined group would exceed max_group_size "
                                     f"{config.max_group_size} ({alone})"))
             continue
+        first = build.rule.get((a, b), build.rules[0])
+        tries = [first, *(r for r in build.rules if r != first)]
+        rule, measured = build.least(groups, joined, tries, evaluate, base, lambda e: budget is None or e <= budget)
+        by = f" merged by {rule}" if len(build.rules) > 1 else ""
         plan = with_groups(base, _plan_groups(build, groups))
-        measured = evaluate(plan)
         if budget is not None and measured > budget:
             rolled += 1
             decisions.append((a, b, f"rolled back: error {measured:.4g} with it is over the budget {budget:g} "
@@ -169,7 +197,7 @@ def _accumulate(base: FusionPlan, build: _Builder, order, evaluate: Evaluate, co
             continue
         kept.groups, error = groups, measured
         curve.append((plan.ratio, measured))
-        decisions.append((a, b, f"fused: error {measured:.4g} after it ({alone})"))
+        decisions.append((a, b, f"fused{by}: error {measured:.4g} after it ({alone})"))
     plan = with_groups(base, _plan_groups(build, kept.groups), error=error, curve=tuple(curve),
                        decisions=tuple(decisions))
     return replace(plan, message=_note(plan, config, len(order), rolled, error))

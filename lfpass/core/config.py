@@ -23,7 +23,14 @@ KINDS = ("linear", "conv", "conv_transpose", "attention", "mlp")
 GRANULARITIES = ("tensor", "block")
 ALIGNMENTS = ("none", "weights", "activations")
 ERROR_METRICS = ("cosine", "top1", "accuracy")
+POOLINGS = ("none", "mean", "cls")
+AUTO = "auto"
+# what "auto" becomes: without calibration inputs, and with them (measured in docs/BUDGET_REAL.md)
+PLAIN_DEFAULTS = {"merge": "mean", "align": "none"}
+DATA_DEFAULTS = {"merge": "regmean", "align": "activations"}
+MEASURED_MERGES = ("regmean", "mean")  # under a budget, an "auto" merge is measured per group among these
 _META_KEYS = ("name", "description")
+_MEASURING = ("error_output", "pooling", "margin")
 _TUPLE_FIELDS = ("kinds", "include", "exclude")
 _STR_FIELDS = ("metric", "merge", "ratio_scope", "granularity", "align", "error_metric", "name")
 
@@ -62,7 +69,17 @@ class FusionConfig:
     coordinates first by transforms that leave the function unchanged
     (``"weights"`` or ``"activations"`` matching). ``residual_rank`` > 0 gives
     every member its own rank-r correction to the shared tensor, counted in
-    the ratio.
+    the ratio. ``merge`` and ``align`` are ``"auto"`` unless set: the plain
+    mean and no alignment without calibration inputs, the data-aware merge
+    and activation alignment with them (:meth:`resolved`).
+
+    What the error is measured on: ``error_output`` (one output by name;
+    default every floating-point output) pooled by ``pooling`` over its second
+    axis (``"mean"`` over the ``attention_mask`` input where there is one,
+    ``"cls"`` the first position, ``"none"``, or a callable
+    ``(output, mask) -> array``). A budget is kept with a ``margin``: the
+    planner accepts a step only while the error it measured plus ``margin``
+    standard errors (over the samples it chooses on) is within ``max_error``.
 
     Every field is checked on construction, from Python as from a pipeline
     file: a wrong type is a :class:`ConfigError` naming the field, never a
@@ -70,7 +87,7 @@ class FusionConfig:
     """
 
     metric: str = "cosine"
-    merge: str = "mean"
+    merge: str = AUTO
     target_ratio: float | None = 2.0
     threshold: float | None = None
     ratio_scope: str = "model"
@@ -82,7 +99,10 @@ class FusionConfig:
     max_error: float | None = None
     error_metric: str = "cosine"
     holdout: float = 0.25
-    align: str = "none"
+    margin: float = 1.645
+    error_output: str | None = None
+    pooling: Any = "none"
+    align: str = AUTO
     residual_rank: int = 0
     kinds: tuple[str, ...] = KINDS
     include: tuple[str, ...] = ()
@@ -111,8 +131,8 @@ class FusionConfig:
             raise ConfigError(f"granularity: must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.metric not in METRICS:
             raise ConfigError(f"metric: unknown {self.metric!r} (known: {', '.join(METRICS)})")
-        if self.merge not in MERGE_RULES:
-            raise ConfigError(f"merge: unknown rule {self.merge!r} (known: {', '.join(MERGE_RULES)})")
+        if self.merge != AUTO and self.merge not in MERGE_RULES:
+            raise ConfigError(f"merge: unknown rule {self.merge!r} (known: {AUTO}, {', '.join(MERGE_RULES)})")
         if self.target_ratio is not None and not (_is_number(self.target_ratio) and self.target_ratio > 1.0):
             raise ConfigError(f"target_ratio: must be a finite number > 1, got {self.target_ratio!r}")
         if self.threshold is not None and not _is_number(self.threshold):
@@ -129,8 +149,15 @@ class FusionConfig:
                               f"can measure (its errors lie in [0, {top:g}]); give a budget of at most {top:g}")
         if not (_is_number(self.holdout) and 0 < self.holdout < 1):
             raise ConfigError(f"holdout: must be a number between 0 and 1, got {self.holdout!r}")
-        if self.align not in ALIGNMENTS:
-            raise ConfigError(f"align: must be one of {ALIGNMENTS}, got {self.align!r}")
+        if self.align != AUTO and self.align not in ALIGNMENTS:
+            raise ConfigError(f"align: must be one of {(AUTO, *ALIGNMENTS)}, got {self.align!r}")
+        if not (_is_number(self.margin) and self.margin >= 0):
+            raise ConfigError(f"margin: must be a finite number >= 0 (standard errors), got {self.margin!r}")
+        if self.error_output is not None and not (isinstance(self.error_output, str) and self.error_output):
+            raise ConfigError(f"error_output: must be an output's name, got {self.error_output!r}")
+        if not (callable(self.pooling) or self.pooling in POOLINGS):
+            raise ConfigError(f"pooling: must be one of {POOLINGS} or a callable (output, mask) -> array, "
+                              f"got {self.pooling!r}")
         if not (_is_int(self.residual_rank) and self.residual_rank >= 0):
             raise ConfigError(f"residual_rank: must be an integer >= 0, got {self.residual_rank!r}")
         if self.ratio_scope not in SCOPES:
@@ -152,28 +179,55 @@ class FusionConfig:
             raise ConfigError(f"seed: must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
 
     @property
+    def merge_rule(self) -> str:
+        """The merge rule used: ``merge``, with ``"auto"`` read as it is without calibration inputs."""
+        return PLAIN_DEFAULTS["merge"] if self.merge == AUTO else self.merge
+
+    @property
+    def alignment(self) -> str:
+        """The alignment used: ``align``, with ``"auto"`` read as it is without calibration inputs."""
+        return PLAIN_DEFAULTS["align"] if self.align == AUTO else self.align
+
+    def resolved(self, has_data: bool) -> "FusionConfig":
+        """This config with ``"auto"`` made concrete: the data-aware merge and alignment when
+        calibration inputs come (``has_data``), else the plain ones. Set fields stay as set."""
+        defaults = DATA_DEFAULTS if has_data else PLAIN_DEFAULTS
+        auto = {k: v for k, v in defaults.items() if getattr(self, k) == AUTO}
+        return self.replace(**auto) if auto else self
+
+    @property
+    def auto_fields(self) -> tuple[str, ...]:
+        """The fields left to ``"auto"``."""
+        return tuple(k for k in DATA_DEFAULTS if getattr(self, k) == AUTO)
+
+    @property
+    def measuring(self) -> tuple[str, ...]:
+        """The options set here that say how an output error is measured (they need calibration inputs)."""
+        return tuple(f for f in _MEASURING if getattr(self, f) != _FIELDS[f].default)
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether these options need calibration inputs (statistics or measured error)."""
-        return (self.max_error is not None or self.align == "activations" or self.metric == "output"
+        return (self.max_error is not None or self.alignment == "activations" or self.metric == "output"
                 or self._merges_by_data)
 
     @property
     def keeps_function(self) -> bool:
         """Whether these options ask for the calibrated path: statistics, alignment,
         per-member corrections or a budget (see :mod:`lfpass.core.keep`)."""
-        return self.needs_calibration or self.align != "none" or self.residual_rank > 0
+        return self.needs_calibration or self.alignment != "none" or self.residual_rank > 0
 
     @property
     def uses_statistics(self) -> bool:
         """Whether building a fused model reads the layers' input statistics (else calibration
         inputs only measure the error)."""
-        return (self.align == "activations" or self._merges_by_data or self.metric == "output"
+        return (self.alignment == "activations" or self._merges_by_data or self.metric == "output"
                 or self.residual_rank > 0)
 
     @property
     def _merges_by_data(self) -> bool:
         """Whether the merge rule weighs members by their calibration statistics (as RegMean does)."""
-        rule = MERGE_RULES.get(self.merge)
+        rule = MERGE_RULES.get(self.merge_rule)
         return rule is not None and rule.uses_stats
 
     def replace(self, **changes: Any) -> "FusionConfig":
@@ -186,7 +240,7 @@ class FusionConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(FusionConfig)}
-_OPTIONAL_FIELDS = {"target_ratio", "threshold", "max_group_size", "max_overshoot", "max_error"}  # TOML has no null: "none" or false
+_OPTIONAL_FIELDS = {"target_ratio", "threshold", "max_group_size", "max_overshoot", "max_error", "error_output"}  # TOML has no null: "none" or false
 
 
 def from_mapping(data: Mapping[str, Any], source: str = "config") -> FusionConfig:

@@ -24,13 +24,13 @@ import numpy as np
 from lfpass.core.align import AlignReport, Skipped, align_spaces, cross_pairs, links_from_plan
 from lfpass.core.budget import plan_within_budget, with_options
 from lfpass.core.calibration import Calibration, CalibrationError
-from lfpass.core.config import FusionConfig
+from lfpass.core.config import AUTO, MEASURED_MERGES, FusionConfig
 from lfpass.core.errors import ConfigError
 from lfpass.core.frontend import Frontend
 from lfpass.core.lowrank import capture_originals, residual_parts
 from lfpass.core.plan import FusionPlan, check_plan
 from lfpass.core.planner import plan_fusion
-from lfpass.core.quality import describe, output_error
+from lfpass.core.quality import describe, output_error, sample_errors, upper_bound
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,13 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     ``batches``: calibration batches as the frontend runs them; ``labels``: one array per
     batch, for the ``accuracy`` metric. A budget splits them three ways: statistics, the
     batches the planner chooses on, and the batches the result is verified on, which the
-    planner never saw: the plan's ``error`` (and :meth:`Kept.error_of`) is on those."""
+    planner never saw: the plan's ``error`` (and :meth:`Kept.error_of`) is on those. The
+    planner keeps the budget with ``config.margin`` standard errors to spare. ``"auto"``
+    merge and alignment become the data-aware ones when batches come; under a budget, an
+    ``"auto"`` merge is chosen per group by measurement (:data:`MEASURED_MERGES`)."""
     batches = list(batches)
+    measured_merges = MEASURED_MERGES if config.merge == AUTO and batches else None
+    config = config.resolved(bool(batches))
     require_data(config, plan, bool(batches), frontend.hint)
     measure = config.max_error is not None and plan is None
     if measure:
@@ -150,15 +155,17 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     if measure:
         measurable(chosen_on + reference, config.error_metric)
 
-    def evaluate(candidate: FusionPlan) -> float:
-        return output_error(chosen_on, frontend.outputs(fuser.build(candidate), choose), config.error_metric,
-                            choose_labels)
+    def evaluate(candidate: FusionPlan) -> float:  # the error, and the margin a budget keeps beyond it
+        errors = sample_errors(chosen_on, frontend.outputs(fuser.build(candidate), choose), config.error_metric,
+                               choose_labels)
+        return upper_bound(errors, config.margin)
 
     total = frontend.count(frontend.model)
     if plan is not None:
         check_plan(plan, found.by_name())
     elif measure:
-        plan = plan_within_budget(found.plannable, found.load, config, total, evaluate, progress, **scoring)
+        plan = plan_within_budget(found.plannable, found.load, config, total, evaluate, progress,
+                                  rules=measured_merges, **scoring)
     else:
         plan = with_options(plan_fusion(found.plannable, found.load, config, total, progress=progress, **scoring),
                             found.by_name(), config)
@@ -166,8 +173,10 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     if reference is not None and (plan.error is None or measure):
         error = output_error(reference, frontend.outputs(fused, held), config.error_metric, held_labels)
         if measure:
-            plan = replace(plan, message=f"{plan.message}; verified on {samples(held)} samples the planner never "
-                                         f"saw (chosen on {samples(choose)}): {describe(config.error_metric, error)}")
+            margin = f" with a margin of {config.margin:g} standard errors" if config.margin else ""
+            plan = replace(plan, message=f"{plan.message}; chosen on {samples(choose)} samples{margin}, verified on "
+                                         f"{samples(held)} the planner never saw: "
+                                         f"{describe(config.error_metric, error)}")
         plan = replace(plan, error=error, error_metric=config.error_metric)
     log.info("kept: %d groups, ratio %.3f, held-out error %s", len(plan.groups), plan.model_ratio, plan.error)
     return Kept(fused, plan, frontend, held, reference, held_labels)

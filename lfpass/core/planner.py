@@ -294,7 +294,7 @@ def plan_fusion(
     ceiling = _greedy(classes, lambda saved: False, None, config.max_group_size).saved
     run = _greedy(classes, _reached(config, scale), config.threshold, config.max_group_size, _fits(config, scale))
     plan = FusionPlan(
-        groups=tuple(_group(cls, g, config.merge) for cls, g in run.order),
+        groups=tuple(_group(cls, g, config.merge_rule) for cls, g in run.order),
         metric=config.metric,
         scope=config.ratio_scope,
         params_before=params_total,

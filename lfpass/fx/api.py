@@ -16,7 +16,8 @@ from lfpass.core.errors import ConfigError
 from lfpass.core.keep import Fuser, calibrate, fuse_keeping, require_data
 from lfpass.core.plan import FusionPlan
 from lfpass.core.planner import plan_fusion
-from lfpass.fx.frontend import FxFrontend, OutputFn
+from lfpass.core.quality import Readout
+from lfpass.fx.frontend import FxFrontend, OutputFn, readout_fn
 from lfpass.fx.rewrite import apply_plan
 from lfpass.fx.sites import find_sites, unique_parameters
 
@@ -65,7 +66,9 @@ def fuse(model: nn.Module, config: FusionConfig | None = None, *, calibration: S
     batches, with ``labels`` per batch for the ``accuracy`` metric),
     ``align = "activations"``, ``merge = "regmean"`` and ``metric = "output"``.
     ``output_fn(output, batch)`` picks what the error is measured on (default:
-    every floating-point output, flattened per sample). Without any of those
+    ``config``'s ``error_output`` and ``pooling``, else every floating-point
+    output, flattened per sample). With calibration batches, ``"auto"`` merge
+    and alignment are the data-aware ones. Without batches or data-aware
     options this is ``analyze`` then ``apply``."""
     config = (config or FusionConfig()).replace(**overrides)
     batches = list(calibration or ())
@@ -74,6 +77,7 @@ def fuse(model: nn.Module, config: FusionConfig | None = None, *, calibration: S
         plan = analyze(model, config)
         return apply(model, plan), plan
     arrays = [np.asarray(torch.as_tensor(y).cpu()) for y in labels] if labels is not None else None
-    front = FxFrontend(model, example_inputs=batches[0] if batches else None, output_fn=output_fn)
+    front = FxFrontend(model, example_inputs=batches[0] if batches else None,
+                       output_fn=output_fn or readout_fn(Readout.of(config)))
     kept = fuse_keeping(front, config, batches, labels=arrays, progress=progress)
     return kept.model, kept.plan

@@ -27,6 +27,7 @@ from lfpass.core.frontend import Frontend
 from lfpass.core.keep import align_model
 from lfpass.core.lowrank import Part
 from lfpass.core.plan import FusionPlan
+from lfpass.core.quality import MASK_INPUT, Readout
 from lfpass.core.sites import Site
 from lfpass.fx.align import read_tensors, spaces_of, write_tensors
 from lfpass.fx.batches import call
@@ -46,6 +47,32 @@ def default_output(output: Any, batch: Any) -> torch.Tensor:
         raise ConfigError("the model returns no floating-point tensor to measure its error on")
     n = leaves[0].shape[0] if leaves[0].dim() else 1
     return torch.cat([t.reshape(n, -1).float() for t in leaves if t.dim() and t.shape[0] == n], dim=1)
+
+
+def _named(output: Any) -> dict[str, np.ndarray]:
+    """A model's output by name: a mapping's (a Hugging Face ``ModelOutput`` too) keys, a
+    tuple's positions (``"0"``, ``"1"``, ...), or ``"output"`` for one tensor."""
+    if isinstance(output, Mapping):
+        items = output.items()
+    elif isinstance(output, (tuple, list)):
+        items = ((str(i), v) for i, v in enumerate(output))
+    else:
+        items = (("output", output),)
+    return {k: v.detach().double().cpu().numpy() for k, v in items if isinstance(v, torch.Tensor)}
+
+
+def readout_fn(readout: Readout) -> OutputFn | None:
+    """``readout`` as an ``output_fn`` (None for the default: every floating-point output).
+    A ``"mean"`` pooling weighs positions by the batch's ``attention_mask`` where it has one."""
+    if readout == Readout():
+        return None
+
+    def read(output: Any, batch: Any) -> torch.Tensor:
+        mask = batch.get(MASK_INPUT) if isinstance(batch, Mapping) else None
+        mask = None if mask is None else np.asarray(torch.as_tensor(mask).cpu())
+        return torch.from_numpy(readout(_named(output), mask))
+
+    return read
 
 
 def outputs(model: nn.Module, batches: Iterable[Any], output_fn: OutputFn | None = None) -> list[np.ndarray]:

@@ -28,6 +28,7 @@ from lfpass.core.frontend import Frontend
 from lfpass.core.keep import Kept, align_model, fuse_keeping
 from lfpass.core.lowrank import Part
 from lfpass.core.plan import FusionPlan
+from lfpass.core.quality import MASK_INPUT, Readout
 from lfpass.core.sites import Site
 from lfpass.onnx.align import read_tensors, spaces_of, write_tensors
 from lfpass.onnx.calibrate import calibrate_onnx
@@ -55,9 +56,11 @@ def session(model: ir.Model | Path):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def outputs(model: ir.Model | Path, feeds: Sequence[Feeds]) -> list[np.ndarray]:
-    """Every floating-point output per batch, flattened per sample and joined (float64)."""
+def outputs(model: ir.Model | Path, feeds: Sequence[Feeds], readout: Readout = Readout()) -> list[np.ndarray]:
+    """What ``readout`` takes of the outputs per batch (default: every floating-point output,
+    flattened per sample and joined), float64."""
     sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
     out = []
     for feed in feeds:
         try:
@@ -66,9 +69,7 @@ def outputs(model: ir.Model | Path, feeds: Sequence[Feeds]) -> list[np.ndarray]:
             shapes = ", ".join(f"{k} {tuple(a.shape)} {a.dtype}" for k, a in feed.items())
             raise InputError(f"onnxruntime cannot run the model on the calibration inputs ({shapes}): "
                              f"{first_line(exc)}") from None
-        floats = [r for r in results if r.dtype.kind == "f" and r.ndim >= 1]
-        n = floats[0].shape[0]
-        out.append(np.concatenate([r.reshape(n, -1).astype(np.float64) for r in floats if r.shape[0] == n], axis=1))
+        out.append(readout(dict(zip(names, results)), feed.get(MASK_INPUT)))
     return out
 
 
@@ -96,13 +97,15 @@ def split_feed(feed: Feeds, model: ir.Model, batches: int = _BATCHES) -> list[Fe
 
 @dataclass
 class OnnxFrontend(Frontend[ir.Model]):
-    """``model`` (an in-memory onnx-ir model, whose values are never modified) for the core.
+    """``model`` (an in-memory onnx-ir model, whose values are never modified) for the core;
+    ``readout``: what its error is measured on.
 
     Tensors the model holds in external files are read into memory once: its copies and
     the onnxruntime sessions built from them are then self-contained, wherever the model's
     folder is (this path holds the model in memory anyway; see the module's note)."""
 
     model: ir.Model
+    readout: Readout = Readout()
     hint = "pass --inputs CALIB.npz"
 
     def __post_init__(self) -> None:
@@ -119,7 +122,7 @@ class OnnxFrontend(Frontend[ir.Model]):
         return calibrate_onnx(self.model, batches, cross=cross, progress=progress)
 
     def outputs(self, model: ir.Model | Path | str, batches: Sequence[Feeds]) -> list[np.ndarray]:
-        return outputs(model if isinstance(model, ir.Model) else Path(model), batches)
+        return outputs(model if isinstance(model, ir.Model) else Path(model), batches, self.readout)
 
     def copy(self) -> ir.Model:
         return copy_model(self.model)
@@ -162,4 +165,5 @@ def fuse_keeping_onnx(model: ir.Model, config: FusionConfig, feed: Feeds | None,
                              f"for {n} samples; give one label per sample")
         if label_array is not None:
             labels = np.array_split(label_array, len(batches))
-    return fuse_keeping(OnnxFrontend(model), config, batches, labels=labels, plan=plan, progress=progress)
+    return fuse_keeping(OnnxFrontend(model, Readout.of(config)), config, batches, labels=labels, plan=plan,
+                        progress=progress)

@@ -53,6 +53,13 @@ class OptimizeResult:
     message: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     error: float | None = None  # output error of the written model on held-out calibration inputs
+    defaults: dict[str, str] = field(default_factory=dict)  # options left to "auto", and what they became
+
+    @property
+    def merge(self) -> str | None:
+        """The merge rule the groups used (None without groups)."""
+        rules = sorted({g.rule for g in self.plan.groups})
+        return ", ".join(rules) if rules else None
 
     @property
     def within_budget(self) -> bool:
@@ -95,8 +102,10 @@ class OptimizeResult:
             "error": self.error,
             "error_metric": self.plan.error_metric,
             "max_error": self.plan.max_error,
+            "merge": self.merge,
             "align": self.plan.align,
             "residual_rank": self.plan.residual_rank,
+            "defaults": self.defaults,
             "error_curve": [list(p) for p in self.plan.curve],
             "message": self.message,
             "skipped": self.skipped,
@@ -224,6 +233,11 @@ def optimize(
     write. Nothing is written when nothing can be fused, or under ``dry_run``.
     """
     config, plan = _given(config, plan)
+    given = config
+    config = config.resolved(inputs is not None and plan is None)  # with data: the data-aware merge and alignment
+    if inputs is None and config.measuring:
+        raise ConfigError(f"{', '.join(config.measuring)} say how the error on calibration inputs is "
+                          "measured: give --inputs CALIB.npz")
     path, output = Path(path), Path(output) if output is not None else default_output(Path(path))
     read_paths = {"the input model": path, "--inputs": Path(inputs) if inputs is not None else None, **(reads or {})}
     clock = time.perf_counter()
@@ -232,6 +246,7 @@ def optimize(
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
     result, kept, fusion = _plan(path, model, config, plan, inputs, data_files, dry_run, progress)
     result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
+    _defaults(result, given, config)
     if not result.plan.groups or dry_run:
         return result
     check = check and (kept is None or kept.plan.max_error is None)  # a budget judges by its held-out error
@@ -256,7 +271,8 @@ def optimize(
 
 _PLANNING = ("metric", "merge", "target_ratio", "threshold", "ratio_scope", "cross_role", "max_group_size",
              "max_overshoot", "granularity", "heads", "max_error", "align", "residual_rank", "kinds", "include",
-             "exclude", "min_params")
+             "exclude", "min_params", "margin")
+
 
 
 def _given(config: Any, plan: Any) -> tuple[FusionConfig, FusionPlan | None]:
@@ -270,6 +286,15 @@ def _given(config: Any, plan: Any) -> tuple[FusionConfig, FusionPlan | None]:
             raise ConfigError(f"--plan replaces planning, so {', '.join(changed)} would be ignored: drop them, or "
                               "make a new plan with them (lfpass analyze --plan-out)")
     return config, plan
+
+
+def _defaults(result: OptimizeResult, given: FusionConfig, used: FusionConfig) -> None:
+    """Say which options were left to "auto" and what they became."""
+    result.defaults = {k: getattr(used, k) for k in given.auto_fields}
+    if result.defaults and used.keeps_function:
+        chosen = ", ".join(f"{k} {v}" for k, v in result.defaults.items())
+        result.message = "\n".join(m for m in (result.message, f"with calibration inputs, by default: {chosen} "
+                                                f"(--merge mean --align none turn them off)") if m)
 
 
 def _read(path: Path, read_paths: Mapping[str, Path | None],

@@ -104,3 +104,38 @@ def test_a_shared_initializer_stays_one_parameter(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     module = to_torch(path)
     assert lfpass.unique_parameters(module) == 16
+
+
+def test_opset_20_operators_the_dynamo_exporter_writes_convert_and_keep_open_dims(tmp_path):
+    """Gelu, Reshape(allowzero=1), Split(num_outputs), Shape and Flatten at the input's rank:
+    what onnx2torch lacks for Hugging Face files from either exporter (lfpass.bridge.onnx_ops)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lfpass.bridge.to_torch import to_torch
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Gelu", ["h"], ["g"], approximate="tanh"),
+        helper.make_node("Shape", ["g"], ["s"]),
+        helper.make_node("Reshape", ["g", "s"], ["r"], allowzero=1),
+        helper.make_node("Split", ["r"], ["a", "b"], axis=2, num_outputs=2),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+        helper.make_node("Flatten", ["y"], ["f"], axis=3),
+    ]
+    graph = helper.make_graph(nodes, "ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t", 4])],
+                              [helper.make_tensor_value_info("f", TensorProto.FLOAT, None)], [w])
+    path = tmp_path / "ops.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    module = to_torch(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(2, 3, 4), (5, 1, 4)]:  # another batch and length than any seen before
+        x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+        expected = session.run(None, {"x": x})[0]
+        got = module(torch.from_numpy(x)).detach().numpy()
+        assert got.shape == expected.shape == (shape[0] * shape[1] * 3, 1)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -124,3 +124,27 @@ def test_fuse_threshold_only_unsets_the_default_ratio(copies):
 def test_pipeline_given_a_folder(tmp_path):
     with pytest.raises(ConfigError, match="is a folder"):
         load_pipeline(tmp_path)
+
+
+def test_merge_and_align_are_auto_and_become_data_aware_with_data():
+    from lfpass.core.config import FusionConfig
+
+    config = FusionConfig()
+    assert (config.merge, config.align) == ("auto", "auto") and config.auto_fields == ("merge", "align")
+    assert (config.merge_rule, config.alignment) == ("mean", "none") and not config.keeps_function
+    with_data = config.resolved(True)
+    assert (with_data.merge, with_data.align) == ("regmean", "activations") and with_data.keeps_function
+    assert config.resolved(False).merge == "mean"
+    chosen = FusionConfig(merge="mean", align="none").resolved(True)  # set fields stay as set
+    assert (chosen.merge, chosen.align) == ("mean", "none") and not chosen.keeps_function
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("margin", -1.0, "margin"), ("pooling", "max", "pooling"), ("error_output", "", "error_output"),
+])
+def test_how_an_error_is_measured_is_checked(field, value, match):
+    from lfpass.core.config import FusionConfig
+
+    with pytest.raises(ConfigError, match=match):
+        FusionConfig(**{field: value})
+    assert FusionConfig(pooling="mean", margin=0.0).measuring == ("pooling", "margin")

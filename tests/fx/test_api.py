@@ -73,7 +73,7 @@ def test_options_that_need_data_say_so():
 
 def test_corrections_are_counted_and_pay_for_themselves(batches):
     model = _Mlp().eval()
-    common = dict(target_ratio=None, threshold=-1.0, include=("blocks.0", "blocks.3"), merge="regmean")
+    common = dict(target_ratio=None, threshold=-1.0, include=("blocks.0", "blocks.3"), merge="regmean", align="none")
     plain, p0 = lfpass.fuse(model, calibration=batches, **common)
     corrected, p1 = lfpass.fuse(model, calibration=batches, residual_rank=2, **common)
     assert lfpass.unique_parameters(corrected) == p1.params_after
@@ -82,7 +82,7 @@ def test_corrections_are_counted_and_pay_for_themselves(batches):
     # rank 4 costs 2 * (4 * 32 + 16) = 288 against the 272 sharing saves: the pair is kept apart, said
     costly, p2 = lfpass.fuse(model, calibration=batches, residual_rank=4, **common)
     assert not p2.groups and "cost as much as sharing saves" in p2.message
-    assert lfpass.unique_parameters(costly) == lfpass.unique_parameters(model) and p2.error == 0.0
+    assert lfpass.unique_parameters(costly) == lfpass.unique_parameters(model) and p2.error < 1e-12  # unchanged, to rounding
 
 
 def test_budget_counts_corrections(batches):
@@ -121,12 +121,14 @@ def test_alignment_makes_a_shuffled_copy_free_to_share(align):
     data = [torch.randn(16, 8, generator=g) for _ in range(8)]
     common = dict(target_ratio=None, threshold=-1.0, include=("blocks.0.*", "blocks.1.*"), granularity="block",
                   merge="mean")
-    plain, p0 = lfpass.fuse(model, calibration=data, **common)
+    plain, p0 = lfpass.fuse(model, calibration=data, align="none", **common)
     aligned, p1 = lfpass.fuse(model, calibration=data, align=align, **common)
     assert [len(g.members) for g in p1.groups] == [2] and p1.align == align
     assert p0.error > 1e-3  # averaging the shuffled copy with its original breaks it
     assert p1.error < 1e-10  # aligned first, the two are one tensor: sharing is lossless
     assert lfpass.unique_parameters(aligned) == p1.params_after
+    _, p2 = lfpass.fuse(model, calibration=data, **common)  # with data, alignment is on by default
+    assert p2.align == "activations" and p2.error < 1e-10
 
 
 def test_a_plan_from_fuse_applies_again_to_the_same_model(batches):
