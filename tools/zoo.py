@@ -25,7 +25,8 @@ OPTIONS = {  # name: optimize's flags ({calib}: the calibration .npz)
     "residual": ["--ratio", "1.2", "--residual-rank", "4", "--inputs", "{calib}"],
     "everything": ["--max-error", "0.05", "--merge", "regmean", "--align", "activations", "--residual-rank", "4",
                    "--inputs", "{calib}"],
-    "distill": ["--ratio", "1.2", "--distill", "{calib}", "--stages", "1", "--steps", "4", "--batch-size", "8"],
+    "distill": ["--ratio", "1.2", "--distill", "{calib}", "--stages", "2", "--steps", "4", "--batch-size", "8"],
+    "distill-budget": ["--max-error", "0.05", "--distill", "{calib}", "--steps", "4", "--batch-size", "8"],
 }
 
 
@@ -158,9 +159,9 @@ ZOO = {  # name: (build, calibration arrays, options run on it)
     "mobilenet-dynamo-external": (_vision("mobilenet_v3_small"), _images((3, 32, 32)), tuple(OPTIONS)),
     "resnet-legacy": (_vision("resnet18"), _images((3, 32, 32)), RISKY),
     "efficientnet-dynamo": (_vision("efficientnet_b0"), _images((3, 32, 32)), RISKY),
-    "bert-dynamo-external": (_transformer("bert", True, True), _tokens, (*RISKY, "distill")),
-    "bert-legacy": (_transformer("bert", False, False), _tokens, (*RISKY, "distill")),
-    "gpt2-dynamo": (_transformer("gpt2", True, False), _tokens, (*RISKY, "distill")),
+    "bert-dynamo-external": (_transformer("bert", True, True), _tokens, (*RISKY, "distill", "distill-budget")),
+    "bert-legacy": (_transformer("bert", False, False), _tokens, (*RISKY, "distill", "distill-budget")),
+    "gpt2-dynamo": (_transformer("gpt2", True, False), _tokens, (*RISKY, "distill", "distill-budget")),
     "vit-dynamo-external": (_transformer("vit", True, True), _images((3, 32, 32)), RISKY),
 }
 CELLS = [(model, option) for model, (_, _, options) in ZOO.items() for option in options]

@@ -4,7 +4,9 @@ labels and no training code.
 ``distill_onnx`` converts the file to PyTorch (:mod:`lfpass.bridge.to_torch`),
 checks that the conversion computes what the file does on the given inputs,
 fuses it in stages while distilling every stage from the unfused model (a
-frozen copy of the conversion: the teacher is the original's function),
+frozen copy of the conversion: the teacher is the original's function) or,
+with data-aware options or a budget, fuses once by the keep-function pipeline
+calibrated on the inputs and then distils,
 exports the result with every shared tensor stored once, the input's opset and
 open dimensions kept (:func:`lfpass.export`, checked in onnxruntime against
 PyTorch), and then
@@ -26,6 +28,10 @@ import torch
 from lfpass.core.config import FusionConfig
 from lfpass.core.errors import ConfigError, InputError, TraceError
 from lfpass.core.fileio import check_paths
+from lfpass.core.keep import DATA_OPTIONS
+from lfpass.core.quality import Readout, output_error
+from lfpass.fx.frontend import readout_fn
+from lfpass.onnx.frontend import outputs as onnx_outputs
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import check_input_file, disk_bytes, external_files, read_model
 from lfpass.onnx.validate import Validation, compare, run, score_outputs
@@ -33,6 +39,7 @@ from lfpass.onnx.validate import Validation, compare, run, score_outputs
 log = logging.getLogger(__name__)
 
 _DYNAMO_MIN_OPSET = 18  # below it, the legacy exporter writes the input's own opset
+_BATCHES = 8  # the training share of the inputs, cut into this many calibration batches
 _CONVERSION_ATOL = 1e-4  # of the output scale: onnx2torch must compute what the file does
 
 
@@ -48,6 +55,13 @@ class DistillResult:
     validation: Validation
     bytes_before: int
     bytes_after: int
+    error: float | None = None  # the written file's error on the held-out inputs, under a budget
+    max_error: float | None = None
+    error_metric: str = "cosine"
+
+    @property
+    def within_budget(self) -> bool:
+        return self.max_error is None or self.error is None or self.error <= self.max_error
 
     @property
     def ratio(self) -> float:
@@ -58,7 +72,8 @@ class DistillResult:
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
                 "bytes_ratio": self.bytes_before / max(self.bytes_after, 1),
                 "retrain": self.retrain.to_dict(), "export": self.export.to_dict(),
-                "against_original": self.validation.to_dict()}
+                "against_original": self.validation.to_dict(), "error": self.error, "max_error": self.max_error,
+                "error_metric": self.error_metric}
 
 
 def _samples(feed: Mapping[str, np.ndarray], names: list[str], path: Path) -> tuple[torch.Tensor, ...]:
@@ -107,12 +122,14 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     from lfpass.train import Distillation, retrain
 
     path, output, inputs = Path(path), Path(output), Path(inputs)
-    if config.keeps_function:
-        used = [f"{k}={v!r}" for k, v in (("max_error", config.max_error), ("align", config.alignment),
-                                          ("residual_rank", config.residual_rank), ("merge", config.merge_rule),
-                                          ("metric", config.metric)) if v not in (None, "none", 0, "mean", "cosine")]
-        raise ConfigError(f"distillation retrains plans made by weight similarity, so these options would be "
-                          f"ignored: {', '.join(used)}; drop them, or fuse without distillation")
+    config = config.resolved(schedule.stages == 1)  # auto: data-aware where the run fuses once
+    if config.keeps_function and schedule.stages != 1:
+        raise ConfigError(f"data-aware options ({DATA_OPTIONS}, align, residual_rank) fuse once, calibrated on the "
+                          f"inputs, then distil: pass --stages 1, or drop them for the {schedule.stages}-stage "
+                          "schedule by weight similarity")
+    if config.keeps_function and (checkpoint_dir is not None or resume):
+        raise ConfigError("--checkpoint-dir and --resume checkpoint the stages of the staged schedule; a "
+                          "data-aware run fuses once and retrains once: drop them")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("distilling an ONNX file runs in one process; under torchrun, retrain a PyTorch model")
     check_input_file(path)
@@ -130,8 +147,11 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     module = to_torch(path)
     _check_conversion(module, path, names, samples)
     task = Distillation.from_model(module, samples, eval_fraction=eval_fraction, seed=schedule.seed)
-    result = retrain(module, task, config, schedule, checkpoint_dir=checkpoint_dir, resume=resume,
-                     progress=progress)
+    if config.keeps_function:
+        result = _fuse_then_retrain(module, task, config, schedule, progress)
+    else:
+        result = retrain(module, task, config, schedule, checkpoint_dir=checkpoint_dir, resume=resume,
+                         progress=progress)
     held_out = task.eval_inputs
     legacy = opset is not None and opset < _DYNAMO_MIN_OPSET
     try:
@@ -145,6 +165,28 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
                           dynamic_shapes=dynamic)
     feeds = [dict(zip(names, (t.numpy() for t in held_out)))]
     validation = compare(run(path, feeds), run(output, feeds), config.atol, config.rtol, scores)
+    error = None
+    if config.max_error is not None:  # the budget, judged on the written file
+        readout = Readout.of(config)
+        error = output_error(onnx_outputs(path, feeds, readout), onnx_outputs(output, feeds, readout),
+                             config.error_metric)
     log.info("distilled %s -> %s: ratio %.3f", path, output, result.ratio)
     return DistillResult(path, output, result, exported, validation, disk_bytes(path, data_files),
-                         exported.bytes)
+                         exported.bytes, error, config.max_error, config.error_metric)
+
+
+def _fuse_then_retrain(module: torch.nn.Module, task: Any, config: FusionConfig, schedule: Any, progress: bool):
+    """The keep-function pipeline on the conversion, calibrated on the training share of the
+    inputs (what ``optimize --inputs`` would fuse, budget included), then retrained with the
+    ties kept, distilling from the original."""
+    from lfpass.core.keep import fuse_keeping
+    from lfpass.fx.frontend import FxFrontend
+    from lfpass.train import retrain_fused
+
+    inputs = task.train_inputs
+    n = inputs[0].shape[0]
+    batches = [tuple(t[idx] for t in inputs) for idx in np.array_split(np.arange(n), min(_BATCHES, n))]
+    kept = fuse_keeping(FxFrontend(module, example_inputs=batches[0], output_fn=readout_fn(Readout.of(config))),
+                        config, batches, progress=progress)
+    log.info("fused by the keep-function pipeline: %s", kept.plan.message)
+    return retrain_fused(kept.model, kept.plan, module, task, schedule, progress=progress)

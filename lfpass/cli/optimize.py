@@ -17,6 +17,7 @@ from lfpass.cli.options import (EXIT_OK, EXIT_VALIDATION, add_config_options, ad
                                 add_validation_options, config_from_args, schedule_overrides, with_tolerances)
 from lfpass.cli.output import MAX_OUTPUT_LINES, history_table, note, output_line, table
 from lfpass.core.config import FusionConfig
+from lfpass.core.quality import describe
 from lfpass.core.errors import ConfigError, InputError, ValidationFailed
 from lfpass.core.fileio import check_paths, write_text
 
@@ -103,7 +104,10 @@ def run_distill(args: argparse.Namespace, config: FusionConfig) -> int:
     if args.plan or args.dry_run:
         raise ConfigError("--distill plans stage by stage: it takes neither --plan nor --dry-run")
     output = args.output or default_output(args.model)
-    schedule = Schedule(**schedule_overrides(args))
+    overrides = schedule_overrides(args)
+    if config.keeps_function and "stages" not in overrides:
+        overrides["stages"] = 1  # data-aware options fuse once, then distil
+    schedule = Schedule(**overrides)
     result = distill_onnx(args.model, output, args.distill, config, schedule, checkpoint_dir=args.checkpoint_dir,
                           resume=args.resume, progress=sys.stderr.isatty(),
                           reads={"--pipeline": args.pipeline}, writes={"--report": args.report})
@@ -112,10 +116,20 @@ def run_distill(args: argparse.Namespace, config: FusionConfig) -> int:
           f"({result.bytes_before / max(result.bytes_after, 1):.3f}x)")
     print(f"{'export':<11}{result.export.exporter}, onnxruntime vs PyTorch max abs {result.export.max_abs:.3g}")
     print(f"{'vs input':<11}{result.validation.summary()}")
+    if result.error is not None:
+        state = "kept" if result.within_budget else "BROKEN"
+        print(f"{'held out':<11}error {result.error:.4g}, {describe(result.error_metric, result.error)} "
+              f"(budget {result.max_error:g}: {state})")
     print(f"{'output':<11}{result.output}")
+    plan = result.retrain.plans[0] if result.retrain.plans else None
+    if plan is not None and plan.message:
+        note(plan.message)
     if args.report:
         write_text(args.report, json.dumps(result.to_dict(), indent=2, default=str))
-    if not result.validation.passed:
+    if not result.within_budget:
+        print(f"lfpass: held-out error {result.error:.4g} is over the budget {result.max_error:g}", file=sys.stderr)
+        return EXIT_VALIDATION
+    if result.max_error is None and not result.validation.passed:
         print(f"lfpass: validation outside tolerance: {result.validation.summary()}", file=sys.stderr)
         return EXIT_VALIDATION
     return EXIT_OK

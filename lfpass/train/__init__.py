@@ -21,7 +21,7 @@ from lfpass.train.distil import Distillation, frozen_copy
 from lfpass.train.errors import TrainingError
 from lfpass.train.lm import LanguageModeling
 from lfpass.train.loop import TrainStats, make_optimizer, train_steps
-from lfpass.train.retrain import RetrainResult, StageRow, retrain
+from lfpass.train.retrain import RetrainResult, StageRow, retrain, retrain_fused
 from lfpass.train.schedule import Schedule
 from lfpass.train.stages import fuse_stage, layer_counts, plan_stage, rebuild, scope_params
 from lfpass.train.task import Task
@@ -33,6 +33,7 @@ __all__ = [
     "RetrainResult",
     "Schedule",
     "StageRow",
+    "retrain_fused",
     "Task",
     "TrainStats",
     "TrainingError",

@@ -304,3 +304,31 @@ def retrain(
     result = run.result(state)
     env.close()  # only on success: leaving the group while another rank is mid-collective would hang it
     return result
+
+
+def retrain_fused(model: nn.Module, plan: FusionPlan, original: nn.Module, task: Task, schedule: Schedule, *,
+                  progress: bool = True) -> RetrainResult:
+    """Retrain ``model``, already fused by ``plan`` in one stage (by the keep-function pipeline:
+    aligned, merged by data, corrected, under a budget), for ``schedule.steps_per_stage`` steps
+    on ``task`` with its ties kept; one process. ``original`` (the unfused model) gives the
+    quality the history starts from; ``model`` is retrained in place and returned in the result."""
+    if unique_parameters(model) != plan.params_after:
+        raise TrainingError(f"the fused model has {unique_parameters(model)} unique parameters, "
+                            f"its plan says {plan.params_after}")
+    started = time.perf_counter()
+    params_original, metrics_original = unique_parameters(original), task.evaluate(original)
+    fused = task.evaluate(model)["quality"]
+    torch.manual_seed(_seed(schedule.seed, 1, 0))
+    optimizer = make_optimizer(schedule.optimizer, model.parameters(), schedule.lr, schedule.weight_decay)
+    batches = task.train_batches(schedule.batch_size, seed=_seed(schedule.seed, 1))
+    stats = train_steps(model, batches, task.loss, optimizer, schedule.steps_per_stage, lr_at=schedule.lr_at,
+                        progress=progress, desc="retrain", postfix={"ratio": f"{plan.model_ratio:.3g}"})
+    if stats.diverged:
+        raise TrainingError(f"the loss became NaN or Inf after {stats.steps} steps; lower lr (now {schedule.lr:g})")
+    metrics = task.evaluate(model)
+    row = StageRow(1, plan.target_ratio or plan.model_ratio, len(plan.groups),
+                   params_original / max(plan.params_after, 1), plan.layer_ratio, plan.params_after, fused,
+                   metrics["quality"], metrics, stats.loss, stats.steps, time.perf_counter() - started)
+    if unique_parameters(model) != plan.params_after:
+        raise TrainingError("the retrained model's ties differ from its plan")
+    return RetrainResult(model, [plan], [row], metrics_original, params_original)

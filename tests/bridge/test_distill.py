@@ -40,11 +40,34 @@ def test_distill_keeps_batchnorm_opset_and_dynamic_batch(tmp_path, capsys, monke
 
 @pytest.mark.parametrize("flags", [["--align", "weights"], ["--merge", "regmean"], ["--max-error", "0.1"],
                                    ["--residual-rank", "2"]])
-def test_options_distillation_cannot_honour_are_refused(tmp_path, capsys, flags):
+def test_distill_takes_the_data_aware_options_and_the_budget(tmp_path, capsys, flags):
+    src, calib, out, report = (tmp_path / n for n in ("model.onnx", "c.npz", "o.onnx", "r.json"))
+    converter_cnn(src)
+    np.savez(calib, image=np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32))
+    rc = main(["optimize", str(src), "--distill", str(calib), *flags, "--steps", "3", "-o", str(out),
+               "--report", str(report)])
+    err = capsys.readouterr().err
+    assert "internal error" not in err and rc in (0, 1), err
+    onnx.checker.check_model(onnx.load(str(out)))
+    data = json.loads(report.read_text())
+    plan = data["retrain"]["plans"][0]  # fused once by the keep-function pipeline, then distilled
+    assert len(data["retrain"]["history"]) == 1 and data["retrain"]["history"][0]["steps"] == 3
+    if "--max-error" in flags:
+        assert plan["max_error"] == 0.1 and data["error"] is not None
+        assert rc == (0 if data["error"] <= 0.1 else 1)
+    if "--residual-rank" in flags:
+        assert plan["residual_rank"] == 2
+    if "--merge" in flags:
+        assert {g["rule"] for g in plan["groups"]} <= {"regmean"}
+
+
+@pytest.mark.parametrize("extra, why", [(["--stages", "2"], "pass --stages 1"),
+                                        (["--checkpoint-dir", "ck"], "fuses once and retrains once")])
+def test_what_a_data_aware_distillation_cannot_do_is_refused_in_one_line(tmp_path, capsys, extra, why):
     src = tmp_path / "model.onnx"
     converter_cnn(src)
     np.savez(tmp_path / "c.npz", image=np.zeros((8, 3, 16, 16), np.float32))
-    rc = main(["optimize", str(src), "--distill", str(tmp_path / "c.npz"), "--ratio", "1.2", *flags,
+    rc = main(["optimize", str(src), "--distill", str(tmp_path / "c.npz"), "--max-error", "0.1", *extra,
                "-o", str(tmp_path / "o.onnx")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "would be ignored" in err[0] and not (tmp_path / "o.onnx").exists()
+    assert rc == 2 and len(err) == 1 and why in err[0] and not (tmp_path / "o.onnx").exists()
