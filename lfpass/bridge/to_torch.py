@@ -49,7 +49,8 @@ def to_torch(path: str | Path) -> fx.GraphModule:
         found = _MISSING.search(str(exc))
         what = f"{found.group(1)} (opset {found.group(2)})" if found else first_line(exc)
         raise InputError(f"{path}: onnx2torch cannot convert {what} to PyTorch, so it cannot be retrained here; "
-                         "`lfpass optimize` fuses it without retraining (or export it with opset <= 17)") from None
+                         "every other option of `lfpass optimize` (budget, merge, align, residual) still "
+                         "works on it") from None
     except Exception as exc:  # noqa: BLE001 - any conversion failure is a model lfpass cannot retrain
         raise InputError(f"{path}: cannot convert to PyTorch ({first_line(exc)})") from None
     module = module.eval()
