@@ -27,7 +27,8 @@ def add_config_options(p: argparse.ArgumentParser,
     goal.add_argument("--threshold", type=float, help="fuse every pair at least this similar instead")
     p.add_argument("--metric", help="cosine | cov | euclidean | wasserstein | kl | output (needs --inputs)")
     p.add_argument("--merge", help="auto | mean | weighted | keep | mix | regmean (needs --inputs); auto (default): "
-                                   "regmean with calibration inputs, else mean")
+                                   "with calibration inputs regmean (under --max-error, regmean or mean per group by "
+                                   "measured error), else mean")
     p.add_argument("--scope", choices=("model", "layers"), help="what the ratio is measured over")
     p.add_argument("--cross-role", action="store_true", default=None, help="let same-shaped layers of any role share")
     p.add_argument("--max-group-size", type=int, help="at most this many layers share one tensor")
@@ -52,7 +53,8 @@ def add_config_options(p: argparse.ArgumentParser,
                            "attention_mask input where there is one), cls (the first position), none (default)")
     keep.add_argument("--align", choices=("auto", "none", "weights", "activations"),
                       help="move members into their anchor's coordinates first (function-preserving); auto "
-                           "(default): activations with calibration inputs, else none")
+                           "(default): with calibration inputs weights (under --max-error, weights or none by measured "
+                           "error), else none")
     keep.add_argument("--residual-rank", type=int, help="give every member its own correction of this rank")
 
 

@@ -27,8 +27,9 @@ POOLINGS = ("none", "mean", "cls")
 AUTO = "auto"
 # what "auto" becomes: without calibration inputs, and with them (measured in docs/BUDGET_REAL.md)
 PLAIN_DEFAULTS = {"merge": "mean", "align": "none"}
-DATA_DEFAULTS = {"merge": "regmean", "align": "activations"}
+DATA_DEFAULTS = {"merge": "regmean", "align": "weights"}
 MEASURED_MERGES = ("regmean", "mean")  # under a budget, an "auto" merge is measured per group among these
+MEASURED_ALIGNS = ("weights", "none")  # ... and an "auto" alignment per plan among these
 _META_KEYS = ("name", "description")
 _MEASURING = ("error_output", "pooling", "margin")
 _TUPLE_FIELDS = ("kinds", "include", "exclude")
@@ -70,8 +71,9 @@ class FusionConfig:
     (``"weights"`` or ``"activations"`` matching). ``residual_rank`` > 0 gives
     every member its own rank-r correction to the shared tensor, counted in
     the ratio. ``merge`` and ``align`` are ``"auto"`` unless set: the plain
-    mean and no alignment without calibration inputs, the data-aware merge
-    and activation alignment with them (:meth:`resolved`).
+    mean and no alignment without calibration inputs; with them RegMean and
+    alignment by weights (:meth:`resolved`), and under a budget each group's
+    merge and the plan's alignment are chosen by measured error.
 
     What the error is measured on: ``error_output`` (one output by name;
     default every floating-point output) pooled by ``pooling`` over its second

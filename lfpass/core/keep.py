@@ -24,7 +24,7 @@ import numpy as np
 from lfpass.core.align import AlignReport, Skipped, align_spaces, cross_pairs, links_from_plan
 from lfpass.core.budget import plan_within_budget, with_options
 from lfpass.core.calibration import Calibration, CalibrationError
-from lfpass.core.config import AUTO, MEASURED_MERGES, FusionConfig
+from lfpass.core.config import AUTO, MEASURED_ALIGNS, MEASURED_MERGES, FusionConfig
 from lfpass.core.errors import ConfigError
 from lfpass.core.frontend import Frontend
 from lfpass.core.lowrank import capture_originals, residual_parts
@@ -131,9 +131,11 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     planner never saw: the plan's ``error`` (and :meth:`Kept.error_of`) is on those. The
     planner keeps the budget with ``config.margin`` standard errors to spare. ``"auto"``
     merge and alignment become the data-aware ones when batches come; under a budget, an
-    ``"auto"`` merge is chosen per group by measurement (:data:`MEASURED_MERGES`)."""
+    ``"auto"`` merge is chosen per group by measurement (:data:`MEASURED_MERGES`), an
+    ``"auto"`` alignment per plan (:data:`MEASURED_ALIGNS`)."""
     batches = list(batches)
     measured_merges = MEASURED_MERGES if config.merge == AUTO and batches else None
+    measured_aligns = MEASURED_ALIGNS if config.align == AUTO and batches else None
     config = config.resolved(bool(batches))
     require_data(config, plan, bool(batches), frontend.hint)
     measure = config.max_error is not None and plan is None
@@ -164,8 +166,7 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     if plan is not None:
         check_plan(plan, found.by_name())
     elif measure:
-        plan = plan_within_budget(found.plannable, found.load, config, total, evaluate, progress,
-                                  rules=measured_merges, **scoring)
+        plan = _budgeted(found, config, total, evaluate, progress, measured_merges, measured_aligns, scoring)
     else:
         plan = with_options(plan_fusion(found.plannable, found.load, config, total, progress=progress, **scoring),
                             found.by_name(), config)
@@ -180,6 +181,20 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
         plan = replace(plan, error=error, error_metric=config.error_metric)
     log.info("kept: %d groups, ratio %.3f, held-out error %s", len(plan.groups), plan.model_ratio, plan.error)
     return Kept(fused, plan, frontend, held, reference, held_labels)
+
+
+def _budgeted(found: Any, config: FusionConfig, total: int, evaluate: Any, progress: bool,
+              rules: Sequence[str] | None, aligns: Sequence[str] | None, scoring: Mapping[str, Any]) -> FusionPlan:
+    """The budgeted plan; with ``aligns`` (an ``"auto"`` alignment), one per alignment and the one
+    reaching the larger ratio (then the smaller error) kept, the choice said in its message."""
+    plans = [plan_within_budget(found.plannable, found.load, config.replace(align=a), total, evaluate, progress,
+                                rules=rules, **scoring) for a in (aligns or (config.alignment,))]
+    best = max(plans, key=lambda p: (round(p.ratio, 9), -(p.error or 0.0)))
+    if len(plans) > 1:
+        tried = ", ".join(f"{p.align} {p.ratio:.4f}" for p in plans)
+        best = replace(best, message=f"{best.message}; alignment measured (ratio within the budget: {tried}), "
+                                     f"kept {best.align}")
+    return best
 
 
 def split_three(batches: Sequence[Any], holdout: float) -> tuple[list[Any], list[Any], list[Any]]:

@@ -133,7 +133,7 @@ def test_merge_and_align_are_auto_and_become_data_aware_with_data():
     assert (config.merge, config.align) == ("auto", "auto") and config.auto_fields == ("merge", "align")
     assert (config.merge_rule, config.alignment) == ("mean", "none") and not config.keeps_function
     with_data = config.resolved(True)
-    assert (with_data.merge, with_data.align) == ("regmean", "activations") and with_data.keeps_function
+    assert (with_data.merge, with_data.align) == ("regmean", "weights") and with_data.keeps_function
     assert config.resolved(False).merge == "mean"
     chosen = FusionConfig(merge="mean", align="none").resolved(True)  # set fields stay as set
     assert (chosen.merge, chosen.align) == ("mean", "none") and not chosen.keeps_function

@@ -197,3 +197,5 @@ def test_an_auto_merge_under_a_budget_takes_the_rule_that_damages_less():
     assert auto.plan.ratio > forced.plan.ratio
     assert any("merged by mean" in why for _, _, why in auto.plan.decisions)
     assert "margin of 1.645 standard errors" in auto.plan.message
+    assert "alignment measured (ratio within the budget: weights" in auto.plan.message  # then none
+    assert "alignment measured" not in fuse_keeping(front, config.replace(align="none"), batches()).plan.message

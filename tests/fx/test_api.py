@@ -128,7 +128,7 @@ def test_alignment_makes_a_shuffled_copy_free_to_share(align):
     assert p1.error < 1e-10  # aligned first, the two are one tensor: sharing is lossless
     assert lfpass.unique_parameters(aligned) == p1.params_after
     _, p2 = lfpass.fuse(model, calibration=data, **common)  # with data, alignment is on by default
-    assert p2.align == "activations" and p2.error < 1e-10
+    assert p2.align == "weights" and p2.error < 1e-10
 
 
 def test_a_plan_from_fuse_applies_again_to_the_same_model(batches):
