@@ -195,6 +195,15 @@ def optimize(model: Path, calib: Path, out: Path, flags: list[str], budget: floa
             "written": out.exists()}
 
 
+def reused(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows of ``--reuse`` (an earlier ``--json``) for this model's combos not run now."""
+    if args.reuse is None:
+        return []
+    earlier = json.loads(args.reuse.read_text())
+    rows = [r for m in earlier["models"] if m["model"] == name for r in m["rows"]]
+    return [{**r, "reused": True} for r in rows if r["combo"] not in args.combos]
+
+
 def measure(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     build = MODELS[name]
     path, feed, readout = build(work, args.cache, args.calib + args.fresh, args.seed)
@@ -218,6 +227,8 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 data.unlink()
         print(json.dumps(row), flush=True)
         rows.append(row)
+    order = list(COMBOS)
+    rows = sorted(rows + reused(name, args), key=lambda r: order.index(r["combo"]))
     return {"model": name, "file": path.name, "params": None, "calib": args.calib, "fresh": args.fresh, "rows": rows}
 
 
@@ -234,8 +245,12 @@ def render(report: dict[str, Any]) -> str:
             f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
             ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
             within = "-" if "within" not in r else ("yes" if r["within"] else "NO")
-            lines.append(f"| {model['model']} | {r['combo']} | {r['exit']} | {ratio} | {used} | {f(r['reported'])} "
-                         f"| {f(r.get('fresh'))} | {within} |")
+            mark = " (reused)" if r.get("reused") else ""
+            lines.append(f"| {model['model']} | {r['combo']}{mark} | {r['exit']} | {ratio} | {used} "
+                         f"| {f(r['reported'])} | {f(r.get('fresh'))} | {within} |")
+    if any(r.get("reused") for m in report["models"] for r in m["rows"]):
+        lines += ["", f"Rows marked (reused) come from `--reuse {report.get('reuse')}`: an earlier run whose flags "
+                      "name every option those rows depend on, with the same inputs and seed."]
     return "\n".join(lines)
 
 
@@ -253,6 +268,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lfpass")
     p.add_argument("--work", type=Path, help="keep the models and inputs here (default: a temporary folder)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--reuse", type=Path, help="an earlier --json: its rows for the combos not run now are kept")
     p.add_argument("--out", type=Path, help="rewrite the table between the markers of this Markdown file")
     args = p.parse_args(argv)
     args.models, args.combos = args.models.split(","), args.combos.split(",")
@@ -272,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": "python tools/budget_real.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "seconds": time.perf_counter() - clock, "max_error": args.max_error, "calib": args.calib,
-              "fresh": args.fresh, "models": models}
+              "fresh": args.fresh, "models": models, "reuse": str(args.reuse) if args.reuse else None}
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
