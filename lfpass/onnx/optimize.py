@@ -236,7 +236,8 @@ def optimize(
     given = config
     config = config.resolved(inputs is not None and plan is None)  # with data: the data-aware merge and alignment
     if inputs is None and config.measuring:
-        raise ConfigError(f"{', '.join(config.measuring)} say how the error on calibration inputs is "
+        verb = "says" if len(config.measuring) == 1 else "say"
+        raise ConfigError(f"{', '.join(config.measuring)} {verb} how the error on calibration inputs is "
                           "measured: give --inputs CALIB.npz")
     path, output = Path(path), Path(output) if output is not None else default_output(Path(path))
     read_paths = {"the input model": path, "--inputs": Path(inputs) if inputs is not None else None, **(reads or {})}

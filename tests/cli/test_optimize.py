@@ -275,3 +275,24 @@ def test_keep_function_options_without_a_budget_are_validated(tmp_path, model, c
     code, text, err = _run(capsys, "optimize", model, "-o", out, "--align", "weights", "--ratio", "6", "--cross-role")
     assert out.exists() and "validation" in text + " ".join(err)
     assert code == 1 and any("validation outside tolerance" in e for e in err), err
+
+
+def test_with_inputs_auto_becomes_the_data_aware_options_and_the_report_says_so(tmp_path, model, capsys):
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((32, WIDTH)).astype(np.float32))
+    report = tmp_path / "r.json"
+    code, _, err = _run(capsys, "optimize", model, "-o", tmp_path / "o.onnx", "--inputs", tmp_path / "c.npz",
+                        "--ratio", "1.5", "--report", report)
+    data = json.loads(report.read_text())
+    assert code in (0, 1) and data["defaults"] == {"merge": "regmean", "align": "weights"}
+    assert (data["merge"], data["align"]) == ("regmean", "weights")
+    assert any("by default: merge regmean, align weights" in line for line in err)
+    code, _, err = _run(capsys, "optimize", model, "-o", tmp_path / "p.onnx", "--inputs", tmp_path / "c.npz",
+                        "--ratio", "1.5", "--merge", "mean", "--align", "none", "--report", report)
+    data = json.loads(report.read_text())
+    assert data["defaults"] == {} and (data["merge"], data["align"]) == ("mean", "none")
+
+
+@pytest.mark.parametrize("flag, value", [("--pooling", "mean"), ("--error-output", "y"), ("--margin", "0")])
+def test_how_an_error_is_measured_needs_inputs(tmp_path, model, capsys, flag, value):
+    code, _, err = _run(capsys, "optimize", model, "--ratio", "1.5", flag, value, "-o", tmp_path / "o.onnx")
+    assert code == 2 and len(err) == 1 and "give --inputs" in err[0] and not (tmp_path / "o.onnx").exists()
