@@ -122,7 +122,7 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     from lfpass.train import Distillation, retrain
 
     path, output, inputs = Path(path), Path(output), Path(inputs)
-    config = config.resolved(schedule.stages == 1)  # auto: data-aware where the run fuses once
+    given, config = config, config.resolved(schedule.stages == 1)  # auto: data-aware where the run fuses once
     if config.keeps_function and schedule.stages != 1:
         raise ConfigError(f"data-aware options ({DATA_OPTIONS}, align, residual_rank) fuse once, calibrated on the "
                           f"inputs, then distil: pass --stages 1, or drop them for the {schedule.stages}-stage "
@@ -148,7 +148,7 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     _check_conversion(module, path, names, samples)
     task = Distillation.from_model(module, samples, eval_fraction=eval_fraction, seed=schedule.seed)
     if config.keeps_function:
-        result = _fuse_then_retrain(module, task, config, schedule, progress)
+        result = _fuse_then_retrain(module, task, given, schedule, progress)  # "auto" chosen by measurement
     else:
         result = retrain(module, task, config, schedule, checkpoint_dir=checkpoint_dir, resume=resume,
                          progress=progress)

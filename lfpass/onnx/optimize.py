@@ -232,9 +232,8 @@ def optimize(
     report, say): before any work, no write may land on a read or on another
     write. Nothing is written when nothing can be fused, or under ``dry_run``.
     """
-    config, plan = _given(config, plan)
-    given = config
-    config = config.resolved(inputs is not None and plan is None)  # with data: the data-aware merge and alignment
+    given, plan = _given(config, plan)  # "auto" left for the calibrated path to choose by measurement
+    config = given.resolved(inputs is not None and plan is None)  # with data: the data-aware merge and alignment
     if inputs is None and config.measuring:
         verb = "says" if len(config.measuring) == 1 else "say"
         raise ConfigError(f"{', '.join(config.measuring)} {verb} how the error on calibration inputs is "
@@ -245,9 +244,9 @@ def optimize(
     model, value_info, data_files = _read(path, read_paths, {"the output": None if dry_run else output,
                                                              **(writes or {})})
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
-    result, kept, fusion = _plan(path, model, config, plan, inputs, data_files, dry_run, progress)
+    result, kept, fusion = _plan(path, model, given, config, plan, inputs, data_files, dry_run, progress)
     result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
-    _defaults(result, given, config)
+    _defaults(result, given)
     if not result.plan.groups or dry_run:
         return result
     check = check and (kept is None or kept.plan.max_error is None)  # a budget judges by its held-out error
@@ -289,10 +288,12 @@ def _given(config: Any, plan: Any) -> tuple[FusionConfig, FusionPlan | None]:
     return config, plan
 
 
-def _defaults(result: OptimizeResult, given: FusionConfig, used: FusionConfig) -> None:
-    """Say which options were left to "auto" and what they became."""
-    result.defaults = {k: getattr(used, k) for k in given.auto_fields}
-    if result.defaults and used.keeps_function:
+def _defaults(result: OptimizeResult, given: FusionConfig) -> None:
+    """Say which options were left to "auto" and what the plan made of them."""
+    plan = result.plan
+    became = {"merge": result.merge or given.merge_rule, "align": plan.align}
+    result.defaults = {k: became[k] for k in given.auto_fields}
+    if result.defaults and plan.keeps_function:
         chosen = ", ".join(f"{k} {v}" for k, v in result.defaults.items())
         result.message = "\n".join(m for m in (result.message, f"with calibration inputs, by default: {chosen} "
                                                 f"(--merge mean --align none turn them off)") if m)
@@ -309,17 +310,19 @@ def _read(path: Path, read_paths: Mapping[str, Path | None],
     return model, value_info, data_files
 
 
-def _plan(path: Path, model: ir.Model, config: FusionConfig, plan: FusionPlan | None, inputs: str | Path | None,
-          data_files: list[Path], dry_run: bool,
+def _plan(path: Path, model: ir.Model, given: FusionConfig, config: FusionConfig, plan: FusionPlan | None,
+          inputs: str | Path | None, data_files: list[Path], dry_run: bool,
           progress: bool) -> tuple[OptimizeResult, Kept | None, LayerFusionPass | None]:
     """The plan and its predicted figures: built already when it keeps the function (lossy by
-    design, measured on held-out calibration inputs), else the fusion pass that will apply it."""
+    design, measured on held-out calibration inputs; ``given``, "auto" fields and all, goes to
+    the calibrated path, which chooses them by measurement), else the fusion pass that will
+    apply it (``config``: "auto" resolved)."""
     if config.keeps_function or (plan is not None and plan.keeps_function):
         from lfpass.onnx.frontend import fuse_keeping_onnx  # the calibrated path, imported when taken
 
         feed = onnx_inputs.load_npz(inputs, model, allow=(onnx_inputs.LABELS,))[0] if inputs is not None else None
         found = find_sites(model)
-        kept = fuse_keeping_onnx(model, config, feed, plan, progress)
+        kept = fuse_keeping_onnx(model, given, feed, plan, progress)
         return _planned(path, found, data_files, kept.plan, dry_run), kept, None
     fusion = LayerFusionPass(config, plan, progress=progress)
     plan = fusion.plan_for(model)

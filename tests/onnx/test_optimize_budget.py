@@ -141,3 +141,17 @@ def test_alignment_in_onnx_makes_a_shuffled_copy_free_to_share(tmp_path, align):
     assert len(aligned.plan.groups) == len(plain.plan.groups) == 2
     assert plain.error > 1e-3
     assert aligned.error < 1e-9 and aligned.params_after == aligned.plan.params_after
+
+
+def test_auto_options_under_a_budget_are_chosen_by_measurement_in_onnx(tmp_path):
+    from tests.fx.test_api import _Ffn
+
+    path = tmp_path / "ffn.onnx"
+    torch.onnx.export(_Ffn().eval(), (torch.randn(2, 8),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
+    result = optimize(path, tmp_path / "auto.onnx", {"target_ratio": None, "max_error": 0.05}, inputs=calib)
+    assert "alignment measured (ratio within the budget: weights" in result.plan.message
+    assert set(result.defaults) == {"merge", "align"} and result.defaults["align"] == result.plan.align
+    assert result.defaults["merge"] == result.merge or not result.plan.groups
