@@ -157,11 +157,11 @@ RISKY = ("budget", "align-activations", "residual")  # the calibrated options, o
 ZOO = {  # name: (build, calibration arrays, options run on it)
     "converter-cnn": (converter_cnn, _images((3, 16, 16)), tuple(OPTIONS)),
     "mobilenet-dynamo-external": (_vision("mobilenet_v3_small"), _images((3, 32, 32)), tuple(OPTIONS)),
-    "resnet-legacy": (_vision("resnet18"), _images((3, 32, 32)), RISKY),
-    "efficientnet-dynamo": (_vision("efficientnet_b0"), _images((3, 32, 32)), RISKY),
+    "resnet-legacy": (_vision("resnet18"), _images((3, 32, 32)), (*RISKY, "distill")),
+    "efficientnet-dynamo": (_vision("efficientnet_b0"), _images((3, 32, 32)), (*RISKY, "distill")),
     "bert-dynamo-external": (_transformer("bert", True, True), _tokens, (*RISKY, "distill", "distill-budget")),
     "bert-legacy": (_transformer("bert", False, False), _tokens, (*RISKY, "distill", "distill-budget")),
     "gpt2-dynamo": (_transformer("gpt2", True, False), _tokens, (*RISKY, "distill", "distill-budget")),
-    "vit-dynamo-external": (_transformer("vit", True, True), _images((3, 32, 32)), RISKY),
+    "vit-dynamo-external": (_transformer("vit", True, True), _images((3, 32, 32)), (*RISKY, "distill")),
 }
 CELLS = [(model, option) for model, (_, _, options) in ZOO.items() for option in options]
