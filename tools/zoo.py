@@ -165,3 +165,8 @@ ZOO = {  # name: (build, calibration arrays, options run on it)
     "vit-dynamo-external": (_transformer("vit", True, True), _images((3, 32, 32)), (*RISKY, "distill")),
 }
 CELLS = [(model, option) for model, (_, _, options) in ZOO.items() for option in options]
+# cells over a minute on 2 cores (full-width ResNet-18 and EfficientNet-B0 with calibrated options, whose
+# budget measures every pair under each merge and alignment): the tests mark them slow (`pytest -m slow`);
+# tools/real_files.py runs them all
+SLOW = {(model, option) for model in ("resnet-legacy", "efficientnet-dynamo")
+        for option in ("regmean", "budget", "align-activations", "residual", "distill")}

@@ -311,13 +311,15 @@ def retrain_fused(model: nn.Module, plan: FusionPlan, original: nn.Module, task:
     """Retrain ``model``, already fused by ``plan`` in one stage (by the keep-function pipeline:
     aligned, merged by data, corrected, under a budget), for ``schedule.steps_per_stage`` steps
     on ``task`` with its ties kept; one process. ``original`` (the unfused model) gives the
-    quality the history starts from; ``model`` is retrained in place and returned in the result."""
+    quality the history starts from; ``model`` is retrained in place and returned in the result.
+    Retraining that lowers the held-out quality is undone (the fused weights are kept, and said)."""
     if unique_parameters(model) != plan.params_after:
         raise TrainingError(f"the fused model has {unique_parameters(model)} unique parameters, "
                             f"its plan says {plan.params_after}")
     started = time.perf_counter()
     params_original, metrics_original = unique_parameters(original), task.evaluate(original)
     fused = task.evaluate(model)["quality"]
+    before = copy.deepcopy(model.state_dict())
     torch.manual_seed(_seed(schedule.seed, 1, 0))
     optimizer = make_optimizer(schedule.optimizer, model.parameters(), schedule.lr, schedule.weight_decay)
     batches = task.train_batches(schedule.batch_size, seed=_seed(schedule.seed, 1))
@@ -326,9 +328,16 @@ def retrain_fused(model: nn.Module, plan: FusionPlan, original: nn.Module, task:
     if stats.diverged:
         raise TrainingError(f"the loss became NaN or Inf after {stats.steps} steps; lower lr (now {schedule.lr:g})")
     metrics = task.evaluate(model)
+    stopped = ""
+    if _drop(task, fused, metrics["quality"]) > 0:  # retraining lost what the fused model had: keep that
+        model.load_state_dict(before)
+        stopped = (f"retraining lowered the held-out quality from {fused:.4g} to {metrics['quality']:.4g}; "
+                   "the fused weights are kept")
+        log.warning("%s", stopped)
+        metrics = {**task.evaluate(model), "quality_retrained": metrics["quality"]}
     row = StageRow(1, plan.target_ratio or plan.model_ratio, len(plan.groups),
                    params_original / max(plan.params_after, 1), plan.layer_ratio, plan.params_after, fused,
                    metrics["quality"], metrics, stats.loss, stats.steps, time.perf_counter() - started)
     if unique_parameters(model) != plan.params_after:
         raise TrainingError("the retrained model's ties differ from its plan")
-    return RetrainResult(model, [plan], [row], metrics_original, params_original)
+    return RetrainResult(model, [plan], [row], metrics_original, params_original, stopped)

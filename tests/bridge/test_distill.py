@@ -71,3 +71,26 @@ def test_what_a_data_aware_distillation_cannot_do_is_refused_in_one_line(tmp_pat
                "-o", str(tmp_path / "o.onnx")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and why in err[0] and not (tmp_path / "o.onnx").exists()
+
+
+def test_retraining_that_loses_quality_after_a_data_aware_fuse_is_undone():
+    import torch
+
+    from lfpass import FusionConfig
+    from lfpass.core.keep import fuse_keeping
+    from lfpass.fx.frontend import FxFrontend
+    from lfpass.train import Distillation, Schedule, retrain_fused
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(64, 8)
+    task = Distillation.from_model(model, (x,), eval_fraction=0.25)
+    batches = [(x[i:i + 8],) for i in range(0, 48, 8)]
+    kept = fuse_keeping(FxFrontend(model, example_inputs=batches[0]), FusionConfig(target_ratio=1.2), batches)
+    fused = {k: v.clone() for k, v in kept.model.state_dict().items()}
+    result = retrain_fused(kept.model, kept.plan, model, task, Schedule(stages=1, steps_per_stage=5, lr=10.0),
+                           progress=False)  # a learning rate that can only hurt
+    row = result.history[0]
+    assert "fused weights are kept" in result.stopped and row.quality == row.quality_fused
+    assert all(torch.equal(v, fused[k]) for k, v in result.model.state_dict().items())

@@ -25,6 +25,7 @@ _spec = importlib.util.spec_from_file_location("lfpass_tools_zoo", ZOO_FILE)
 zoo_module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(zoo_module)
 OPTIONS, ZOO, CELLS, converter_cnn = zoo_module.OPTIONS, zoo_module.ZOO, zoo_module.CELLS, zoo_module.converter_cnn
+PARAMS = [pytest.param(*cell, marks=pytest.mark.slow) if cell in zoo_module.SLOW else cell for cell in CELLS]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def _check_written(path) -> None:
     ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("model, option", CELLS)
+@pytest.mark.parametrize("model, option", PARAMS)
 def test_every_option_on_files_lfpass_did_not_make(zoo, tmp_path, monkeypatch, capsys, model, option):
     source, calib = zoo(model)
     before = {p.name: p.read_bytes() for p in source.parent.iterdir()}
