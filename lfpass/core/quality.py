@@ -58,9 +58,9 @@ def _top1(batches: Sequence[np.ndarray]) -> np.ndarray:
 def _per_sample(batches: Sequence[np.ndarray], values: np.ndarray) -> np.ndarray:
     """``values`` (one per position, batch after batch) averaged per sample."""
     out, start = [], 0
-    for b in batches:
+    for b in map(np.asarray, batches):
         n = len(b)
-        size = int(np.prod(np.asarray(b).shape[:-1])) if np.asarray(b).ndim > 1 else n
+        size = int(np.prod(b.shape[:-1])) if b.ndim > 1 else n
         out.append(values[start:start + size].reshape(n, -1).mean(axis=1))
         start += size
     return np.concatenate(out)
