@@ -65,7 +65,7 @@ import json, logging, sys, time
 import lfpass
 logging.disable(logging.WARNING)
 model, out, calib, max_error, include = sys.argv[1:6]
-config = {"target_ratio": None, "max_error": float(max_error)}
+config = {"target_ratio": None, "max_error": float(max_error), "actions": "tie"}  # the per-pair tie budget
 if include:
     config["include"] = [include]
 start = time.perf_counter()

@@ -149,7 +149,7 @@ class Meter:
         self.reference = self._outputs(subject.model, self.held, subject.output_fn)
 
     def config(self, **fields: Any) -> FusionConfig:
-        base = {"ratio_scope": self.s.scope, "target_ratio": self.s.target, **self.s.base}
+        base = {"ratio_scope": self.s.scope, "target_ratio": self.s.target, "actions": ("tie",), **self.s.base}
         return FusionConfig(**{**base, **fields})
 
     def ratio(self, model: nn.Module) -> float:

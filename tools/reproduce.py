@@ -23,7 +23,11 @@ gets the same retraining (steps, learning rate, batch, seed):
   kept while fine-tuning; its dense size does not shrink);
 - ``drop``: residual blocks dropped by ShortGPT block influence;
 - ``svd`` / ``asvd``: every layer factored at one fraction of full rank, plain
-  or activation-aware.
+  or activation-aware;
+- ``basis``: lfpass shared bases alone (``actions="basis"``: same-role layers
+  through one whitened basis each, per-member coefficients), calibrated;
+- ``menu``: the lfpass plan menu (``actions`` = tie, residual, basis, lowrank):
+  per class the action with the least closed-form damage per parameter saved.
 
 Quality is measured right after compressing (the curve with no retraining) and
 after the retraining. Every run is seeded; ``--small`` checks the tool in
@@ -103,6 +107,8 @@ METHODS = (
     Method("drop", "layer dropping", False),
     Method("svd", "low-rank SVD", False),
     Method("asvd", "activation-aware SVD", False),
+    Method("basis", "lfpass shared bases", True),
+    Method("menu", "lfpass plan menu", True),
 )
 KEYS = tuple(m.key for m in METHODS)
 
@@ -244,6 +250,21 @@ def _keep(meter: Meter, ratio: float, ref: dict[str, Any]) -> tuple[nn.Module, d
     return model, {"plan_ratio": plan.ratio, "groups": len(plan.groups)}
 
 
+def _actions(actions: str) -> Compressor:
+    """lfpass with a plan menu, calibrated, to the default plan's unique parameter count (at most)."""
+    def make(meter: Meter, ratio: float, ref: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+        s = meter.s
+        exact = meter.ratio(ref["params"])  # the same count the other methods land at
+        model, plan = lfpass.fuse(s.model, meter.config(exact, actions=actions), calibration=s.calibration,
+                                  output_fn=s.output_fn)
+        bases = [f for f in plan.factors if f.action == "basis"]
+        return model, {"plan_ratio": plan.ratio, "ties": len(plan.groups), "bases": len(bases),
+                       "based_layers": sum(len(f.members) for f in bases),
+                       "lowrank_layers": sum(1 for f in plan.factors if f.action == "lowrank"),
+                       "choices": [list(c) for c in plan.choices]}
+    return make
+
+
 def _random(meter: Meter, ratio: float, ref: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     from lfpass.baselines import random_fusion
 
@@ -285,7 +306,8 @@ def _low_rank(aware: bool) -> Compressor:
 
 COMPRESSORS: dict[str, Compressor] = {"lfpass": _lfpass, "paper": _paper, "keep": _keep, "random": _random,
                                       "prune": _prune, "drop": _drop, "svd": _low_rank(False),
-                                      "asvd": _low_rank(True)}
+                                      "asvd": _low_rank(True), "basis": _actions("basis"),
+                                      "menu": _actions("tie,residual,basis,lowrank")}
 
 
 def compress(key: str, meter: Meter, ratio: float, ref: dict[str, Any]) -> Made:

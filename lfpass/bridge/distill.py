@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from lfpass.core.config import FusionConfig
+from lfpass.core.config import AUTO, FusionConfig
 from lfpass.core.errors import ConfigError, InputError, TraceError
 from lfpass.core.fileio import check_paths
 from lfpass.core.keep import DATA_OPTIONS
@@ -123,11 +123,12 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
 
     path, output, inputs = Path(path), Path(output), Path(inputs)
     given, config = config, config.resolved(schedule.stages == 1)  # auto: data-aware where the run fuses once
-    if config.keeps_function and schedule.stages != 1:
-        raise ConfigError(f"data-aware options ({DATA_OPTIONS}, align, residual_rank) fuse once, calibrated on the "
-                          f"inputs, then distil: pass --stages 1, or drop them for the {schedule.stages}-stage "
-                          "schedule by weight similarity")
-    if config.keeps_function and (checkpoint_dir is not None or resume):
+    once = config.keeps_function or (given.actions != AUTO and given.uses_menu(True))  # fuses once, calibrated
+    if once and schedule.stages != 1:
+        raise ConfigError(f"data-aware options ({DATA_OPTIONS}, align, residual_rank, actions) fuse once, "
+                          f"calibrated on the inputs, then distil: pass --stages 1, or drop them for the "
+                          f"{schedule.stages}-stage schedule by weight similarity")
+    if once and (checkpoint_dir is not None or resume):
         raise ConfigError("--checkpoint-dir and --resume checkpoint the stages of the staged schedule; a "
                           "data-aware run fuses once and retrains once: drop them")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -147,7 +148,7 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     module = to_torch(path)
     _check_conversion(module, path, names, samples)
     task = Distillation.from_model(module, samples, eval_fraction=eval_fraction, seed=schedule.seed)
-    if config.keeps_function:
+    if once:
         result = _fuse_then_retrain(module, task, given, schedule, progress)  # "auto" chosen by measurement
     else:
         result = retrain(module, task, config, schedule, checkpoint_dir=checkpoint_dir, resume=resume,
@@ -177,16 +178,12 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
 
 def _fuse_then_retrain(module: torch.nn.Module, task: Any, config: FusionConfig, schedule: Any, progress: bool):
     """The keep-function pipeline on the conversion, calibrated on the training share of the
-    inputs (what ``optimize --inputs`` would fuse, budget included), then retrained with the
-    ties kept, distilling from the original."""
-    from lfpass.core.keep import fuse_keeping
-    from lfpass.fx.frontend import FxFrontend
-    from lfpass.train import retrain_fused
+    inputs (what ``optimize --inputs`` would fuse: the plan menu, the budget), then retrained
+    with the ties kept, distilling from the original."""
+    from lfpass.train import retrain
 
     inputs = task.train_inputs
     n = inputs[0].shape[0]
     batches = [tuple(t[idx] for t in inputs) for idx in np.array_split(np.arange(n), min(_BATCHES, n))]
-    kept = fuse_keeping(FxFrontend(module, example_inputs=batches[0], output_fn=readout_fn(Readout.of(config))),
-                        config, batches, progress=progress)
-    log.info("fused by the keep-function pipeline: %s", kept.plan.message)
-    return retrain_fused(kept.model, kept.plan, module, task, schedule, progress=progress)
+    return retrain(module, task, config, schedule, calibration=batches, output_fn=readout_fn(Readout.of(config)),
+                   progress=progress)

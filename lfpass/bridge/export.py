@@ -94,6 +94,7 @@ from torch.utils import _pytree as pytree
 
 from lfpass.core.errors import InputError, TraceError, ValidationFailed, first_line
 from lfpass.core.fileio import check_paths
+from lfpass.fx.batches import eval_mode
 from lfpass.fx.sites import unique_parameters
 from lfpass.onnx.load import count_params, disk_bytes, read_model, stored_tensors
 from lfpass.onnx.save import needs_external, staged, write
@@ -236,18 +237,6 @@ def _quiet() -> Iterator[None]:
     finally:
         if sink.getvalue():
             log.debug("exporter output:\n%s", sink.getvalue())
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode within the block; each module's own mode restored after it."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _reason(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from lfpass.cli.options import (EXIT_OK, EXIT_VALIDATION, add_config_options, add_schedule_options,
                                 add_validation_options, config_from_args, schedule_overrides, with_tolerances)
 from lfpass.cli.output import MAX_OUTPUT_LINES, history_table, note, output_line, table
-from lfpass.core.config import FusionConfig
+from lfpass.core.config import AUTO, FusionConfig
 from lfpass.core.quality import describe
 from lfpass.core.errors import ConfigError, InputError, ValidationFailed
 from lfpass.core.fileio import check_paths, write_text
@@ -105,8 +105,8 @@ def run_distill(args: argparse.Namespace, config: FusionConfig) -> int:
         raise ConfigError("--distill plans stage by stage: it takes neither --plan nor --dry-run")
     output = args.output or default_output(args.model)
     overrides = schedule_overrides(args)
-    if config.keeps_function and "stages" not in overrides:
-        overrides["stages"] = 1  # data-aware options fuse once, then distil
+    if (config.keeps_function or (config.actions != AUTO and config.uses_menu(True))) and "stages" not in overrides:
+        overrides["stages"] = 1  # data-aware options and the plan menu fuse once, then distil
     schedule = Schedule(**overrides)
     result = distill_onnx(args.model, output, args.distill, config, schedule, checkpoint_dir=args.checkpoint_dir,
                           resume=args.resume, progress=sys.stderr.isatty(),

@@ -56,6 +56,11 @@ def add_config_options(p: argparse.ArgumentParser,
                            "(default): with calibration inputs weights (under --max-error, weights or none by measured "
                            "error), else none")
     keep.add_argument("--residual-rank", type=int, help="give every member its own correction of this rank")
+    keep.add_argument("--actions", metavar="LIST",
+                      help="the plan menu, comma-separated from tie, residual (tie + per-member low-rank part), "
+                           "basis (a shared basis with per-member coefficients), lowrank (per-layer SVD); the "
+                           "planner spends --ratio or --max-error on the least damage per parameter saved. auto "
+                           "(default): every action with calibration inputs, else tie")
 
 
 def config_from_args(args: argparse.Namespace) -> FusionConfig:
@@ -76,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> FusionConfig:
         ("holdout", getattr(args, "holdout", None)), ("align", getattr(args, "align", None)),
         ("margin", getattr(args, "margin", None)), ("error_output", getattr(args, "error_output", None)),
         ("pooling", getattr(args, "pooling", None)),
-        ("residual_rank", getattr(args, "residual_rank", None)),
+        ("residual_rank", getattr(args, "residual_rank", None)), ("actions", getattr(args, "actions", None)),
     ):
         if value is not None:
             data[key] = value

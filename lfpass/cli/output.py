@@ -33,6 +33,9 @@ def table(result: OptimizeResult) -> str:
         f"{result.plan.layer_ratio:.3f} over the layers "
         f"(ceiling {result.plan.max_ratio:.3f} over the {result.plan.scope})",
     ]
+    if result.plan.factors:
+        lines.append(f"{'factored':<11}{sum(len(f.members) for f in result.plan.factors):>16}   layers: "
+                     + ", ".join(f"{n} {a}" for a, n in _actions(result.plan.factors).items()))
     if result.error is not None:
         budget = (f" (budget {result.plan.max_error:g}: {'kept' if result.within_budget else 'BROKEN'})"
                   if result.plan.max_error is not None else "")
@@ -46,6 +49,15 @@ def table(result: OptimizeResult) -> str:
         lines.append(f"{'validation':<11}skipped")
     lines.append(f"{'output':<11}{result.output if result.written else 'nothing written'}")
     return "\n".join(lines)
+
+
+def _actions(factors: Any) -> dict[str, int]:
+    """How many shared bases and per-layer factorisations a plan writes."""
+    counts: dict[str, int] = {}
+    for f in factors:
+        name = "shared bases" if f.action == "basis" else "per-layer low rank"
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def output_line(o: OutputStats) -> str:

@@ -30,6 +30,7 @@ PLAIN_DEFAULTS = {"merge": "mean", "align": "none"}
 DATA_DEFAULTS = {"merge": "regmean", "align": "weights"}
 MEASURED_MERGES = ("regmean", "mean")  # under a budget, an "auto" merge is measured per group among these
 MEASURED_ALIGNS = ("weights", "none")  # ... and an "auto" alignment per plan among these
+ACTIONS = ("tie", "residual", "basis", "lowrank")  # the plan menu (lfpass.core.menu); "tie" alone: the tie planners
 _META_KEYS = ("name", "description")
 _MEASURING = ("error_output", "pooling", "margin")
 _TUPLE_FIELDS = ("kinds", "include", "exclude")
@@ -75,6 +76,16 @@ class FusionConfig:
     alignment by weights (:meth:`resolved`), and under a budget each group's
     merge and the plan's alignment are chosen by measured error.
 
+    ``actions`` is the plan menu (:mod:`lfpass.core.menu`): ``"tie"`` (today's
+    fusion), ``"residual"`` (a tie plus each member's own low-rank part),
+    ``"basis"`` (a shared basis with per-member coefficients) and
+    ``"lowrank"`` (per-layer activation-aware SVD); the planner spends the
+    ratio or the budget on the least damage per parameter saved among them.
+    ``"auto"``: the full menu when calibration inputs come and a ratio or a
+    budget is asked for, unless an option only the tie planners honour is
+    set (``align`` other than auto, ``residual_rank``, ``metric='output'``,
+    ``granularity='block'``); else ties alone.
+
     What the error is measured on: ``error_output`` (one output by name;
     default every floating-point output) pooled by ``pooling`` over its second
     axis (``"mean"`` over the ``attention_mask`` input where there is one,
@@ -106,6 +117,7 @@ class FusionConfig:
     pooling: Any = "none"
     align: str = AUTO
     residual_rank: int = 0
+    actions: Any = AUTO
     kinds: tuple[str, ...] = KINDS
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -160,6 +172,15 @@ class FusionConfig:
         if not (callable(self.pooling) or self.pooling in POOLINGS):
             raise ConfigError(f"pooling: must be one of {POOLINGS} or a callable (output, mask) -> array, "
                               f"got {self.pooling!r}")
+        if self.actions != AUTO:
+            value = self.actions.split(",") if isinstance(self.actions, str) else self.actions
+            if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"actions: must be {AUTO!r} or a list of {ACTIONS}, got {self.actions!r}")
+            value = tuple(v.strip() for v in value)
+            bad = [v for v in value if v not in ACTIONS]
+            if bad:
+                raise ConfigError(f"actions: unknown {bad[0]!r} (known: {', '.join(ACTIONS)})")
+            object.__setattr__(self, "actions", tuple(dict.fromkeys(value)))
         if not (_is_int(self.residual_rank) and self.residual_rank >= 0):
             raise ConfigError(f"residual_rank: must be an integer >= 0, got {self.residual_rank!r}")
         if self.ratio_scope not in SCOPES:
@@ -197,10 +218,23 @@ class FusionConfig:
         auto = {k: v for k, v in defaults.items() if getattr(self, k) == AUTO}
         return self.replace(**auto) if auto else self
 
+    def menu(self, has_data: bool) -> tuple[str, ...]:
+        """The plan actions to choose among (``actions``, with ``"auto"`` made concrete)."""
+        if self.actions != AUTO:
+            return tuple(self.actions)
+        tie_only = (self.align not in (AUTO, "none") or self.residual_rank > 0 or self.metric == "output"
+                    or self.granularity == "block" or (self.target_ratio is None and self.max_error is None))
+        return ("tie",) if not has_data or tie_only else ACTIONS
+
+    def uses_menu(self, has_data: bool) -> bool:
+        """Whether planning goes through the menu (any action beside ties, and something to aim at)."""
+        return bool(set(self.menu(has_data)) - {"tie"}) and (self.target_ratio is not None
+                                                            or self.max_error is not None)
+
     @property
     def auto_fields(self) -> tuple[str, ...]:
         """The fields left to ``"auto"``."""
-        return tuple(k for k in DATA_DEFAULTS if getattr(self, k) == AUTO)
+        return tuple(k for k in (*DATA_DEFAULTS, "actions") if getattr(self, k) == AUTO)
 
     @property
     def measuring(self) -> tuple[str, ...]:

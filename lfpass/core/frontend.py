@@ -28,7 +28,11 @@ A third frontend starts here. Implement, for one model of the new IR:
    from the graph's data flow, :class:`lfpass.core.align.Space`) with
    :meth:`Frontend.read` and :meth:`Frontend.write` for the tensors they move;
 6. for per-member parts, :meth:`Frontend.attach_parts`: each
-   :class:`lfpass.core.lowrank.Part` written as ``layer(x) + up(down(x))``.
+   :class:`lfpass.core.lowrank.Part` written as ``layer(x) + up(down(x))``;
+7. for shared bases and per-layer low rank (the plan menu,
+   :mod:`lfpass.core.menu`), :meth:`Frontend.factor`: each
+   :class:`lfpass.core.bases.Factor`'s layer written as ``up(down(x))`` with
+   its own bias, one ``down`` tensor per basis however many layers read it.
 
 Nothing else of the pipeline belongs in a frontend: splitting calibration
 batches, choosing what needs data, the budget, the order of the steps and the
@@ -43,8 +47,11 @@ from typing import TYPE_CHECKING, Any, Generic, Mapping, Sequence, TypeVar
 
 import numpy as np
 
+from lfpass.core.errors import PlanError
+
 if TYPE_CHECKING:
     from lfpass.core.align import Skipped, Space
+    from lfpass.core.bases import Factor
     from lfpass.core.calibration import Calibration
     from lfpass.core.lowrank import Part
     from lfpass.core.plan import FusionPlan
@@ -140,3 +147,8 @@ class Frontend(ABC, Generic[Model]):
     @abstractmethod
     def attach_parts(self, model: Model, parts: Sequence[Part], rank: int) -> None:
         """Give each part's layer in the fused ``model`` its own rank-``rank`` correction, in place."""
+
+    def factor(self, model: Model, factors: Sequence[Factor]) -> None:
+        """Write each factor's layer in ``model`` as ``up(down(x))`` (its own bias kept), in place;
+        factors with one ``basis`` key read one ``down`` tensor, stored once."""
+        raise PlanError(f"{type(self).__name__} writes no factored layers: plan with actions='tie'")

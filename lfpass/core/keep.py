@@ -22,12 +22,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lfpass.core.align import AlignReport, Skipped, align_spaces, cross_pairs, links_from_plan
+from lfpass.core.bases import plan_factors
 from lfpass.core.budget import plan_within_budget, with_options
 from lfpass.core.calibration import Calibration, CalibrationError
 from lfpass.core.config import AUTO, MEASURED_ALIGNS, MEASURED_MERGES, FusionConfig
 from lfpass.core.errors import ConfigError
 from lfpass.core.frontend import Frontend
 from lfpass.core.lowrank import capture_originals, residual_parts
+from lfpass.core.menu import plan_menu
 from lfpass.core.plan import FusionPlan, check_plan
 from lfpass.core.planner import plan_fusion
 from lfpass.core.quality import describe, output_error, sample_errors, upper_bound
@@ -84,11 +86,16 @@ class Fuser:
             align_model(front, model, plan, plan.align, calibration=stats)
         found = front.find_sites(model)
         check_plan(plan, found.by_name())
-        originals = capture_originals(found, plan) if plan.residual_rank else None
+        ranks = [g.rank if g.rank is not None else plan.residual_rank for g in plan.groups]
+        originals = capture_originals(found, plan) if any(ranks) else None
+        factors = plan_factors(plan, found, stats) if plan.factors else []
         front.apply(model, found, plan, stats)
-        if plan.residual_rank and plan.groups:
-            assert originals is not None
-            front.attach_parts(model, residual_parts(plan, originals, stats, found), plan.residual_rank)
+        if originals is not None:
+            parts = residual_parts(plan, originals, stats, found)
+            for rank in sorted(set(ranks) - {0}):  # a menu plan gives each tie its own rank
+                front.attach_parts(model, [p for p in parts if ranks[p.member.group] == rank], rank)
+        if factors:
+            front.factor(model, factors)
         return model
 
 
@@ -136,7 +143,11 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     batches = list(batches)
     measured_merges = MEASURED_MERGES if config.merge == AUTO and batches else None
     measured_aligns = MEASURED_ALIGNS if config.align == AUTO and batches else None
+    actions = config.menu(bool(batches))
+    menu = config.uses_menu(bool(batches)) and plan is None
     config = config.resolved(bool(batches))
+    if menu:
+        config = config.replace(align="none")  # the menu's ties are priced without alignment
     require_data(config, plan, bool(batches), frontend.hint)
     measure = config.max_error is not None and plan is None
     if measure:
@@ -147,7 +158,7 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     cut = lambda part, start: list(labels[start:start + len(part)]) if labels is not None else None  # noqa: E731
     choose_labels, held_labels = cut(choose, len(calib)), cut(held, len(batches) - len(held))
     stats = None
-    if calib and (config.uses_statistics or (plan is not None and plan.keeps_function)):
+    if calib and (config.uses_statistics or menu or (plan is not None and plan.keeps_function)):
         stats = calibrate(frontend, calib, config if plan is None else config.replace(align=plan.align), progress)
     fuser = Fuser(frontend, stats)
     found = frontend.found
@@ -165,6 +176,9 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     total = frontend.count(frontend.model)
     if plan is not None:
         check_plan(plan, found.by_name())
+    elif menu:
+        plan = plan_menu(found.plannable, found.load, config, total, stats, actions, evaluate if measure else None,
+                         progress)
     elif measure:
         plan = _budgeted(found, config, total, evaluate, progress, measured_merges, measured_aligns, scoring)
     else:

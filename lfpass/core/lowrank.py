@@ -42,9 +42,14 @@ EPS = 1e-6  # ridge, relative to the mean input energy: keeps S invertible for i
 
 
 def whiten(stats: LayerStats, eps: float = EPS) -> tuple[np.ndarray, np.ndarray]:
-    """``(S, S^-1)`` with ``S S^T = G / n + eps * mean(diag) * I``: Cholesky, or a symmetric
-    square root from ``eigh`` when rounding leaves the matrix not positive definite."""
-    m = np.asarray(stats.mean_gram(), dtype=np.float64)
+    """``(S, S^-1)`` with ``S S^T = G / n + eps * mean(diag) * I`` (:func:`whiten_moment`)."""
+    return whiten_moment(stats.mean_gram(), eps)
+
+
+def whiten_moment(m: np.ndarray, eps: float = EPS) -> tuple[np.ndarray, np.ndarray]:
+    """``(S, S^-1)`` with ``S S^T = m + eps * mean(diag) * I``: Cholesky, or a symmetric square
+    root from ``eigh`` when rounding leaves the matrix not positive definite."""
+    m = np.asarray(m, dtype=np.float64)
     m = (m + m.T) / 2
     d = m.shape[0]
     ridge = eps * max(float(np.trace(m)) / max(d, 1), np.finfo(np.float64).tiny)

@@ -33,11 +33,41 @@ class FusionGroup:
     numel: int
     extra: int = 0  # parameters the group adds back: its members' own low-rank corrections
     damage: float | None = None  # the output error of this group alone, where it was measured
+    rank: int | None = None  # its members' correction rank (None: the plan's ``residual_rank``)
 
     @property
     def saved(self) -> int:
         """Unique parameters this group removes, net of its members' own corrections."""
         return (len(self.members) - 1) * self.numel - self.extra
+
+
+@dataclass(frozen=True)
+class Factored:
+    """Layers of one class written through one shared basis, each with its own coefficients:
+    ``C_i (B x)`` (:mod:`lfpass.core.bases`); one member is per-layer low rank. ``out`` and
+    ``in_`` are each member's weight as the matrix ``[out, in]`` (a convolution's ``in`` is its
+    patch); ``damage``: the members' summed relative squared output error, in closed form."""
+
+    members: tuple[str, ...]
+    rank: int
+    cls: ClassKey
+    out: int
+    in_: int
+    damage: float | None = None
+    whitened: bool = False  # factored on calibration statistics (rebuilding it needs them again)
+
+    @property
+    def action(self) -> str:
+        return "lowrank" if len(self.members) == 1 else "basis"
+
+    @property
+    def params(self) -> int:
+        """Unique parameters of the factors: one basis, one coefficient matrix per member."""
+        return self.rank * (self.in_ + len(self.members) * self.out)
+
+    @property
+    def saved(self) -> int:
+        return len(self.members) * self.out * self.in_ - self.params
 
 
 @dataclass(frozen=True)
@@ -76,6 +106,8 @@ class FusionPlan:
     error: float | None = None  # the fused model's output error on held-out calibration inputs
     curve: tuple[tuple[float, float], ...] = ()  # (ratio, error) after each accepted group, in order
     decisions: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)  # (a, b, why): budgeted plans
+    factors: tuple[Factored, ...] = ()  # layers written through shared bases or low-rank factors
+    choices: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (class, what the menu chose and why)
 
     # -- figures ---------------------------------------------------------
     @property
@@ -95,13 +127,20 @@ class FusionPlan:
     def keeps_function(self) -> bool:
         """Whether applying the plan takes more than merging: alignment, per-member corrections,
         or a data-aware rule (which needs calibration statistics)."""
-        return self.align != "none" or self.residual_rank > 0 or self.needs_statistics
+        return self.align != "none" or self.residual_rank > 0 or self.needs_statistics or bool(self.factors) or any(
+            g.rank for g in self.groups)
 
     @property
     def needs_statistics(self) -> bool:
         """Whether applying the plan needs calibration statistics (a data-aware rule, or
         alignment by activations)."""
-        return self.align == "activations" or any(get_rule(g.rule).uses_stats for g in self.groups)
+        return (self.align == "activations" or any(get_rule(g.rule).uses_stats for g in self.groups)
+                or any(f.whitened for f in self.factors))
+
+    @property
+    def empty(self) -> bool:
+        """Whether applying the plan changes nothing: no tie, no factored layer."""
+        return not self.groups and not self.factors
 
     @property
     def reached(self) -> bool:
@@ -153,6 +192,8 @@ class FusionPlan:
             data["left_out"] = tuple((_name(name), str(why)) for name, why in _list(data, "left_out", ()))
             data["curve"] = tuple((float(r), float(e)) for r, e in _list(data, "curve", ()))
             data["decisions"] = tuple((_name(a), _name(b), str(why)) for a, b, why in _list(data, "decisions", ()))
+            data["factors"] = tuple(_factored_from_json(f) for f in _list(data, "factors", ()))
+            data["choices"] = tuple((str(c), str(why)) for c, why in _list(data, "choices", ()))
             return cls(**data)
         except PlanError:
             raise
@@ -182,6 +223,13 @@ class FusionPlan:
         ]
         if self.message:
             lines.append(self.message)
+        for cls, why in self.choices:  # a menu plan: per class, the action chosen and what the others cost
+            lines.append(f"  {cls}: {why}")
+        for f in self.factors:
+            lines.append(f"  {f.action} rank {f.rank}: {', '.join(f.members)} (saves {f.saved:,} parameters"
+                         + (f", damage {f.damage:.4g})" if f.damage is not None else ")"))
+        if self.choices:
+            return "\n".join(lines)
         if self.decisions:  # a budgeted plan: each pair was measured, and kept or rolled back
             score = {(c.a, c.b): c.score for c in self.candidates}
             for a, b, reason in self.decisions:
@@ -268,13 +316,38 @@ def _group_from_json(g: Any) -> FusionGroup:
         raise TypeError(f"a group's numel must be a count, got {numel!r}")
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         raise TypeError(f"a group's score must be a number, got {score!r}")
-    extra, damage = g.get("extra", 0), g.get("damage")
+    extra, damage, rank = g.get("extra", 0), g.get("damage"), g.get("rank")
     if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
         raise TypeError(f"a group's extra must be a count, got {extra!r}")
     if damage is not None and (isinstance(damage, bool) or not isinstance(damage, (int, float))):
         raise TypeError(f"a group's damage must be a number, got {damage!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise TypeError(f"a group's rank must be a count, got {rank!r}")
     return FusionGroup(tuple(_name(m) for m in members), str(g["rule"]), float(score),
-                       ClassKey.from_json(g["cls"]), numel, extra, None if damage is None else float(damage))
+                       ClassKey.from_json(g["cls"]), numel, extra, None if damage is None else float(damage), rank)
+
+
+def _count(value: Any, what: str, least: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise TypeError(f"{what} must be a whole number >= {least}, got {value!r}")
+    return value
+
+
+def _factored_from_json(f: Any) -> Factored:
+    if not isinstance(f, dict):
+        raise TypeError(f"a factored entry must be an object, got {f!r}")
+    members = f["members"]
+    if not isinstance(members, list) or not members:
+        raise TypeError(f"a factored entry's members must be a list of layer names, got {members!r}")
+    damage = f.get("damage")
+    if damage is not None and (isinstance(damage, bool) or not isinstance(damage, (int, float))):
+        raise TypeError(f"a factored entry's damage must be a number, got {damage!r}")
+    whitened = f.get("whitened", False)
+    if not isinstance(whitened, bool):
+        raise TypeError(f"a factored entry's whitened must be true or false, got {whitened!r}")
+    return Factored(tuple(_name(m) for m in members), _count(f["rank"], "a rank", 1), ClassKey.from_json(f["cls"]),
+                    _count(f["out"], "out", 1), _count(f["in_"], "in_", 1), None if damage is None else float(damage),
+                    whitened)
 
 
 def check_plan(plan: FusionPlan, sites: Mapping[str, Site]) -> None:
@@ -302,3 +375,22 @@ def check_plan(plan: FusionPlan, sites: Mapping[str, Site]) -> None:
                 if owner.setdefault(tensor, name) != name:
                     raise PlanError(f"plan fuses {owner[tensor]!r} and {name!r}, which hold the same tensor "
                                     "(a unit and one of its layers)")
+    tensors = set(owner)
+    for entry in plan.factors:
+        if len(set(entry.members)) != len(entry.members):
+            raise PlanError(f"plan factors {', '.join(entry.members)}: a layer twice in one basis")
+        for name in entry.members:
+            site = sites.get(name)
+            if site is None:
+                raise PlanError(f"plan does not fit this model: it has no layer {name!r}")
+            if site.parts:
+                raise PlanError(f"plan factors {name!r}, a unit: a basis is shared by layers, not units")
+            if (site.kind, site.signature) != (entry.cls.kind, entry.cls.signature):
+                raise PlanError(f"plan does not fit this model: layer {name!r} changed shape or attributes")
+            if name in seen or tensors & set(site.tensors):
+                raise PlanError(f"plan puts layer {name!r} in two places (a tied group or another basis)")
+            seen[name] = -1
+            tensors.update(site.tensors)
+        if entry.rank > min(entry.in_, len(entry.members) * entry.out):
+            raise PlanError(f"plan factors {', '.join(entry.members)} at rank {entry.rank}, past the largest its "
+                            f"layers allow ({min(entry.in_, len(entry.members) * entry.out)})")

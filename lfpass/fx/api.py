@@ -73,7 +73,7 @@ def fuse(model: nn.Module, config: FusionConfig | None = None, *, calibration: S
     config = (config or FusionConfig()).replace(**overrides)
     batches = list(calibration or ())
     require_data(config, None, bool(batches), FxFrontend.hint)
-    if not batches and not config.keeps_function:
+    if not batches and not config.keeps_function and not config.uses_menu(False):
         plan = analyze(model, config)
         return apply(model, plan), plan
     arrays = [np.asarray(torch.as_tensor(y).cpu()) for y in labels] if labels is not None else None

@@ -4,7 +4,8 @@ output too) the keyword inputs."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterator, Mapping
 
 
 def as_call(batch: Any) -> tuple[tuple, dict]:
@@ -20,3 +21,17 @@ def call(model: Any, batch: Any) -> Any:
     """``model`` run on one batch."""
     args, kwargs = as_call(batch)
     return model(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """``model`` in eval mode within the block; each module's own mode restored after it. The
+    flags are set directly: a ``torch.export`` module refuses ``.eval()`` (it is traced in one mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    for module, _ in modes:
+        module.training = False
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training

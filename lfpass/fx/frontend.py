@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from lfpass.core.align import AlignReport, Skipped, Space
+from lfpass.core.bases import Factor
 from lfpass.core.calibration import Calibration
 from lfpass.core.errors import ConfigError
 from lfpass.core.frontend import Frontend
@@ -30,8 +31,9 @@ from lfpass.core.plan import FusionPlan
 from lfpass.core.quality import MASK_INPUT, Readout
 from lfpass.core.sites import Site
 from lfpass.fx.align import read_tensors, spaces_of, write_tensors
-from lfpass.fx.batches import call
+from lfpass.fx.batches import call, eval_mode
 from lfpass.fx.calibrate import calibrate_fx
+from lfpass.fx.factor import factor_layers
 from lfpass.fx.lowrank import attach_parts
 from lfpass.fx.rewrite import apply_plan
 from lfpass.fx.sites import FxSites, find_sites, unique_parameters
@@ -78,13 +80,8 @@ def readout_fn(readout: Readout) -> OutputFn | None:
 def outputs(model: nn.Module, batches: Iterable[Any], output_fn: OutputFn | None = None) -> list[np.ndarray]:
     """``model``'s outputs on ``batches`` (eval mode, no gradients), one float64 array per batch."""
     output_fn = output_fn or default_output
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return [output_fn(call(model, b), b).detach().double().cpu().numpy() for b in batches]
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        return [output_fn(call(model, b), b).detach().double().cpu().numpy() for b in batches]
 
 
 @dataclass
@@ -137,6 +134,9 @@ class FxFrontend(Frontend[nn.Module]):
 
     def attach_parts(self, model: nn.Module, parts: Sequence[Part], rank: int) -> None:
         attach_parts(model, parts, rank)
+
+    def factor(self, model: nn.Module, factors: Sequence[Factor]) -> None:
+        factor_layers(model, factors)
 
 
 def align_fx(module: nn.Module, plan: FusionPlan, mode: str = "weights", calibration: Calibration | None = None,

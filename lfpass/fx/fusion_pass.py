@@ -78,7 +78,7 @@ class LayerFusionPass(PassBase):
             log.info("layer fusion: the graph already shares what the plan fuses; nothing to do")
             return PassResult(graph_module, False)
         self.plan = self._given if self._given is not None else analyze(graph_module, self.config)
-        if not self.plan.groups:
+        if self.plan.empty:
             return PassResult(graph_module, False)
         return PassResult(apply(graph_module, self.plan), True)
 

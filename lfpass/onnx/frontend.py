@@ -5,8 +5,9 @@ model, answered for ONNX: its sites, unique parameters, calibration in
 onnxruntime (the layers' inputs exposed as outputs), outputs on feeds
 (onnxruntime, graph optimisations off, so the runtime hides no difference),
 a copy to rewrite, alignment spaces from the graph's data flow, initializers
-read and written by name, the plan applied as shared initializers, and
-per-member parts as extra MatMul/Conv nodes. Each build copies the graph, so
+read and written by name, the plan applied as shared initializers,
+per-member parts as extra MatMul/Conv nodes, and factored layers reading one
+shared basis (:mod:`lfpass.onnx.factor`). Each build copies the graph, so
 this path is for models that fit in memory twice (and in one 2 GB protobuf
 for onnxruntime).
 """
@@ -21,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lfpass.core.align import AlignReport, Skipped, Space
+from lfpass.core.bases import Factor
 from lfpass.core.calibration import Calibration
 from lfpass.core.config import FusionConfig
 from lfpass.core.errors import InputError, first_line
@@ -32,6 +34,7 @@ from lfpass.core.quality import MASK_INPUT, Readout
 from lfpass.core.sites import Site
 from lfpass.onnx.align import read_tensors, spaces_of, write_tensors
 from lfpass.onnx.calibrate import calibrate_onnx
+from lfpass.onnx.factor import factor_layers
 from lfpass.onnx.inputs import LABELS, Feeds, runtime_inputs
 from lfpass.onnx.load import count_params
 from lfpass.onnx.lowrank import attach_parts
@@ -141,6 +144,9 @@ class OnnxFrontend(Frontend[ir.Model]):
 
     def attach_parts(self, model: ir.Model, parts: Sequence[Part], rank: int) -> None:
         attach_parts(model, parts, rank)
+
+    def factor(self, model: ir.Model, factors: Sequence[Factor]) -> None:
+        factor_layers(model, factors)
 
 
 def align_onnx(model: ir.Model, plan: FusionPlan, mode: str = "weights", calibration: Calibration | None = None,

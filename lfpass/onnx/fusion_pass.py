@@ -70,7 +70,7 @@ class LayerFusionPass(ir.passes.InPlacePass):
             self.plan_for(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if model in self._fused or not self.plan.groups:
+        if model in self._fused or self.plan.empty:
             return ir.passes.PassResult(model, modified=False)
         apply_plan(model, self.sites, self.plan, stats=self.stats, store=self.store)
         self._fused.add(model)

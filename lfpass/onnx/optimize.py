@@ -112,9 +112,15 @@ class OptimizeResult:
             "seconds": self.seconds,
             "plan_groups": [
                 {"members": list(g.members), "rule": g.rule, "score": g.score, "numel": g.numel,
-                 "extra": g.extra, "damage": g.damage}
+                 "extra": g.extra, "damage": g.damage, "rank": g.rank}
                 for g in self.plan.groups
             ],
+            "plan_factors": [
+                {"action": f.action, "members": list(f.members), "rank": f.rank, "saved": f.saved,
+                 "damage": f.damage}
+                for f in self.plan.factors
+            ],
+            "choices": [list(c) for c in self.plan.choices],
         }
 
 
@@ -246,8 +252,8 @@ def optimize(
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
     result, kept, fusion = _plan(path, model, given, config, plan, inputs, data_files, dry_run, progress)
     result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
-    _defaults(result, given)
-    if not result.plan.groups or dry_run:
+    _defaults(result, given, inputs is not None and plan is None)
+    if result.plan.empty or dry_run:
         return result
     check = check and (kept is None or kept.plan.max_error is None)  # a budget judges by its held-out error
     feeds = _feeds(model, config, check, inputs, input_shapes, samples)
@@ -271,7 +277,7 @@ def optimize(
 
 _PLANNING = ("metric", "merge", "target_ratio", "threshold", "ratio_scope", "cross_role", "max_group_size",
              "max_overshoot", "granularity", "heads", "max_error", "align", "residual_rank", "kinds", "include",
-             "exclude", "min_params", "margin")
+             "exclude", "min_params", "margin", "actions")
 
 
 
@@ -288,15 +294,16 @@ def _given(config: Any, plan: Any) -> tuple[FusionConfig, FusionPlan | None]:
     return config, plan
 
 
-def _defaults(result: OptimizeResult, given: FusionConfig) -> None:
+def _defaults(result: OptimizeResult, given: FusionConfig, has_data: bool) -> None:
     """Say which options were left to "auto" and what the plan made of them."""
     plan = result.plan
-    became = {"merge": result.merge or given.merge_rule, "align": plan.align}
+    became = {"merge": result.merge or given.resolved(has_data).merge_rule, "align": plan.align,
+              "actions": ",".join(given.menu(has_data))}
     result.defaults = {k: became[k] for k in given.auto_fields}
-    if result.defaults and plan.keeps_function:
+    if result.defaults and (plan.keeps_function or given.uses_menu(has_data)):
         chosen = ", ".join(f"{k} {v}" for k, v in result.defaults.items())
         result.message = "\n".join(m for m in (result.message, f"with calibration inputs, by default: {chosen} "
-                                                f"(--merge mean --align none turn them off)") if m)
+                                                f"(--merge mean --align none --actions tie turn them off)") if m)
 
 
 def _read(path: Path, read_paths: Mapping[str, Path | None],
@@ -362,7 +369,7 @@ def _rewrite(result: OptimizeResult, model: ir.Model, value_info: Any, kept: Kep
 def _planned(path: Path, found: OnnxSites, data_files: list[Path], plan: FusionPlan, dry_run: bool) -> OptimizeResult:
     """The figures ``plan`` predicts, before anything is rewritten."""
     bytes_before = disk_bytes(path, data_files)
-    message = plan.message if plan.groups else _nothing(plan, found)
+    message = plan.message if not plan.empty else _nothing(plan, found)
     plan = _with_note(plan, _skip_note(found.skipped))
     return OptimizeResult(path, None, plan, plan.params_before, plan.params_after, bytes_before,
                           bytes_before - _predicted_bytes(found, plan), skipped=list(found.skipped),

@@ -15,11 +15,12 @@ import copy
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -268,6 +269,8 @@ def retrain(
     device: str | torch.device | None = None,
     find_unused_parameters: bool = False,
     on_stage: Callable[[StageRow], None] | None = None,
+    calibration: Sequence[Any] | None = None,
+    output_fn: Any = None,
 ) -> RetrainResult:
     """Fuse ``model`` to ``fusion.target_ratio`` (over ``fusion.ratio_scope``, against the original)
     in ``schedule.stages`` stages, retraining on ``task`` after each. ``model`` is not modified.
@@ -281,7 +284,15 @@ def retrain(
     joined from torchrun's environment it leaves when it returns; one the
     caller joined stays joined. ``on_stage(row)`` is called on every rank
     after each stage's checkpoint.
+
+    With ``calibration`` (batches of the model's inputs), the model is fused once by the
+    keep-function pipeline (:func:`lfpass.core.keep.fuse_keeping`: the plan menu of ties,
+    residuals, shared bases and per-layer low rank, a ``max_error`` budget too), then
+    retrained from that start with its ties kept (:func:`retrain_fused`; ``output_fn`` says
+    what the budget's error is measured on). That run has one stage and one process.
     """
+    if calibration is not None:
+        return _from_plan(model, task, fusion, schedule, list(calibration), output_fn, checkpoint_dir, progress)
     if fusion.target_ratio is None:
         raise ConfigError("target_ratio: iterative retraining needs a target ratio to spread over its stages")
     env = setup(device, find_unused_parameters)
@@ -304,6 +315,25 @@ def retrain(
     result = run.result(state)
     env.close()  # only on success: leaving the group while another rank is mid-collective would hang it
     return result
+
+
+def _from_plan(model: nn.Module, task: Task, fusion: FusionConfig, schedule: Schedule, batches: list[Any],
+               output_fn: Any, checkpoint_dir: Any, progress: bool) -> RetrainResult:
+    """Fuse once by the keep-function pipeline on ``batches``, then retrain from there."""
+    from lfpass.core.keep import fuse_keeping
+    from lfpass.fx.frontend import FxFrontend
+
+    if schedule.stages != 1:
+        raise ConfigError(f"calibration fuses once (by the plan menu or a budget), then retrains: pass stages=1, "
+                          f"or drop calibration for the {schedule.stages}-stage schedule by weight similarity")
+    if checkpoint_dir is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("a run fused once from calibration retrains in one process, without stage checkpoints")
+    if not batches:
+        raise ConfigError("calibration: no batches given")
+    kept = fuse_keeping(FxFrontend(model, example_inputs=batches[0], output_fn=output_fn), fusion, batches,
+                        progress=progress)
+    log.info("fused by the keep-function pipeline: %s", kept.plan.message)
+    return retrain_fused(kept.model, kept.plan, model, task, schedule, progress=progress)
 
 
 def retrain_fused(model: nn.Module, plan: FusionPlan, original: nn.Module, task: Task, schedule: Schedule, *,

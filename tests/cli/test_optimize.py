@@ -283,11 +283,18 @@ def test_with_inputs_auto_becomes_the_data_aware_options_and_the_report_says_so(
     code, _, err = _run(capsys, "optimize", model, "-o", tmp_path / "o.onnx", "--inputs", tmp_path / "c.npz",
                         "--ratio", "1.5", "--report", report)
     data = json.loads(report.read_text())
-    assert code in (0, 1) and data["defaults"] == {"merge": "regmean", "align": "weights"}
+    menu = "tie,residual,basis,lowrank"
+    assert code in (0, 1) and data["defaults"] == {"merge": "regmean", "align": "none", "actions": menu}
+    assert data["align"] == "none" and (data["plan_factors"] or data["plan_groups"])  # the menu's ties align not
+    assert any(f"by default: merge regmean, align none, actions {menu}" in line for line in err)
+    code, _, err = _run(capsys, "optimize", model, "-o", tmp_path / "t.onnx", "--inputs", tmp_path / "c.npz",
+                        "--ratio", "1.5", "--actions", "tie", "--report", report)
+    data = json.loads(report.read_text())
+    assert data["defaults"] == {"merge": "regmean", "align": "weights"} and not data["plan_factors"]
     assert (data["merge"], data["align"]) == ("regmean", "weights")
-    assert any("by default: merge regmean, align weights" in line for line in err)
     code, _, err = _run(capsys, "optimize", model, "-o", tmp_path / "p.onnx", "--inputs", tmp_path / "c.npz",
-                        "--ratio", "1.5", "--merge", "mean", "--align", "none", "--report", report)
+                        "--ratio", "1.5", "--merge", "mean", "--align", "none", "--actions", "tie",
+                        "--report", report)
     data = json.loads(report.read_text())
     assert data["defaults"] == {} and (data["merge"], data["align"]) == ("mean", "none")
 

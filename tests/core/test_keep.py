@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pytest
 
+from lfpass.core.bases import Factor
 from lfpass.core.calibration import Calibration, accumulate
 from lfpass.core.config import FusionConfig
 from lfpass.core.errors import ConfigError
@@ -34,13 +35,19 @@ class Mlp:
     reads: dict[str, str]
     parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
     blocks: int = 4
+    factored: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)  # layer -> (basis key, up)
+    bases: dict[str, np.ndarray] = field(default_factory=dict)
 
     def forward(self, x: np.ndarray, record: dict[str, list[np.ndarray]] | None = None) -> np.ndarray:
         for i in range(self.blocks):
             w, b = (self.tensors[self.reads[f"b{i}.{k}"]] for k in ("weight", "bias"))
             if record is not None:
                 record.setdefault(f"b{i}.weight", []).append(x)
-            y = x @ w.T + b
+            if f"b{i}" in self.factored:
+                key, up = self.factored[f"b{i}"]
+                y = (x @ self.bases[key].T) @ up.T + b
+            else:
+                y = x @ w.T + b
             if f"b{i}" in self.parts:
                 u, v, db = self.parts[f"b{i}"]
                 y = y + (x @ v.T) @ u.T + (db if db is not None else 0)
@@ -71,7 +78,9 @@ class MlpFrontend(Frontend[Mlp]):
     def count(self, model: Mlp) -> int:
         stored = {model.reads[n] for n in model.reads}
         parts = sum(u.size + v.size + (0 if db is None else db.size) for u, v, db in model.parts.values())
-        return sum(model.tensors[n].size for n in stored) + parts
+        stored -= {f"{layer}.weight" for layer in model.factored}
+        factored = sum(up.size for _, up in model.factored.values()) + sum(b.size for b in model.bases.values())
+        return sum(model.tensors[n].size for n in stored) + parts + factored
 
     def calibrate(self, batches: Sequence[np.ndarray], cross: Sequence[tuple[str, str]],
                   progress: bool = False) -> Calibration:
@@ -117,6 +126,12 @@ class MlpFrontend(Frontend[Mlp]):
             model.parts[layer] = (u, v, bias_delta(part, model.tensors[model.reads[f"{layer}.bias"]]))
 
 
+    def factor(self, model: Mlp, factors: Sequence[Factor]) -> None:
+        for f in factors:
+            model.bases.setdefault(f.basis, f.down)
+            model.factored[f.member.layer] = (f.basis, f.up)
+
+
 def mlp(seed: int = 0) -> Mlp:
     """Blocks 0 and 1 nearly alike, 2 and 3 unrelated."""
     rng = np.random.default_rng(seed)
@@ -144,7 +159,7 @@ def test_the_core_modules_hold_no_ir():
 
 def test_a_budget_fuses_the_alike_pair_and_measures_what_it_built():
     front = MlpFrontend(mlp())
-    kept = fuse_keeping(front, FusionConfig(target_ratio=None, max_error=0.01), batches())
+    kept = fuse_keeping(front, FusionConfig(target_ratio=None, max_error=0.01, actions=["tie"]), batches())
     assert [g.members for g in kept.plan.groups] == [("b0", "b1")]
     assert front.count(kept.model) == kept.plan.params_after == front.count(front.model) - (D * D + D)
     assert 0 < kept.plan.error <= 0.01
@@ -189,7 +204,7 @@ def test_a_frontend_must_implement_the_whole_contract():
 
 def test_an_auto_merge_under_a_budget_takes_the_rule_that_damages_less():
     front = MlpFrontend(mlp())
-    config = FusionConfig(target_ratio=None, max_error=0.01)
+    config = FusionConfig(target_ratio=None, max_error=0.01, actions=("tie",))
     auto = fuse_keeping(front, config, batches())
     forced = fuse_keeping(front, config.replace(merge="regmean"), batches())
     # RegMean of the nearly equal pair, from 64 samples, costs more than their mean: measured, the mean wins
@@ -199,3 +214,47 @@ def test_an_auto_merge_under_a_budget_takes_the_rule_that_damages_less():
     assert "margin of 1.645 standard errors" in auto.plan.message
     assert "alignment measured (ratio within the budget: weights" in auto.plan.message  # then none
     assert "alignment measured" not in fuse_keeping(front, config.replace(align="none"), batches()).plan.message
+
+
+# -- the plan menu over the same contract ------------------------------------------------------------
+
+def _damage(plan: FusionPlan) -> float:
+    return sum(f.damage for f in plan.factors) + sum(g.damage for g in plan.groups)
+
+
+def test_the_menu_reaches_a_ratio_with_the_exact_count_and_rebuilds_from_its_json():
+    front = MlpFrontend(mlp())
+    assert [g.members for g in fuse_keeping(front, FusionConfig(target_ratio=1.3), batches()).plan.groups] == [
+        ("b0", "b1")]  # a small step: the nearly equal pair is tied, the cheapest damage there is
+    kept = fuse_keeping(front, FusionConfig(target_ratio=2.0), batches())
+    plan = kept.plan
+    assert plan.factors and plan.ratio >= 2.0
+    assert front.count(kept.model) == plan.params_after < front.count(front.model)
+    assert front.model.reads == {n: n for n in front.model.tensors} and not front.model.factored
+    again = Fuser(front, front.calibrate(split(batches(), 0.25)[0], [])).build(FusionPlan.from_json(plan.to_json()))
+    x = batches(1, seed=9)[0]
+    np.testing.assert_array_equal(again.forward(x), kept.model.forward(x))
+    assert "at the same price" in plan.explain() and "b*" in plan.explain()
+
+
+def test_the_menu_prices_no_worse_than_per_layer_low_rank_and_shares_where_layers_agree():
+    front = MlpFrontend(mlp())
+    full = fuse_keeping(front, FusionConfig(target_ratio=1.6), batches()).plan
+    lowrank = fuse_keeping(front, FusionConfig(target_ratio=1.6, actions="lowrank"), batches()).plan
+    assert full.params_after <= lowrank.params_after * 1.02 and lowrank.ratio >= 1.6
+    assert _damage(full) <= _damage(lowrank) + 1e-12
+    together = [set(f.members) for f in full.factors if len(f.members) > 1] + [set(g.members) for g in full.groups]
+    assert any({"b0", "b1"} <= members for members in together)  # the nearly equal pair shares
+
+
+def test_the_menu_under_a_budget_measures_only_a_few_plans_and_verifies_on_unseen_inputs():
+    front = MlpFrontend(mlp())
+    kept = fuse_keeping(front, FusionConfig(target_ratio=None, max_error=0.02), batches(12))
+    plan = kept.plan
+    assert plan.ratio > 1.0 and front.count(kept.model) == plan.params_after
+    ordered, measured = (int(n) for n in
+                         __import__("re").search(r"(\d+) plans ordered by size, measured end to end at (\d+)",
+                                                 plan.message).groups())
+    assert measured <= int(np.ceil(np.log2(ordered + 1))) + 1
+    assert "verified on" in plan.message and plan.error == pytest.approx(kept.error_of(kept.model), rel=1e-12)
+    assert all(error <= 0.02 for ratio, error in plan.curve if ratio <= plan.ratio)

@@ -44,7 +44,7 @@ def batches():
 
 def test_budget_keeps_the_error_and_finds_the_cheap_pair(batches):
     model = _Mlp().eval()
-    fused, plan = lfpass.fuse(model, target_ratio=None, max_error=1e-3, calibration=batches)
+    fused, plan = lfpass.fuse(model, target_ratio=None, max_error=1e-3, calibration=batches, actions=["tie"])
     assert [set(g.members) for g in plan.groups] == [{"blocks.1", "blocks.2"}]
     assert lfpass.unique_parameters(fused) == plan.params_after < lfpass.unique_parameters(model)
     held = batches[-2:]  # holdout 0.25 of 8 batches

@@ -64,7 +64,8 @@ def test_budget_finds_the_cheap_pair_and_keeps_the_error(cnn, tmp_path):
     path, calib, x = cnn
     before = path.read_bytes()
     out = tmp_path / "fused.onnx"
-    result = optimize(path, out, {"target_ratio": None, "max_error": 1e-3, "cross_role": True}, inputs=calib)
+    result = optimize(path, out, {"target_ratio": None, "max_error": 1e-3, "cross_role": True, "actions": ["tie"]},
+                      inputs=calib)
     assert path.read_bytes() == before
     weights = {s.name: s.weight for s in find_sites(load_model(path)).sites}
     assert [{weights[m] for m in g.members} for g in result.plan.groups] == [
@@ -81,7 +82,8 @@ def test_budget_finds_the_cheap_pair_and_keeps_the_error(cnn, tmp_path):
 
 def test_a_forced_ratio_says_what_it_costs(cnn, tmp_path):
     path, calib, _ = cnn
-    result = optimize(path, tmp_path / "f.onnx", {"target_ratio": 1.5, "max_error": 1.0, "cross_role": True}, inputs=calib)
+    result = optimize(path, tmp_path / "f.onnx", {"target_ratio": 1.5, "max_error": 1.0, "cross_role": True,
+                                                         "actions": ["tie"]}, inputs=calib)
     assert result.plan.ratio >= 1.5
     assert result.error is not None and result.error > 1e-3  # unrelated layers had to share
     assert "target 1.5 is reached" in result.plan.message and "costs output cosine" in result.plan.message
@@ -91,7 +93,7 @@ def test_cli_reports_the_budget(cnn, tmp_path, capsys):
     path, calib, _ = cnn
     report = tmp_path / "r.json"
     code = main(["optimize", str(path), "-o", str(tmp_path / "c.onnx"), "--inputs", str(calib),
-                 "--max-error", "0.001", "--cross-role", "--report", str(report)])
+                 "--max-error", "0.001", "--cross-role", "--actions", "tie", "--report", str(report)])
     out = capsys.readouterr().out
     assert code == 0
     assert "held out" in out and "budget 0.001: kept" in out
@@ -135,7 +137,7 @@ def test_alignment_in_onnx_makes_a_shuffled_copy_free_to_share(tmp_path, align):
     np.savez(calib, x=np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
     weights = {s.name: s.weight for s in find_sites(load_model(path)).sites}
     first_two = [n for n, w in weights.items() if w.startswith(("blocks.0.", "blocks.1."))]
-    config = {"target_ratio": None, "threshold": -1.0, "cross_role": True, "include": first_two}
+    config = {"target_ratio": None, "threshold": -1.0, "cross_role": True, "include": first_two, "actions": ["tie"]}
     plain = optimize(path, tmp_path / "plain.onnx", {**config, "merge": "mean", "align": "none", "max_error": 1.0}, inputs=calib)
     aligned = optimize(path, tmp_path / "aligned.onnx", {**config, "align": align}, inputs=calib)
     assert len(aligned.plan.groups) == len(plain.plan.groups) == 2
@@ -151,7 +153,25 @@ def test_auto_options_under_a_budget_are_chosen_by_measurement_in_onnx(tmp_path)
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
-    result = optimize(path, tmp_path / "auto.onnx", {"target_ratio": None, "max_error": 0.05}, inputs=calib)
+    result = optimize(path, tmp_path / "auto.onnx", {"target_ratio": None, "max_error": 0.05, "actions": "tie"},
+                      inputs=calib)
     assert "alignment measured (ratio within the budget: weights" in result.plan.message
     assert set(result.defaults) == {"merge", "align"} and result.defaults["align"] == result.plan.align
     assert result.defaults["merge"] == result.merge or not result.plan.groups
+
+
+def test_by_default_the_budget_spends_itself_on_the_plan_menu(cnn, tmp_path):
+    """With calibration inputs and no actions named, the plan menu plans: ties, residuals, shared
+    bases and per-layer low rank priced in closed form, checked end to end at a few points."""
+    path, calib, x = cnn
+    out = tmp_path / "menu.onnx"
+    result = optimize(path, out, {"target_ratio": None, "max_error": 0.02}, inputs=calib)
+    plan = result.plan
+    assert "plan menu (tie, residual, basis, lowrank)" in plan.message and "measured end to end at" in plan.message
+    assert result.defaults["actions"] == "tie,residual,basis,lowrank"
+    assert plan.factors and result.ratio > 1.0
+    assert result.params_after == plan.params_after  # the plan's count is the written file's
+    assert result.error is not None and result.within_budget
+    held = x[-16:]
+    assert result.error == pytest.approx(output_error([_run(path, held)], [_run(out, held)]), rel=1e-6, abs=1e-9)
+    onnx.checker.check_model(str(out))

@@ -1,0 +1,435 @@
+"""One plan over every action: keep, tie, tie + residual, shared basis, per-layer low rank.
+
+Each class of same-role, same-shape layers can be compressed several ways,
+and which way keeps most of the function differs from class to class (and
+from model to model). This planner prices them all with one currency:
+
+- **damage**, in closed form from the calibration statistics: each member's
+  squared output error on its own inputs relative to its output energy
+  (:mod:`lfpass.core.bases`), summed over the layers an action touches;
+- **parameters**, the unique parameters the action leaves, counted exactly
+  as the frontends write them.
+
+For one price ``lam`` (damage per parameter), every unit of layers takes the
+option minimising ``damage + lam * params``: a rank along its curve, or its
+members on their own. A class is cut into units several ways (singletons; pairs
+for ties; consecutive chunks of 2, 3, 4 or all members for a shared basis) and
+keeps the cut that costs least. Raising ``lam`` can only lower the parameters
+left, so a ratio is reached by bisection on ``lam`` (Lagrangian allocation:
+the ranks and actions land on the lower convex hull of damage against size).
+A budget on the measured output error is kept the same way: the plans along
+``lam`` are ordered by size, and the model is run end to end only at the few
+points a bisection over that list visits, never per pair.
+
+Ties here merge by the configured rule, without alignment (its damage has no
+closed form); a basis of one member is per-layer low rank, so the menu can
+never price below the per-layer baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lfpass.core.bases import BasisFit, basis_params, break_even, fit_basis, relative_error, residual_curve
+from lfpass.core.calibration import Calibration, LayerStats
+from lfpass.core.config import FusionConfig
+from lfpass.core.layers import layers_of, layout_of, to_matrix
+from lfpass.core.lowrank import declined, residual_params
+from lfpass.core.merge import merged_slots
+from lfpass.core.plan import Factored, FusionGroup, FusionPlan
+from lfpass.core.planner import LoadTensor, compatibility_classes, plan_fusion, select_sites
+from lfpass.core.quality import describe
+from lfpass.core.sites import ClassKey, Site
+
+log = logging.getLogger(__name__)
+
+Evaluate = Callable[[FusionPlan], float]
+_NEVER = 1e300
+BASIS_SIZES = (2, 3, 4)  # chunk sizes tried beside "all members of the class"
+_PAIRS_ALL = 16  # classes up to this size try every pair for ties; larger ones neighbours only
+_GRID = 48  # prices tried when a budget is measured
+
+
+@dataclass
+class Curve:
+    """One action on one unit: the unit's unique parameters and damage at each option (rank)."""
+
+    action: str  # keep, lowrank, basis, tie, residual
+    params: np.ndarray
+    damage: np.ndarray
+    ranks: np.ndarray
+
+    def best(self, lam: float) -> tuple[float, int]:
+        cost = self.damage + lam * self.params
+        i = int(np.argmin(cost))
+        return float(cost[i]), i
+
+
+@dataclass
+class Unit:
+    """Layers that take one action together; ``alone``: its members as units of their own."""
+
+    members: tuple[str, ...]
+    curves: list[Curve]
+    alone: list["Unit"] = field(default_factory=list)
+
+    def choose(self, lam: float) -> tuple[float, list[tuple["Unit", Curve, int]]]:
+        """The least cost at ``lam`` and the choices making it."""
+        best: tuple[float, list] = (math.inf, [])
+        for curve in self.curves:
+            cost, i = curve.best(lam)
+            if cost < best[0]:
+                best = (cost, [(self, curve, i)])
+        if self.alone:
+            parts = [u.choose(lam) for u in self.alone]
+            cost = sum(p[0] for p in parts)
+            if cost < best[0]:
+                best = (cost, [c for p in parts for c in p[1]])
+        return best
+
+
+@dataclass
+class Cut:
+    """One way to cut a class into units."""
+
+    name: str
+    units: list[Unit]
+
+    def choose(self, lam: float) -> tuple[float, list[tuple[Unit, Curve, int]]]:
+        picks = [u.choose(lam) for u in self.units]
+        return sum(p[0] for p in picks), [c for p in picks for c in p[1]]
+
+
+@dataclass
+class _Class:
+    key: ClassKey
+    label: str
+    cuts: list[Cut]
+    shape: tuple[int, int]  # each member's weight as [out, in]
+    merged: dict[tuple[str, ...], str] = field(default_factory=dict)  # a tie's merge rule
+
+    def choose(self, lam: float) -> tuple[Cut, float, list[tuple[Unit, Curve, int]]]:
+        best = None
+        for cut in self.cuts:
+            cost, picks = cut.choose(lam)
+            if best is None or cost < best[1] - 1e-15:
+                best = (cut, cost, picks)
+        assert best is not None
+        return best
+
+
+def _totals(picks: Sequence[tuple[Unit, Curve, int]]) -> tuple[int, float]:
+    return (int(sum(c.params[i] for _, c, i in picks)), float(sum(c.damage[i] for _, c, i in picks)))
+
+
+class Menu:
+    """Every class's cuts and curves, priced from the calibration statistics once."""
+
+    def __init__(self, sites: Sequence[Site], classes: Sequence[tuple[ClassKey, Sequence[str]]], load: LoadTensor,
+                 stats: Calibration | None, config: FusionConfig, actions: Sequence[str],
+                 progress: bool = False) -> None:
+        self.sites = {s.name: s for s in sites}
+        self.load, self.config, self.actions = load, config, tuple(actions)
+        self.stats = stats
+        self.skipped: list[tuple[str, str]] = []
+        held: dict[str, int] = {}
+        for s in self.sites.values():
+            for t in () if s.parts else s.tensors:  # a unit holds its layers' tensors: not a tie
+                held[t] = held.get(t, 0) + 1
+        self.classes: list[_Class] = []
+        alone, thin = [], []
+        for key, names in tqdm(classes, desc="menu", unit="class", disable=not progress, leave=False):
+            names = [n for n in names if self._eligible(n, held)]
+            if not names:
+                continue
+            if len(names) == 1 and "lowrank" not in self.actions:
+                alone.append(names[0])
+            thin += [n for n in names if (s := self.layer_stats(n)) is not None and 0 < s.count < s.dim]
+            self.classes.append(self._price(key, names))
+        self.notes: list[str] = []
+        if alone:
+            self.notes.append(f"{len(alone)} layer(s) have no same-class partner to share with (e.g. {alone[0]}): "
+                              "kept dense; add lowrank to the actions to factor them alone")
+        if thin:
+            self.notes.append(f"{len(thin)} layer(s) saw fewer calibration samples than their input width (e.g. "
+                              f"{thin[0]}): their whitening is regularised; give more inputs for a sharper estimate")
+        for note in self.notes:
+            log.warning("%s", note)
+
+    # -- what may take part ---------------------------------------------------------------------
+    def _eligible(self, name: str, held: Mapping[str, int]) -> bool:
+        site = self.sites[name]
+        why = ""
+        if site.parts:
+            why = "a unit (the menu plans layers)"
+        elif declined(site.kind, site.signature):
+            why = declined(site.kind, site.signature)
+        elif layout_of(layers_of(site)[0])[0] is None:
+            why = layout_of(layers_of(site)[0])[1]
+        elif any(held[t] > 1 for t in site.tensors):
+            why = "its weight is held by another layer too (already tied)"
+        if why:
+            self.skipped.append((name, why))
+        return not why
+
+    def matrix(self, name: str) -> np.ndarray:
+        layer = layers_of(self.sites[name])[0]
+        return to_matrix(self.load(layer.weight.tensor), layout_of(layer)[0])
+
+    def layer_stats(self, name: str) -> LayerStats | None:
+        if self.stats is None:
+            return None
+        return self.stats.layers.get(self.sites[name].weight)
+
+    # -- pricing ---------------------------------------------------------------------------------
+    def _price(self, key: ClassKey, names: list[str]) -> _Class:
+        site = self.sites[names[0]]
+        mats = {n: self.matrix(n) for n in names}
+        out, in_ = mats[names[0]].shape
+        dense = site.numel
+        singles = {n: self._single(n, mats[n], dense) for n in names}
+        label = key.role or str(key)
+        cuts = [Cut("per layer", [singles[n] for n in names])]
+        merged: dict[tuple[str, ...], str] = {}
+        if "basis" in self.actions and len(names) > 1:
+            for size in sorted({*(k for k in BASIS_SIZES if k < len(names)), len(names)}):
+                units = []
+                for start in range(0, len(names), size):
+                    chunk = names[start:start + size]
+                    if len(chunk) == 1:
+                        units.append(singles[chunk[0]])
+                        continue
+                    fit = fit_basis([mats[n] for n in chunk], [self.layer_stats(n) for n in chunk])
+                    units.append(Unit(tuple(chunk), [self._basis_curve(fit, dense, out, in_)],
+                                      [singles[n] for n in chunk]))
+                cuts.append(Cut(f"basis of {size}" if size < len(names) else "one basis", units))
+        if ({"tie", "residual"} & set(self.actions)) and len(names) > 1:
+            cuts.append(self._ties(names, mats, singles, merged))
+        return _Class(key, label, cuts, (out, in_), merged)
+
+    def _single(self, name: str, w: np.ndarray, dense: int) -> Unit:
+        out, in_ = w.shape
+        keep = Curve("keep", np.array([dense]), np.array([0.0]), np.array([0]))
+        curves = [keep]
+        top = break_even(1, out, in_)
+        if "lowrank" in self.actions and top >= 1:
+            fit = fit_basis([w], [self.layer_stats(name)])
+            curves.append(self._basis_curve(fit, dense, out, in_, "lowrank"))
+        return Unit((name,), curves)
+
+    def _basis_curve(self, fit: BasisFit, dense: int, out: int, in_: int, action: str = "basis") -> Curve:
+        k = fit.size
+        top = min(break_even(k, out, in_), fit.max_rank)
+        ranks = np.arange(1, top + 1)
+        params = k * (dense - out * in_) + np.array([basis_params(k, out, in_, int(r)) for r in ranks])
+        damage = fit.relative[:, 1:top + 1].sum(axis=0)
+        return Curve(action, params.astype(np.int64), damage, ranks)
+
+    def _ties(self, names: list[str], mats: Mapping[str, np.ndarray], singles: Mapping[str, Unit],
+              merged: dict[tuple[str, ...], str]) -> Cut:
+        """Disjoint pairs, least tie damage first, each a unit (tie, tie + residual, or apart)."""
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+                 if len(names) <= _PAIRS_ALL or names.index(b) == i + 1]
+        priced = []
+        for a, b in pairs:
+            shared = self._merge([a, b])
+            curves = self._tie_curves([a, b], mats, shared)
+            priced.append((min(float(c.damage.min()) for c in curves), (a, b), curves))
+        taken: set[str] = set()
+        units = []
+        for _, pair, curves in sorted(priced, key=lambda p: p[0]):
+            if taken & set(pair):
+                continue
+            taken.update(pair)
+            merged[pair] = self.config.merge_rule
+            units.append(Unit(pair, curves, [singles[n] for n in pair]))
+        units += [singles[n] for n in names if n not in taken]
+        return Cut("ties", units)
+
+    def _merge(self, members: Sequence[str]) -> np.ndarray:
+        """The tensor ``members`` would share, merged as the build merges it (:func:`merged_slots`)."""
+        sites = [self.sites[m] for m in members]
+        group = FusionGroup(tuple(members), self.config.merge_rule, math.nan, sites[0].class_key(), sites[0].numel)
+        plan = FusionPlan((group,), "cosine", "model", 0, 0, 0, 0, 1.0)
+        weight = layers_of(sites[0])[0].weight
+        for slot in merged_slots(plan, self.sites, self.load, stats=self.stats):
+            if slot.slot == weight.name:
+                return to_matrix(slot.array, layout_of(layers_of(sites[0])[0])[0])
+        raise AssertionError("a merge yields the weight slot")
+
+    def _tie_curves(self, members: Sequence[str], mats: Mapping[str, np.ndarray], shared: np.ndarray) -> list[Curve]:
+        site = self.sites[members[0]]
+        out, in_ = shared.shape
+        curves = []
+        if "tie" in self.actions:
+            damage = sum(relative_error(mats[m], shared, self.layer_stats(m)) for m in members)
+            curves.append(Curve("tie", np.array([site.numel]), np.array([damage]), np.array([0])))
+        if "residual" in self.actions:
+            tails = [residual_curve(mats[m], shared, self.layer_stats(m)) for m in members]
+            top = min(len(t) - 1 for t in tails)
+            ranks = np.array([r for r in range(1, top + 1)
+                              if site.numel + sum(residual_params(self.sites[m], r, bias=True) for m in members)
+                              < len(members) * site.numel])
+            if len(ranks):
+                params = np.array([site.numel + sum(residual_params(self.sites[m], int(r), bias=True)
+                                                    for m in members) for r in ranks])
+                damage = np.sum([t[ranks] for t in tails], axis=0)
+                curves.append(Curve("residual", params.astype(np.int64), damage, ranks))
+        return curves
+
+    # -- choosing at a price -----------------------------------------------------------------------
+    def at(self, lam: float) -> list[tuple[_Class, Cut, list[tuple[Unit, Curve, int]]]]:
+        return [(c, *(lambda r: (r[0], r[2]))(c.choose(lam))) for c in self.classes]
+
+    def saved(self, lam: float) -> int:
+        return sum(_saved(picks) for _, _, picks in self.at(lam))
+
+    def ceiling(self) -> int:
+        """The most parameters the menu can save (every unit at its smallest option)."""
+        return self.saved(1e30)
+
+
+def _saved(picks: Sequence[tuple[Unit, Curve, int]]) -> int:
+    return sum(_dense(u, c) - int(c.params[i]) for u, c, i in picks)
+
+
+def _dense(unit: Unit, curve: Curve) -> int:
+    """The unit's parameters kept dense: its keep point (a single), or its members' keep points."""
+    if curve.action == "keep":
+        return int(curve.params[0])
+    members = unit.alone or [unit]
+    return sum(int(next(c for c in u.curves if c.action == "keep").params[0]) for u in members)
+
+
+def _lam_for(menu: Menu, needed: int) -> float:
+    """The smallest price (to 0.1%) at which the menu saves at least ``needed``."""
+    lo, hi = -30.0, 30.0
+    if menu.saved(10 ** hi) < needed:
+        return 10 ** hi
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if menu.saved(10 ** mid) >= needed:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-3:
+            break
+    return 10 ** hi
+
+
+def plan_menu(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, params_total: int,
+              stats: Calibration | None, actions: Sequence[str], evaluate: Evaluate | None = None,
+              progress: bool = False) -> FusionPlan:
+    """The menu's plan for ``config``'s ``target_ratio`` and/or ``max_error`` (``evaluate(plan)``:
+    the measured error of the model a plan makes, needed for a budget)."""
+    base = plan_fusion(sites, load, config.replace(target_ratio=None, threshold=_NEVER, max_overshoot=None,
+                                                   granularity="tensor"), params_total, progress=progress)
+    base = replace(base, target_ratio=config.target_ratio, threshold=None, max_overshoot=None, align="none",
+                   residual_rank=0, error_metric=config.error_metric, max_error=config.max_error, message="")
+    planned = config.replace(granularity="tensor")
+    classes = [(key, [s.name for s in members])  # single layers too: per-layer low rank needs no partner
+               for key, members in compatibility_classes(select_sites(sites, planned), config.cross_role).items()]
+    menu = Menu(sites, classes, load, stats, config, actions, progress)
+    scope_before = base.params_before if config.ratio_scope == "model" else base.layer_params_before
+    ceiling = menu.ceiling()
+    base = replace(base, max_ratio=scope_before / max(scope_before - ceiling, 1))
+    needed = None
+    if config.target_ratio is not None:
+        needed = max(scope_before - math.floor(scope_before / config.target_ratio), 0)
+    how = "closed-form damage from calibration statistics" if stats is not None else "closed-form weight damage " \
+          "(no calibration inputs: inputs taken as white)"
+    if config.max_error is None or evaluate is None:
+        lam = _lam_for(menu, needed or 0)
+        plan = _plan(base, menu, lam, config)
+        note = "; ".join([f"plan menu ({', '.join(actions)}), {how}", *menu.notes])
+        if needed is not None and plan.ratio + 1e-12 < config.target_ratio:
+            note += f"; the target {config.target_ratio:g} is out of reach: the menu reaches {plan.ratio:.3f}"
+        return replace(plan, message=note)
+    return _budgeted(base, menu, config, evaluate, needed, how, actions, progress)
+
+
+def _budgeted(base: FusionPlan, menu: Menu, config: FusionConfig, evaluate: Evaluate, needed: int | None,
+              how: str, actions: Sequence[str], progress: bool) -> FusionPlan:
+    """The largest plan along the price whose measured error keeps the budget, found by bisection."""
+    top = menu.ceiling() if needed is None else min(needed, menu.ceiling())
+    if top <= 0:
+        plan = replace(_plan(base, menu, 0.0, config), error=0.0)
+        return replace(plan, message=f"plan menu ({', '.join(actions)}): no layer here can be made smaller "
+                                     f"(none factors below its size, none has a partner to share with)")
+    lams = [_lam_for(menu, int(top * f)) for f in np.linspace(0, 1, _GRID + 1)[1:]]
+    plans, seen = [], set()
+    for lam in sorted(set(lams)):
+        plan = _plan(base, menu, lam, config)
+        key = plan.params_after
+        if key not in seen and plan.params_after < base.params_before:
+            seen.add(key)
+            plans.append(plan)
+    plans.sort(key=lambda p: -p.params_after)
+    lo, hi, measured, curve = -1, len(plans), {}, []
+    bar = tqdm(total=max(1, math.ceil(math.log2(len(plans) + 1))), desc="budget", unit="check", disable=not progress,
+               leave=False)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        measured[mid] = evaluate(plans[mid])
+        curve.append((plans[mid].ratio, measured[mid]))
+        bar.update()
+        if measured[mid] <= config.max_error:
+            lo = mid
+        else:
+            hi = mid
+    bar.close()
+    budget = describe(config.error_metric, config.max_error)
+    head = "; ".join([f"plan menu ({', '.join(actions)}), {how}: {len(plans)} plans ordered by size, measured end "
+                      f"to end at {len(measured)} of them", *menu.notes])
+    if lo < 0:
+        plan = replace(_plan(base, menu, 0.0, config), error=0.0, curve=tuple(sorted(curve)))
+        return replace(plan, message=f"{head}; even the smallest step breaks the budget (error <= "
+                                     f"{config.max_error:g}, {budget}): nothing compressed")
+    plan = replace(plans[lo], error=measured[lo], curve=tuple(sorted(curve)))
+    line = (f"{head}; the largest ratio found within the budget (error <= {config.max_error:g}, {budget}) is "
+            f"{plan.ratio:.3f} ({plan.scope}), at {describe(config.error_metric, measured[lo])}")
+    if needed is not None and plan.ratio + 1e-12 < (config.target_ratio or 0):
+        line += f"; the target {config.target_ratio:g} is out of reach within the budget"
+    return replace(plan, message=line)
+
+
+def _plan(base: FusionPlan, menu: Menu, lam: float, config: FusionConfig) -> FusionPlan:
+    groups, factors, choices, saved = [], [], [], 0
+    for cls, cut, picks in menu.at(lam):
+        for unit, curve, i in picks:
+            saved += _dense(unit, curve) - int(curve.params[i])
+            damage = float(curve.damage[i])
+            if curve.action in ("lowrank", "basis"):
+                factors.append(Factored(unit.members, int(curve.ranks[i]), cls.key, *cls.shape, damage,
+                                        menu.stats is not None))
+            elif curve.action in ("tie", "residual"):
+                numel = menu.sites[unit.members[0]].numel
+                groups.append(FusionGroup(unit.members, cls.merged.get(unit.members, config.merge_rule), math.nan,
+                                          cls.key, numel, int(curve.params[i]) - numel, damage, int(curve.ranks[i])))
+        choices.append((cls.label, _why(cls, cut, picks, lam)))
+    plan = replace(base, groups=tuple(groups), factors=tuple(factors), choices=tuple(choices),
+                   params_after=base.params_before - saved, layer_params_after=base.layer_params_before - saved)
+    return plan
+
+
+def _why(cls: _Class, chosen: Cut, picks, lam: float) -> str:
+    params, damage = _totals(picks)
+    counts: dict[str, int] = {}
+    for _, curve, _ in picks:
+        counts[curve.action] = counts.get(curve.action, 0) + 1
+    what = ", ".join(f"{n} {a}" for a, n in counts.items())
+    others = []
+    for cut in cls.cuts:
+        if cut is chosen:
+            continue
+        _, p = cut.choose(lam)
+        op, od = _totals(p)
+        others.append(f"{cut.name}: {op:,} params, damage {od:.3g}")
+    line = f"{chosen.name} ({what}): {params:,} params, damage {damage:.3g}"
+    return line + (f"; at the same price {'; '.join(others)}" if others else "")
