@@ -346,7 +346,7 @@ def plan_menu(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, par
           "(no calibration inputs: inputs taken as white)"
     if config.max_error is None or evaluate is None:
         lam = _lam_for(menu, needed or 0)
-        plan = _plan(base, menu, lam, config)
+        plan = _plan(base, menu, lam, config, needed)
         note = "; ".join([f"plan menu ({', '.join(actions)}), {how}", *menu.notes])
         if needed is not None and plan.ratio + 1e-12 < config.target_ratio:
             note += f"; the target {config.target_ratio:g} is out of reach: the menu reaches {plan.ratio:.3f}"
@@ -399,9 +399,36 @@ def _budgeted(base: FusionPlan, menu: Menu, config: FusionConfig, evaluate: Eval
     return replace(plan, message=line)
 
 
-def _plan(base: FusionPlan, menu: Menu, lam: float, config: FusionConfig) -> FusionPlan:
+def _fill(chosen: list[tuple[_Class, Cut, list[tuple[Unit, Curve, int]]]], slack: int) -> None:
+    """Spend ``slack`` (parameters saved past the target) back on rank, in place: one rank step
+    at a time where it removes the most damage per parameter, while the target still holds (a
+    price lands on a step of the size curve; this takes the overshoot back)."""
+    while slack > 0:
+        best = None
+        for c, (_, _, picks) in enumerate(chosen):
+            for k, (_, curve, i) in enumerate(picks):
+                if i + 1 >= len(curve.params):
+                    continue
+                cost = int(curve.params[i + 1] - curve.params[i])
+                gain = float(curve.damage[i] - curve.damage[i + 1])
+                if 0 < cost <= slack and gain > 0 and (best is None or gain / cost > best[0]):
+                    best = (gain / cost, c, k, cost)
+        if best is None:
+            return
+        _, c, k, cost = best
+        unit, curve, i = chosen[c][2][k]
+        chosen[c][2][k] = (unit, curve, i + 1)
+        slack -= cost
+
+
+def _plan(base: FusionPlan, menu: Menu, lam: float, config: FusionConfig, needed: int | None = None) -> FusionPlan:
+    """The plan the menu makes at price ``lam``; with ``needed`` (parameters to save), the overshoot
+    spent back on rank."""
     groups, factors, choices, saved = [], [], [], 0
-    for cls, cut, picks in menu.at(lam):
+    chosen = [(cls, cut, list(picks)) for cls, cut, picks in menu.at(lam)]
+    if needed is not None:
+        _fill(chosen, sum(_saved(picks) for _, _, picks in chosen) - needed)
+    for cls, cut, picks in chosen:
         for unit, curve, i in picks:
             saved += _dense(unit, curve) - int(curve.params[i])
             damage = float(curve.damage[i])

@@ -39,7 +39,7 @@ def test_distill_keeps_batchnorm_opset_and_dynamic_batch(tmp_path, capsys, monke
 
 
 @pytest.mark.parametrize("flags", [["--align", "weights"], ["--merge", "regmean"], ["--max-error", "0.1"],
-                                   ["--residual-rank", "2"]])
+                                   ["--residual-rank", "2"], ["--ratio", "1.3", "--actions", "basis,lowrank"]])
 def test_distill_takes_the_data_aware_options_and_the_budget(tmp_path, capsys, flags):
     src, calib, out, report = (tmp_path / n for n in ("model.onnx", "c.npz", "o.onnx", "r.json"))
     converter_cnn(src)
@@ -59,6 +59,9 @@ def test_distill_takes_the_data_aware_options_and_the_budget(tmp_path, capsys, f
         assert plan["residual_rank"] == 2
     if "--merge" in flags:
         assert {g["rule"] for g in plan["groups"]} <= {"regmean"}
+    if "--actions" in flags:  # retrained from the menu's plan: bases and low-rank factors train, ties stay
+        assert plan["factors"] and not plan["groups"]
+        assert data["retrain"]["history"][0]["unique_params"] == plan["params_after"]
 
 
 @pytest.mark.parametrize("extra, why", [(["--stages", "2"], "pass --stages 1"),

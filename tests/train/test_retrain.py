@@ -199,3 +199,23 @@ def test_graph_modules_retrain_like_the_module(trained, digits, frontend):
                                                                        for p in as_module.plans]
     assert lfpass.unique_parameters(as_graph.model) == as_graph.unique_params == as_module.unique_params
     torch.testing.assert_close(as_graph.model(digits.x_test), as_module.model(digits.x_test))
+
+
+def test_retraining_starts_from_the_plan_menu_with_the_bases_kept(trained, digits):
+    """With calibration, retrain fuses once by the plan menu (shared bases, low rank, ties, priced
+    from the calibration statistics) and retrains from there: every basis stays one Parameter, the
+    count stays the plan's, and the retrained model is no worse than the fused one on held-out digits."""
+    calibration = [digits.x_train[i:i + 64] for i in range(0, 512, 64)]
+    config = lfpass.FusionConfig(target_ratio=1.8, ratio_scope="layers", actions="basis,lowrank")
+    schedule = Schedule(stages=1, steps_per_stage=30, lr=1e-3, batch_size=64)
+    result = retrain(trained, digits, config, schedule, calibration=calibration, progress=False)
+    plan = result.plans[0]
+    assert any(f.action == "basis" for f in plan.factors) and plan.layer_ratio >= 1.8
+    assert lfpass.unique_parameters(result.model) == plan.params_after
+    for entry in plan.factors:
+        assert len({id(result.model.get_submodule(m).down.weight) for m in entry.members}) == 1
+    row = result.history[0]
+    assert row.quality >= row.quality_fused - 1e-12  # retraining that loses is undone
+    with pytest.raises(lfpass.ConfigError, match="pass stages=1"):
+        retrain(trained, digits, config, Schedule(stages=2, steps_per_stage=5), calibration=calibration,
+                progress=False)
