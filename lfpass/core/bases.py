@@ -22,7 +22,9 @@ activation-aware SVD (:func:`lfpass.core.lowrank.activation_svd`, bit for bit),
 and full rank reproduces every member.
 
 Damage in closed form: member ``i``'s squared output error on its *own* inputs at
-every rank at once, relative to its output energy ``tr(W_i M_i W_i^T)``. The
+every rank at once, relative to its output energy ``tr(W_i M_i W_i^T)``. A group
+of one is whitened by its own inputs, so its error is the tail of its spectrum
+(in the ridged metric: exact to the ridge, 1e-6 of the mean input energy). The
 residual at rank ``r`` is ``sum_{j>r} p_ij d_j q_j^T S^-1``, so with
 ``A_i = P_i D`` and ``Z_i = Q^T S^-1 M_i S^-T Q`` the error is the sum of
 ``(A_i^T A_i) * Z_i`` (elementwise) over the block ``[r:, r:]``, a reversed 2-D
@@ -111,16 +113,20 @@ def fit_basis(weights: Sequence[np.ndarray], stats: Sequence[LayerStats | None] 
     own = moments(stats if stats is not None else [None] * len(mats), dim)
     s, s_inv = whiten_moment(np.mean(own, axis=0), eps)
     p, d, qt = np.linalg.svd(np.vstack([w @ s for w in mats]), full_matrices=False)
+    if len(mats) == 1:  # whitened by its own inputs: the error is the tail of the spectrum
+        tail = np.append(np.cumsum((d ** 2)[::-1])[::-1], 0.0)
+        relative = (tail / tail[0] if tail[0] > 0 else tail)[None, :]
+        return BasisFit(p, d, qt, s_inv, out, relative)
     return BasisFit(p, d, qt, s_inv, out, _relative(p, d, qt, s_inv, mats, own))
 
 
 def _relative(p: np.ndarray, d: np.ndarray, qt: np.ndarray, s_inv: np.ndarray, mats: Sequence[np.ndarray],
               own: Sequence[np.ndarray]) -> np.ndarray:
     out, m = mats[0].shape[0], len(d)
+    q = qt @ s_inv  # [m, in]: each component's direction in the input space
     rows = []
     for i, (w, mi) in enumerate(zip(mats, own)):
         a = p[i * out:(i + 1) * out] * d  # [out, m]
-        q = qt @ s_inv  # [m, in]: each component's direction in the input space
         h = (a.T @ a) * (q @ mi @ q.T)
         tail = h[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1]  # tail[r, r] = sum over [r:, r:]
         errors = np.append(np.clip(np.diag(tail), 0.0, None), 0.0)

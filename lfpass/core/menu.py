@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 Evaluate = Callable[[FusionPlan], float]
 _NEVER = 1e300
-BASIS_SIZES = (2, 3, 4)  # chunk sizes tried beside "all members of the class"
+BASIS_SIZES = (2, 3)  # chunk sizes tried beside "all members of the class"
 _PAIRS_ALL = 16  # classes up to this size try every pair for ties; larger ones neighbours only
 _GRID = 48  # prices tried when a budget is measured
 
