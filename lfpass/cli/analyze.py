@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lfpass.cli.options import EXIT_OK, add_config_options, config_from_args
-from lfpass.core.config import FusionConfig
+from lfpass.core.config import AUTO, FusionConfig
 from lfpass.core.errors import ConfigError, TraceError
 from lfpass.core.fileio import check_paths, write_text
 from lfpass.core.plan import FusionPlan
@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from lfpass import report
 
     config = config_from_args(args)
-    if config.keeps_function or config.measuring:
+    if config.keeps_function or config.measuring or (config.actions != AUTO and config.uses_menu(True)):
         raise ConfigError("analyze plans by weight similarity alone; for a plan by measured output error, "
-                          "alignment or corrections, run `lfpass optimize MODEL.onnx --inputs CALIB.npz --dry-run`")
+                          "alignment, corrections or the plan menu (--actions), run "
+                          "`lfpass optimize MODEL.onnx --inputs CALIB.npz --dry-run`")
     target = args.target
     onnx_file = target.endswith(".onnx")
     stem = Path(target).with_suffix("").name if onnx_file else target.rpartition(":")[2]

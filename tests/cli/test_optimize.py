@@ -303,3 +303,14 @@ def test_with_inputs_auto_becomes_the_data_aware_options_and_the_report_says_so(
 def test_how_an_error_is_measured_needs_inputs(tmp_path, model, capsys, flag, value):
     code, _, err = _run(capsys, "optimize", model, "--ratio", "1.5", flag, value, "-o", tmp_path / "o.onnx")
     assert code == 2 and len(err) == 1 and "give --inputs" in err[0] and not (tmp_path / "o.onnx").exists()
+
+
+def test_actions_are_checked_and_analyze_sends_the_menu_to_optimize(tmp_path, model, capsys):
+    code, _, err = _run(capsys, "optimize", model, "--ratio", "1.5", "--actions", "tie,bases", "-o", tmp_path / "o.onnx")
+    assert code == 2 and len(err) == 1 and "actions: unknown 'bases'" in err[0] and not (tmp_path / "o.onnx").exists()
+    code, _, err = _run(capsys, "analyze", model, "--ratio", "1.5", "--actions", "basis")
+    assert code == 2 and len(err) == 1 and "--dry-run" in err[0]
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((32, WIDTH)).astype(np.float32))
+    code, out, err = _run(capsys, "optimize", model, "--inputs", tmp_path / "c.npz", "--ratio", "1.5",
+                          "--actions", "basis,lowrank", "--dry-run", "--explain")
+    assert code == 0 and any(line.startswith("factored") for line in out.splitlines()), out
