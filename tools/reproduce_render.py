@@ -201,7 +201,8 @@ def section(r: dict[str, Any], plot: str | None) -> str:
     unretrained = [x for x in _targets(r) if not any(abs(x - y) < 1e-9 for y in r["retrain_ratios"])]
     parts = [
         f"## {r['title']} (ratio over the {r['scope']})\n",
-        f"Command: `{r['command']}`\n",
+        "Commands: " + "; then ".join(f"`{c}`" for c in r["commands"]) + "\n" if r.get("commands")
+        else f"Command: `{r['command']}`\n",
         f"Model: {a['model']}; {r['params']:,} parameters, {r['layer_params']:,} of them in fusable layers. "
         f"Data: {a['data']}."
         + (f" Pretrained here: {pre['steps']} AdamW steps (batch {a['pretrain_batch']}, lr {a['pretrain_lr']:g}, "

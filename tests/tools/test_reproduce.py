@@ -144,6 +144,25 @@ def test_minilm_small(tmp_path, text):
     assert "| **original** (1x) |" in done.stdout
 
 
+def test_new_methods_are_added_to_an_earlier_report(tmp_path, text):
+    """--add-to: the plan menu and shared bases measured beside an earlier run's methods, which stay."""
+    pytest.importorskip("transformers")
+    report = tmp_path / "minilm.json"
+    assert run("minilm", "--small", "--text", str(text), "--methods", "lfpass,asvd", "--json",
+               str(report)).returncode == 0
+    done = run("minilm", "--small", "--text", str(text), "--methods", "basis,menu", "--json", str(report),
+               "--add-to", str(report))
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(report.read_text())["minilm"]
+    check_report(r, bounded=True)
+    assert [m["key"] for m in r["methods"]] == ["lfpass", "asvd", "basis", "menu"]
+    assert {c["method"] for c in r["cells"]} == {"lfpass", "asvd", "basis", "menu"}
+    assert len(r["commands"]) == 2 and "--add-to" in r["commands"][1]
+    held = {c["target"]: c["before"]["unique_params"] for c in r["cells"] if c["method"] == "lfpass"}
+    menu = [c for c in r["cells"] if c["method"] == "menu" and "missing" not in c]
+    assert menu and all(c["before"]["unique_params"] <= held[c["target"]] for c in menu)  # at most the same size
+
+
 def test_summary(tmp_path, doc):
     pytest.importorskip("mlxtend")
     report = tmp_path / "cnn.json"
