@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from lfpass.core.calibration import Calibration, LayerStats
+from lfpass.core.calibration import Calibration, LayerStats, output_energy
 from lfpass.core.dtypes import round_to
 from lfpass.core.errors import PlanError
 from lfpass.core.layers import layers_of, layout_of, to_matrix
-from lfpass.core.lowrank import EPS, Member, whiten_moment
+from lfpass.core.lowrank import EPS, Member, thin_svd, whiten_moment
 
 if TYPE_CHECKING:
     from lfpass.core.plan import FusionPlan
@@ -112,7 +112,7 @@ def fit_basis(weights: Sequence[np.ndarray], stats: Sequence[LayerStats | None] 
     out, dim = mats[0].shape
     own = moments(stats if stats is not None else [None] * len(mats), dim)
     s, s_inv = whiten_moment(np.mean(own, axis=0), eps)
-    p, d, qt = np.linalg.svd(np.vstack([w @ s for w in mats]), full_matrices=False)
+    p, d, qt = thin_svd(np.vstack([w @ s for w in mats]))
     if len(mats) == 1:  # whitened by its own inputs: the error is the tail of the spectrum
         tail = np.append(np.cumsum((d ** 2)[::-1])[::-1], 0.0)
         relative = (tail / tail[0] if tail[0] > 0 else tail)[None, :]
@@ -130,7 +130,7 @@ def _relative(p: np.ndarray, d: np.ndarray, qt: np.ndarray, s_inv: np.ndarray, m
         h = (a.T @ a) * (q @ mi @ q.T)
         tail = h[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1]  # tail[r, r] = sum over [r:, r:]
         errors = np.append(np.clip(np.diag(tail), 0.0, None), 0.0)
-        energy = float(np.einsum("ij,jk,ik->", w, mi, w))
+        energy = output_energy(w, mi)
         rows.append(errors / energy if energy > 0 else np.zeros(m + 1))
     return np.vstack(rows)
 
@@ -140,8 +140,8 @@ def relative_error(w: np.ndarray, approx: np.ndarray, stats: LayerStats | None) 
     a = np.asarray(w, dtype=np.float64)
     diff = a - np.asarray(approx, dtype=np.float64)
     m = moments([stats], a.shape[1])[0]
-    energy = float(np.einsum("ij,jk,ik->", a, m, a))
-    err = float(np.einsum("ij,jk,ik->", diff, m, diff))
+    energy = output_energy(a, m)
+    err = output_energy(diff, m)
     return max(err, 0.0) / energy if energy > 0 else max(err, 0.0)
 
 
@@ -153,8 +153,8 @@ def residual_curve(w: np.ndarray, shared: np.ndarray, stats: LayerStats | None, 
     delta = a - np.asarray(shared, dtype=np.float64)
     fit = fit_basis([delta], [stats], eps)
     m = moments([stats], a.shape[1])[0]
-    energy = float(np.einsum("ij,jk,ik->", a, m, a))
-    lost = float(np.einsum("ij,jk,ik->", delta, m, delta))
+    energy = output_energy(a, m)
+    lost = output_energy(delta, m)
     return fit.relative[0] * (lost / energy if energy > 0 else lost)
 
 

@@ -16,6 +16,7 @@ from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
+from lfpass.core.calibration import output_energy
 from lfpass.core.dtypes import bit_equal, check_members, rounded, widened
 from lfpass.core.errors import ConfigError
 
@@ -142,7 +143,7 @@ class RegMean(MergeRule):
     def solve(self, matrices: Sequence[np.ndarray], moments: Sequence[np.ndarray]) -> np.ndarray:
         """The merged ``[out, d]`` (float64) of members ``matrices`` (``[out, d]``) with input
         moments ``moments`` (``[d, d]``). Raises ``numpy.linalg.LinAlgError`` when singular."""
-        weighted = [g / max(float(np.einsum("ij,jk,ik->", m, g, m)), _TINY) for m, g in zip(matrices, moments)]
+        weighted = [g / max(output_energy(m, g), _TINY) for m, g in zip(matrices, moments)]
         total = np.sum(weighted, axis=0)
         lhs = total + self.ridge * float(np.trace(total)) / total.shape[0] * np.eye(total.shape[0])
         rhs = np.sum([m @ g for m, g in zip(matrices, weighted)], axis=0)

@@ -130,7 +130,7 @@ def test_merge_and_align_are_auto_and_become_data_aware_with_data():
     from lfpass.core.config import FusionConfig
 
     config = FusionConfig()
-    assert (config.merge, config.align) == ("auto", "auto") and config.auto_fields == ("merge", "align")
+    assert (config.merge, config.align) == ("auto", "auto") and config.auto_fields == ("merge", "align", "actions")
     assert (config.merge_rule, config.alignment) == ("mean", "none") and not config.keeps_function
     with_data = config.resolved(True)
     assert (with_data.merge, with_data.align) == ("regmean", "weights") and with_data.keeps_function
@@ -148,3 +148,18 @@ def test_how_an_error_is_measured_is_checked(field, value, match):
     with pytest.raises(ConfigError, match=match):
         FusionConfig(**{field: value})
     assert FusionConfig(pooling="mean", margin=0.0).measuring == ("pooling", "margin")
+
+
+def test_the_plan_menu_is_the_default_with_data_and_something_to_aim_at():
+    from lfpass.core.config import ACTIONS, FusionConfig
+
+    assert FusionConfig().menu(True) == ACTIONS and FusionConfig().uses_menu(True)
+    assert FusionConfig().menu(False) == ("tie",) and not FusionConfig().uses_menu(False)
+    for tie_only in ({"align": "weights"}, {"residual_rank": 2}, {"granularity": "block"},
+                     {"target_ratio": None, "threshold": 0.5}):
+        assert FusionConfig(**tie_only).menu(True) == ("tie",), tie_only  # options only the tie planners honour
+    assert FusionConfig(actions="basis, lowrank").actions == ("basis", "lowrank")
+    assert FusionConfig(actions=["lowrank"]).uses_menu(False)  # named: without data too (plain SVD)
+    for bad, why in (("bases", "unknown 'bases'"), (3, "must be 'auto' or a list"), ([], "must be 'auto' or a list")):
+        with pytest.raises(ConfigError, match=why):
+            FusionConfig(actions=bad)
