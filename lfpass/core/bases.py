@@ -100,18 +100,21 @@ class BasisFit:
         return self.relative[:, min(max(int(rank), 0), self.max_rank)]
 
 
+Whitening = tuple[np.ndarray, np.ndarray]
+
+
 def fit_basis(weights: Sequence[np.ndarray], stats: Sequence[LayerStats | None] | None = None,
-              eps: float = EPS) -> BasisFit:
+              eps: float = EPS, white: Whitening | None = None) -> BasisFit:
     """The shared basis of ``weights`` (``[out, in]`` matrices, one per member, same shape),
     whitened by the members' pooled input moments (``stats``: one per member, or None for
-    plain SVD)."""
+    plain SVD); ``white``: that whitening's ``(S, S^-1)`` when the caller has it already."""
     mats = [np.asarray(w, dtype=np.float64) for w in weights]
     if not mats or any(w.ndim != 2 or w.shape != mats[0].shape for w in mats):
         raise PlanError(f"a shared basis needs members of one [out, in] shape, got "
                         f"{[tuple(np.shape(w)) for w in weights]}")
     out, dim = mats[0].shape
     own = moments(stats if stats is not None else [None] * len(mats), dim)
-    s, s_inv = whiten_moment(np.mean(own, axis=0), eps)
+    s, s_inv = white if white is not None else whiten_moment(np.mean(own, axis=0), eps)
     p, d, qt = thin_svd(np.vstack([w @ s for w in mats]))
     if len(mats) == 1:  # whitened by its own inputs: the error is the tail of the spectrum
         tail = np.append(np.cumsum((d ** 2)[::-1])[::-1], 0.0)
@@ -145,13 +148,15 @@ def relative_error(w: np.ndarray, approx: np.ndarray, stats: LayerStats | None) 
     return max(err, 0.0) / energy if energy > 0 else max(err, 0.0)
 
 
-def residual_curve(w: np.ndarray, shared: np.ndarray, stats: LayerStats | None, eps: float = EPS) -> np.ndarray:
+def residual_curve(w: np.ndarray, shared: np.ndarray, stats: LayerStats | None, eps: float = EPS,
+                   white: Whitening | None = None) -> np.ndarray:
     """A member's relative squared output error at every rank 0..m of its own residual
     ``w - shared`` (:func:`lfpass.core.lowrank.residual`, activation-aware), in closed form:
-    the residual's own curve, rescaled from its energy to the member's."""
+    the residual's own curve, rescaled from its energy to the member's (``white``: the
+    member's own whitening, when the caller has it)."""
     a = np.asarray(w, dtype=np.float64)
     delta = a - np.asarray(shared, dtype=np.float64)
-    fit = fit_basis([delta], [stats], eps)
+    fit = fit_basis([delta], [stats], eps, white)
     m = moments([stats], a.shape[1])[0]
     energy = output_energy(a, m)
     lost = output_energy(delta, m)

@@ -36,11 +36,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from lfpass.core.bases import BasisFit, basis_params, break_even, fit_basis, relative_error, residual_curve
+from lfpass.core.bases import (BasisFit, Whitening, basis_params, break_even, fit_basis, moments, relative_error,
+                               residual_curve)
 from lfpass.core.calibration import Calibration, LayerStats
 from lfpass.core.config import FusionConfig
 from lfpass.core.layers import layers_of, layout_of, to_matrix
-from lfpass.core.lowrank import declined, residual_params
+from lfpass.core.lowrank import declined, residual_params, whiten_moment
 from lfpass.core.merge import merged_slots
 from lfpass.core.plan import Factored, FusionGroup, FusionPlan
 from lfpass.core.planner import LoadTensor, compatibility_classes, plan_fusion, select_sites
@@ -137,6 +138,7 @@ class Menu:
         self.sites = {s.name: s for s in sites}
         self.load, self.config, self.actions = load, config, tuple(actions)
         self.stats = stats
+        self._white: dict[str, Whitening] = {}
         self.skipped: list[tuple[str, str]] = []
         held: dict[str, int] = {}
         for s in self.sites.values():
@@ -182,6 +184,12 @@ class Menu:
         layer = layers_of(self.sites[name])[0]
         return to_matrix(self.load(layer.weight.tensor), layout_of(layer)[0])
 
+    def whitening(self, name: str, dim: int) -> Whitening:
+        """A layer's own ``(S, S^-1)``, made once: its single fit and every residual reuse it."""
+        if name not in self._white:
+            self._white[name] = whiten_moment(moments([self.layer_stats(name)], dim)[0])
+        return self._white[name]
+
     def layer_stats(self, name: str) -> LayerStats | None:
         if self.stats is None:
             return None
@@ -219,7 +227,7 @@ class Menu:
         curves = [keep]
         top = break_even(1, out, in_)
         if "lowrank" in self.actions and top >= 1:
-            fit = fit_basis([w], [self.layer_stats(name)])
+            fit = fit_basis([w], [self.layer_stats(name)], white=self.whitening(name, in_))
             curves.append(self._basis_curve(fit, dense, out, in_, "lowrank"))
         return Unit((name,), curves)
 
@@ -271,7 +279,8 @@ class Menu:
             damage = sum(relative_error(mats[m], shared, self.layer_stats(m)) for m in members)
             curves.append(Curve("tie", np.array([site.numel]), np.array([damage]), np.array([0])))
         if "residual" in self.actions:
-            tails = [residual_curve(mats[m], shared, self.layer_stats(m)) for m in members]
+            tails = [residual_curve(mats[m], shared, self.layer_stats(m), white=self.whitening(m, in_))
+                     for m in members]
             top = min(len(t) - 1 for t in tails)
             ranks = np.array([r for r in range(1, top + 1)
                               if site.numel + sum(residual_params(self.sites[m], r, bias=True) for m in members)
