@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from lfpass.core.errors import InputError, first_line
+from lfpass.fx.rewrite import delete_unread
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,4 @@ def _drop_unread(gm: fx.GraphModule, sources: set[str]) -> None:
     """Remove the buffers the lifted weights came from (``sources``) once no node reads them.
     Only those: a module's own buffers (BatchNorm's running statistics) are read by the module,
     not by a graph node, and stay."""
-    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for path in sources - read:
-        owner_path, _, attr = path.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        if attr in owner._buffers:
-            del owner._buffers[attr]
+    delete_unread(gm, sources, "_buffers")

@@ -311,20 +311,20 @@ def _group_from_json(g: Any) -> FusionGroup:
     members = g["members"]
     if not isinstance(members, list):
         raise TypeError(f"a group's members must be a list of layer names, got {members!r}")
-    score, numel = g["score"], g["numel"]
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
-        raise TypeError(f"a group's numel must be a count, got {numel!r}")
+    score = g["score"]
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         raise TypeError(f"a group's score must be a number, got {score!r}")
-    extra, damage, rank = g.get("extra", 0), g.get("damage"), g.get("rank")
-    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
-        raise TypeError(f"a group's extra must be a count, got {extra!r}")
-    if damage is not None and (isinstance(damage, bool) or not isinstance(damage, (int, float))):
-        raise TypeError(f"a group's damage must be a number, got {damage!r}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
-        raise TypeError(f"a group's rank must be a count, got {rank!r}")
+    rank = g.get("rank")
     return FusionGroup(tuple(_name(m) for m in members), str(g["rule"]), float(score),
-                       ClassKey.from_json(g["cls"]), numel, extra, None if damage is None else float(damage), rank)
+                       ClassKey.from_json(g["cls"]), _count(g["numel"], "a group's numel"),
+                       _count(g.get("extra", 0), "a group's extra"), _number(g.get("damage"), "a group's damage"),
+                       None if rank is None else _count(rank, "a group's rank"))
+
+
+def _number(value: Any, what: str) -> float | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    return None if value is None else float(value)
 
 
 def _count(value: Any, what: str, least: int = 0) -> int:
@@ -339,15 +339,12 @@ def _factored_from_json(f: Any) -> Factored:
     members = f["members"]
     if not isinstance(members, list) or not members:
         raise TypeError(f"a factored entry's members must be a list of layer names, got {members!r}")
-    damage = f.get("damage")
-    if damage is not None and (isinstance(damage, bool) or not isinstance(damage, (int, float))):
-        raise TypeError(f"a factored entry's damage must be a number, got {damage!r}")
+    damage = _number(f.get("damage"), "a factored entry's damage")
     whitened = f.get("whitened", False)
     if not isinstance(whitened, bool):
         raise TypeError(f"a factored entry's whitened must be true or false, got {whitened!r}")
     return Factored(tuple(_name(m) for m in members), _count(f["rank"], "a rank", 1), ClassKey.from_json(f["cls"]),
-                    _count(f["out"], "out", 1), _count(f["in_"], "in_", 1), None if damage is None else float(damage),
-                    whitened)
+                    _count(f["out"], "out", 1), _count(f["in_"], "in_", 1), damage, whitened)
 
 
 def check_plan(plan: FusionPlan, sites: Mapping[str, Site]) -> None:

@@ -30,6 +30,7 @@ from lfpass.core.bases import Factor
 from lfpass.core.errors import PlanError
 from lfpass.fx.lowrank import (LowRank, _call_function_nodes, _called_as_module, _GraphSite, _input_of,
                                _nodes_of, _param, _register)
+from lfpass.fx.rewrite import delete_unread
 from lfpass.fx.sites import CONV_OPS, bind_args, is_conv1d_hf
 
 log = logging.getLogger(__name__)
@@ -201,11 +202,4 @@ def _drop_unread(gm: fx.GraphModule, paths: set[str]) -> None:
             if node.op == "get_attr" and not node.users:
                 gm.graph.erase_node(node)
                 changed = True
-    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for path in paths - read:
-        owner_path, _, attr = path.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        if attr in owner._parameters:
-            del owner._parameters[attr]
-        elif hasattr(owner, attr):
-            delattr(owner, attr)
+    delete_unread(gm, paths)

@@ -79,3 +79,12 @@ def _repoint_get_attrs(gm: fx.GraphModule, repoint: dict[str, str]) -> None:
         delattr(owner, attr)
     gm.graph.lint()
     gm.recompile()
+
+
+def delete_unread(gm: fx.GraphModule, paths: set[str], store: str = "_parameters") -> None:
+    """Delete the tensors at ``paths`` (from the module's ``store``: ``_parameters`` or ``_buffers``)
+    that no ``get_attr`` node reads any more; the rest stay (a called module reads its own)."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for path in paths - read:
+        owner, attr = _split(path, gm)
+        getattr(owner, store).pop(attr, None)
