@@ -138,11 +138,13 @@ def _relative(p: np.ndarray, d: np.ndarray, qt: np.ndarray, s_inv: np.ndarray, m
     return np.vstack(rows)
 
 
-def relative_error(w: np.ndarray, approx: np.ndarray, stats: LayerStats | None) -> float:
-    """``||(w - approx) X||^2 / ||w X||^2`` on the layer's calibration inputs (white inputs without)."""
+def relative_error(w: np.ndarray, approx: np.ndarray, stats: LayerStats | None = None,
+                   moment: np.ndarray | None = None) -> float:
+    """``||(w - approx) X||^2 / ||w X||^2`` on the layer's calibration inputs (white inputs without;
+    ``moment``: the inputs' second moment given directly, e.g. augmented with a bias's constant 1)."""
     a = np.asarray(w, dtype=np.float64)
     diff = a - np.asarray(approx, dtype=np.float64)
-    m = moments([stats], a.shape[1])[0]
+    m = moment if moment is not None else moments([stats], a.shape[1])[0]
     energy = output_energy(a, m)
     err = output_energy(diff, m)
     return max(err, 0.0) / energy if energy > 0 else max(err, 0.0)

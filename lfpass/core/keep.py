@@ -164,7 +164,7 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     found = frontend.found
     scoring = {"stats": stats} if config.metric == "output" else {}
     reference = frontend.outputs(frontend.model, held) if held else None
-    chosen_on = frontend.outputs(frontend.model, choose) if measure else None
+    chosen_on = frontend.outputs(frontend.model, choose) if measure else reference  # no budget: the held share
     if measure:
         measurable(chosen_on + reference, config.error_metric)
 
@@ -177,8 +177,8 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     if plan is not None:
         check_plan(plan, found.by_name())
     elif menu:
-        plan = plan_menu(found.plannable, found.load, config, total, stats, actions, evaluate if measure else None,
-                         progress)
+        plan = plan_menu(found.plannable, found.load, config, total, stats, actions,
+                         evaluate if chosen_on is not None else None, progress)
     elif measure:
         plan = _budgeted(found, config, total, evaluate, progress, measured_merges, measured_aligns, scoring)
     else:

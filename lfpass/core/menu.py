@@ -28,6 +28,7 @@ never price below the per-layer baseline.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -246,8 +247,7 @@ class Menu:
                  if len(names) <= _PAIRS_ALL or names.index(b) == i + 1]
         priced = []
         for a, b in pairs:
-            shared = self._merge([a, b])
-            curves = self._tie_curves([a, b], mats, shared)
+            curves = self._tie_curves([a, b], mats, self._merge([a, b]))
             priced.append((min(float(c.damage.min()) for c in curves), (a, b), curves))
         taken: set[str] = set()
         units = []
@@ -260,23 +260,37 @@ class Menu:
         units += [singles[n] for n in names if n not in taken]
         return Cut("ties", units)
 
-    def _merge(self, members: Sequence[str]) -> np.ndarray:
-        """The tensor ``members`` would share, merged as the build merges it (:func:`merged_slots`)."""
+    def _merge(self, members: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The weight (as ``[out, in]``) and bias ``members`` would share, merged as the build merges
+        them (:func:`merged_slots`)."""
         sites = [self.sites[m] for m in members]
         group = FusionGroup(tuple(members), self.config.merge_rule, math.nan, sites[0].class_key(), sites[0].numel)
         plan = FusionPlan((group,), "cosine", "model", 0, 0, 0, 0, 1.0)
-        weight = layers_of(sites[0])[0].weight
-        for slot in merged_slots(plan, self.sites, self.load, stats=self.stats):
-            if slot.slot == weight.name:
-                return to_matrix(slot.array, layout_of(layers_of(sites[0])[0])[0])
-        raise AssertionError("a merge yields the weight slot")
+        layer = layers_of(sites[0])[0]
+        merged = {x.slot: x.array for x in merged_slots(plan, self.sites, self.load, stats=self.stats)}
+        bias = merged.get(layer.bias.name) if layer.bias is not None else None
+        return to_matrix(merged[layer.weight.name], layout_of(layer)[0]), bias
 
-    def _tie_curves(self, members: Sequence[str], mats: Mapping[str, np.ndarray], shared: np.ndarray) -> list[Curve]:
+    def _tie_error(self, name: str, w: np.ndarray, shared: np.ndarray, bias: np.ndarray | None) -> float:
+        """A member's relative squared output error when it reads the merged weight and bias: the
+        bias's change counts too (a tie shares it; a residual gives the member its own back)."""
+        layer = layers_of(self.sites[name])[0]
+        stats = self.layer_stats(name)
+        if bias is None or layer.bias is None or stats is None or stats.count <= 0:
+            return relative_error(w, shared, stats)
+        own = np.asarray(self.load(layer.bias.tensor), dtype=np.float64).reshape(-1, 1)
+        moment = stats.augmented() / stats.count
+        return relative_error(np.hstack([w, own]), np.hstack([shared, np.asarray(bias, np.float64).reshape(-1, 1)]),
+                              moment=moment)
+
+    def _tie_curves(self, members: Sequence[str], mats: Mapping[str, np.ndarray],
+                    merged: tuple[np.ndarray, np.ndarray | None]) -> list[Curve]:
         site = self.sites[members[0]]
+        shared, bias = merged
         out, in_ = shared.shape
         curves = []
         if "tie" in self.actions:
-            damage = sum(relative_error(mats[m], shared, self.layer_stats(m)) for m in members)
+            damage = sum(self._tie_error(m, mats[m], shared, bias) for m in members)
             curves.append(Curve("tie", np.array([site.numel]), np.array([damage]), np.array([0])))
         if "residual" in self.actions:
             tails = [residual_curve(mats[m], shared, self.layer_stats(m), white=self.whitening(m, in_))
@@ -298,6 +312,12 @@ class Menu:
 
     def saved(self, lam: float) -> int:
         return sum(_saved(picks) for _, _, picks in self.at(lam))
+
+    def per_layer(self) -> "Menu":
+        """This menu with every class cut into single layers only (keep or per-layer low rank)."""
+        view = copy.copy(self)
+        view.classes = [replace(c, cuts=[c.cuts[0]]) for c in self.classes]
+        return view
 
     def ceiling(self) -> int:
         """The most parameters the menu can save (every unit at its smallest option)."""
@@ -335,8 +355,10 @@ def _lam_for(menu: Menu, needed: int) -> float:
 def plan_menu(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, params_total: int,
               stats: Calibration | None, actions: Sequence[str], evaluate: Evaluate | None = None,
               progress: bool = False) -> FusionPlan:
-    """The menu's plan for ``config``'s ``target_ratio`` and/or ``max_error`` (``evaluate(plan)``:
-    the measured error of the model a plan makes, needed for a budget)."""
+    """The menu's plan for ``config``'s ``target_ratio`` and/or ``max_error``. ``evaluate(plan)``:
+    the measured error of the model a plan makes; a budget needs it, and with it the menu's plan
+    is also measured against per-layer low rank alone at the same size, and the better one kept
+    (the closed form prices each layer's own error, not how errors add up through the model)."""
     base = plan_fusion(sites, load, config.replace(target_ratio=None, threshold=_NEVER, max_overshoot=None,
                                                    granularity="tensor"), params_total, progress=progress)
     base = replace(base, target_ratio=config.target_ratio, threshold=None, max_overshoot=None, align="none",
@@ -346,41 +368,47 @@ def plan_menu(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, par
                for key, members in compatibility_classes(select_sites(sites, planned), config.cross_role).items()]
     menu = Menu(sites, classes, load, stats, config, actions, progress)
     scope_before = base.params_before if config.ratio_scope == "model" else base.layer_params_before
-    ceiling = menu.ceiling()
-    base = replace(base, max_ratio=scope_before / max(scope_before - ceiling, 1))
+    base = replace(base, max_ratio=scope_before / max(scope_before - menu.ceiling(), 1))
     needed = None
     if config.target_ratio is not None:
         needed = max(scope_before - math.floor(scope_before / config.target_ratio), 0)
     how = "closed-form damage from calibration statistics" if stats is not None else "closed-form weight damage " \
           "(no calibration inputs: inputs taken as white)"
+    head = [f"plan menu ({', '.join(actions)}), {how}", *menu.notes]
+    rivals = [menu]
+    if evaluate is not None and "lowrank" in actions and any(len(c.cuts) > 1 for c in menu.classes):
+        rivals.append(menu.per_layer())
     if config.max_error is None or evaluate is None:
-        lam = _lam_for(menu, needed or 0)
-        plan = _plan(base, menu, lam, config, needed)
-        note = "; ".join([f"plan menu ({', '.join(actions)}), {how}", *menu.notes])
+        plans = [_plan(base, m, _lam_for(m, needed or 0), config, needed) for m in rivals]
+        errors = [evaluate(p) for p in plans] if len(plans) > 1 else [None]
+        best = min(range(len(plans)), key=lambda i: (errors[i] or 0.0, i))
+        plan = plans[best]
+        if len(plans) > 1:
+            head.append(f"measured against per-layer low rank alone at the same size (error {errors[0]:.4g} vs "
+                        f"{errors[1]:.4g}): kept {'the menu' if best == 0 else 'per-layer low rank'}")
         if needed is not None and plan.ratio + 1e-12 < config.target_ratio:
-            note += f"; the target {config.target_ratio:g} is out of reach: the menu reaches {plan.ratio:.3f}"
-        return replace(plan, message=note)
-    return _budgeted(base, menu, config, evaluate, needed, how, actions, progress)
+            head.append(f"the target {config.target_ratio:g} is out of reach: the menu reaches {plan.ratio:.3f}")
+        return replace(plan, message="; ".join(head))
+    return _budgeted(base, rivals, config, evaluate, needed, head, progress)
 
 
-def _budgeted(base: FusionPlan, menu: Menu, config: FusionConfig, evaluate: Evaluate, needed: int | None,
-              how: str, actions: Sequence[str], progress: bool) -> FusionPlan:
-    """The largest plan along the price whose measured error keeps the budget, found by bisection."""
-    top = menu.ceiling() if needed is None else min(needed, menu.ceiling())
-    if top <= 0:
-        plan = replace(_plan(base, menu, 0.0, config), error=0.0)
-        return replace(plan, message=f"plan menu ({', '.join(actions)}): no layer here can be made smaller "
-                                     f"(none factors below its size, none has a partner to share with)")
+def _along(base: FusionPlan, menu: Menu, config: FusionConfig, top: int) -> list[FusionPlan]:
+    """The menu's plans along the price, one per size, largest first (at most ``top`` saved)."""
     lams = [_lam_for(menu, int(top * f)) for f in np.linspace(0, 1, _GRID + 1)[1:]]
     plans, seen = [], set()
     for lam in sorted(set(lams)):
         plan = _plan(base, menu, lam, config)
-        key = plan.params_after
-        if key not in seen and plan.params_after < base.params_before:
-            seen.add(key)
+        if plan.params_after not in seen and plan.params_after < base.params_before:
+            seen.add(plan.params_after)
             plans.append(plan)
-    plans.sort(key=lambda p: -p.params_after)
-    lo, hi, measured, curve = -1, len(plans), {}, []
+    return sorted(plans, key=lambda p: -p.params_after)
+
+
+def _bisect(plans: list[FusionPlan], evaluate: Evaluate, budget: float, curve: list,
+            progress: bool) -> tuple[int, dict[int, float]]:
+    """The index of the largest plan whose measured error keeps ``budget`` (-1: none), assuming
+    the error grows with size, and what was measured."""
+    lo, hi, measured = -1, len(plans), {}
     bar = tqdm(total=max(1, math.ceil(math.log2(len(plans) + 1))), desc="budget", unit="check", disable=not progress,
                leave=False)
     while hi - lo > 1:
@@ -388,24 +416,49 @@ def _budgeted(base: FusionPlan, menu: Menu, config: FusionConfig, evaluate: Eval
         measured[mid] = evaluate(plans[mid])
         curve.append((plans[mid].ratio, measured[mid]))
         bar.update()
-        if measured[mid] <= config.max_error:
+        if measured[mid] <= budget:
             lo = mid
         else:
             hi = mid
     bar.close()
+    return lo, measured
+
+
+def _budgeted(base: FusionPlan, rivals: Sequence[Menu], config: FusionConfig, evaluate: Evaluate,
+              needed: int | None, head: list[str], progress: bool) -> FusionPlan:
+    """The largest plan along the price whose measured error keeps the budget, found by bisection
+    (for the menu and, where it differs, per-layer low rank alone; the larger kept)."""
+    menu = rivals[0]
+    top = menu.ceiling() if needed is None else min(needed, menu.ceiling())
+    if top <= 0:
+        plan = replace(_plan(base, menu, 0.0, config), error=0.0)
+        return replace(plan, message=f"{head[0]}: no layer here can be made smaller (none factors below its "
+                                     f"size, none has a partner to share with)")
+    found, counts, curve = [], [], []
+    for rival in rivals:
+        plans = _along(base, rival, config, top)
+        lo, measured = _bisect(plans, evaluate, config.max_error, curve, progress)
+        counts.append((len(plans), len(measured)))
+        found.append((plans[lo], measured[lo]) if lo >= 0 else None)
     budget = describe(config.error_metric, config.max_error)
-    head = "; ".join([f"plan menu ({', '.join(actions)}), {how}: {len(plans)} plans ordered by size, measured end "
-                      f"to end at {len(measured)} of them", *menu.notes])
-    if lo < 0:
+    line = [f"{head[0]}: {counts[0][0]} plans ordered by size, measured end to end at {counts[0][1]} of them",
+            *head[1:]]
+    if len(rivals) > 1:
+        line.append(f"per-layer low rank alone: {counts[1][0]} plans, measured at {counts[1][1]}")
+    kept = [f for f in found if f is not None]
+    if not kept:
         plan = replace(_plan(base, menu, 0.0, config), error=0.0, curve=tuple(sorted(curve)))
-        return replace(plan, message=f"{head}; even the smallest step breaks the budget (error <= "
-                                     f"{config.max_error:g}, {budget}): nothing compressed")
-    plan = replace(plans[lo], error=measured[lo], curve=tuple(sorted(curve)))
-    line = (f"{head}; the largest ratio found within the budget (error <= {config.max_error:g}, {budget}) is "
-            f"{plan.ratio:.3f} ({plan.scope}), at {describe(config.error_metric, measured[lo])}")
+        return replace(plan, message="; ".join([*line, f"even the smallest step breaks the budget (error <= "
+                                                       f"{config.max_error:g}, {budget}): nothing compressed"]))
+    plan, error = max(kept, key=lambda f: (round(f[0].ratio, 9), -f[1]))
+    if len(rivals) > 1:
+        which = "the menu" if found[0] is not None and plan is found[0][0] else "per-layer low rank"
+        line.append(f"kept {which}")
+    line.append(f"the largest ratio found within the budget (error <= {config.max_error:g}, {budget}) is "
+                f"{plan.ratio:.3f} ({plan.scope}), at {describe(config.error_metric, error)}")
     if needed is not None and plan.ratio + 1e-12 < (config.target_ratio or 0):
-        line += f"; the target {config.target_ratio:g} is out of reach within the budget"
-    return replace(plan, message=line)
+        line.append(f"the target {config.target_ratio:g} is out of reach within the budget")
+    return replace(plan, error=error, curve=tuple(sorted(curve)), message="; ".join(line))
 
 
 def _fill(chosen: list[tuple[_Class, Cut, list[tuple[Unit, Curve, int]]]], slack: int) -> None:
