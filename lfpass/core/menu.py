@@ -42,7 +42,8 @@ from lfpass.core.bases import (BasisFit, Whitening, basis_params, break_even, fi
 from lfpass.core.calibration import Calibration, LayerStats
 from lfpass.core.config import FusionConfig
 from lfpass.core.layers import layers_of, layout_of, to_matrix
-from lfpass.core.lowrank import declined, residual_params, whiten_moment
+from lfpass.core.errors import PlanError
+from lfpass.core.lowrank import declined, residual_params, uniform_ranks, whiten_moment
 from lfpass.core.merge import merged_slots
 from lfpass.core.plan import Factored, FusionGroup, FusionPlan
 from lfpass.core.planner import LoadTensor, compatibility_classes, plan_fusion, select_sites
@@ -375,33 +376,55 @@ def plan_menu(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, par
     how = "closed-form damage from calibration statistics" if stats is not None else "closed-form weight damage " \
           "(no calibration inputs: inputs taken as white)"
     head = [f"plan menu ({', '.join(actions)}), {how}", *menu.notes]
-    rivals = [menu]
-    if evaluate is not None and "lowrank" in actions and any(len(c.cuts) > 1 for c in menu.classes):
-        rivals.append(menu.per_layer())
+    rivals: list[tuple[str, Callable[[int], FusionPlan | None]]] = [
+        ("the menu", lambda n: _plan(base, menu, _lam_for(menu, n), config, n))]
+    if evaluate is not None and "lowrank" in actions:
+        single = menu.per_layer()
+        if any(len(c.cuts) > 1 for c in menu.classes):
+            rivals.append(("per-layer low rank", lambda n: _plan(base, single, _lam_for(single, n), config, n)))
+        rivals.append(("uniform low rank", lambda n: _uniform(base, menu, config, n)))
     if config.max_error is None or evaluate is None:
-        plans = [_plan(base, m, _lam_for(m, needed or 0), config, needed) for m in rivals]
-        errors = [evaluate(p) for p in plans] if len(plans) > 1 else [None]
-        best = min(range(len(plans)), key=lambda i: (errors[i] or 0.0, i))
-        plan = plans[best]
-        if len(plans) > 1:
-            head.append(f"measured against per-layer low rank alone at the same size (error {errors[0]:.4g} vs "
-                        f"{errors[1]:.4g}): kept {'the menu' if best == 0 else 'per-layer low rank'}")
+        made = [(name, make(needed or 0)) for name, make in rivals]
+        made = [(name, plan) for name, plan in made if plan is not None]
+        errors = [evaluate(plan) for _, plan in made] if len(made) > 1 else [0.0]
+        best = min(range(len(made)), key=lambda i: (errors[i], i))
+        plan = made[best][1]
+        if len(made) > 1:
+            tried = ", ".join(f"{name} {error:.4g}" for (name, _), error in zip(made, errors))
+            head.append(f"measured at the same size on held-out inputs (error: {tried}): kept {made[best][0]}")
         if needed is not None and plan.ratio + 1e-12 < config.target_ratio:
             head.append(f"the target {config.target_ratio:g} is out of reach: the menu reaches {plan.ratio:.3f}")
         return replace(plan, message="; ".join(head))
-    return _budgeted(base, rivals, config, evaluate, needed, head, progress)
+    return _budgeted(base, menu, rivals, config, evaluate, needed, head, progress)
 
 
-def _along(base: FusionPlan, menu: Menu, config: FusionConfig, top: int) -> list[FusionPlan]:
-    """The menu's plans along the price, one per size, largest first (at most ``top`` saved)."""
-    lams = [_lam_for(menu, int(top * f)) for f in np.linspace(0, 1, _GRID + 1)[1:]]
-    plans, seen = [], set()
-    for lam in sorted(set(lams)):
-        plan = _plan(base, menu, lam, config)
-        if plan.params_after not in seen and plan.params_after < base.params_before:
-            seen.add(plan.params_after)
-            plans.append(plan)
-    return sorted(plans, key=lambda p: -p.params_after)
+def _uniform(base: FusionPlan, menu: Menu, config: FusionConfig, needed: int) -> FusionPlan | None:
+    """Per-layer low rank at one fraction of every layer's full rank (the activation-aware SVD
+    baseline's allocation), saving at least ``needed``; None when even rank 1 everywhere cannot."""
+    layers = {}
+    for cls in menu.classes:
+        for unit in cls.cuts[0].units:
+            curve = next((c for c in unit.curves if c.action == "lowrank"), None)
+            if curve is not None:
+                layers[unit.members[0]] = (cls, curve)
+    dims = {name: cls.shape for name, (cls, _) in layers.items()}
+    dense = sum(o * i for o, i in dims.values())
+    try:
+        ranks, _ = uniform_ranks(dims, dense - needed)
+    except PlanError:
+        return None
+    factors, saved = [], 0
+    for name, rank in ranks.items():
+        cls, curve = layers[name]
+        at = np.searchsorted(curve.ranks, rank)
+        if at >= len(curve.ranks) or curve.ranks[at] != rank:
+            continue  # not smaller than the layer dense: kept
+        out, in_ = cls.shape
+        factors.append(Factored((name,), int(rank), cls.key, out, in_, float(curve.damage[at]), menu.stats is not None))
+        saved += out * in_ - int(rank) * (out + in_)
+    return replace(base, groups=(), factors=tuple(factors), choices=(("all classes", "uniform low rank: one "
+                   "fraction of each layer's full rank"),), params_after=base.params_before - saved,
+                   layer_params_after=base.layer_params_before - saved)
 
 
 def _bisect(plans: list[FusionPlan], evaluate: Evaluate, budget: float, curve: list,
@@ -424,36 +447,39 @@ def _bisect(plans: list[FusionPlan], evaluate: Evaluate, budget: float, curve: l
     return lo, measured
 
 
-def _budgeted(base: FusionPlan, rivals: Sequence[Menu], config: FusionConfig, evaluate: Evaluate,
-              needed: int | None, head: list[str], progress: bool) -> FusionPlan:
-    """The largest plan along the price whose measured error keeps the budget, found by bisection
-    (for the menu and, where it differs, per-layer low rank alone; the larger kept)."""
-    menu = rivals[0]
+def _budgeted(base: FusionPlan, menu: Menu, rivals: Sequence[tuple[str, Callable[[int], FusionPlan | None]]],
+              config: FusionConfig, evaluate: Evaluate, needed: int | None, head: list[str],
+              progress: bool) -> FusionPlan:
+    """Per rival (the menu; per-layer low rank alone, chosen by the same price and at one uniform
+    fraction), its plans at a grid of sizes ordered largest first, and the largest whose measured
+    error keeps the budget found by bisection; the largest over the rivals kept."""
     top = menu.ceiling() if needed is None else min(needed, menu.ceiling())
     if top <= 0:
         plan = replace(_plan(base, menu, 0.0, config), error=0.0)
         return replace(plan, message=f"{head[0]}: no layer here can be made smaller (none factors below its "
                                      f"size, none has a partner to share with)")
     found, counts, curve = [], [], []
-    for rival in rivals:
-        plans = _along(base, rival, config, top)
+    for name, make in rivals:
+        plans, seen = [], set()
+        for f in np.linspace(0, 1, _GRID + 1)[1:]:
+            plan = make(int(top * f))
+            if plan is not None and plan.params_after not in seen and plan.params_after < base.params_before:
+                seen.add(plan.params_after)
+                plans.append(plan)
+        plans.sort(key=lambda p: -p.params_after)
         lo, measured = _bisect(plans, evaluate, config.max_error, curve, progress)
-        counts.append((len(plans), len(measured)))
-        found.append((plans[lo], measured[lo]) if lo >= 0 else None)
+        counts.append(f"{name}: {len(plans)} plans ordered by size, measured end to end at {len(measured)}")
+        if lo >= 0:
+            found.append((name, plans[lo], measured[lo]))
     budget = describe(config.error_metric, config.max_error)
-    line = [f"{head[0]}: {counts[0][0]} plans ordered by size, measured end to end at {counts[0][1]} of them",
-            *head[1:]]
-    if len(rivals) > 1:
-        line.append(f"per-layer low rank alone: {counts[1][0]} plans, measured at {counts[1][1]}")
-    kept = [f for f in found if f is not None]
-    if not kept:
+    line = [f"{head[0]}: " + "; ".join(counts), *head[1:]]
+    if not found:
         plan = replace(_plan(base, menu, 0.0, config), error=0.0, curve=tuple(sorted(curve)))
         return replace(plan, message="; ".join([*line, f"even the smallest step breaks the budget (error <= "
                                                        f"{config.max_error:g}, {budget}): nothing compressed"]))
-    plan, error = max(kept, key=lambda f: (round(f[0].ratio, 9), -f[1]))
+    name, plan, error = max(found, key=lambda f: (round(f[1].ratio, 9), -f[2]))
     if len(rivals) > 1:
-        which = "the menu" if found[0] is not None and plan is found[0][0] else "per-layer low rank"
-        line.append(f"kept {which}")
+        line.append(f"kept {name}")
     line.append(f"the largest ratio found within the budget (error <= {config.max_error:g}, {budget}) is "
                 f"{plan.ratio:.3f} ({plan.scope}), at {describe(config.error_metric, error)}")
     if needed is not None and plan.ratio + 1e-12 < (config.target_ratio or 0):
