@@ -17,14 +17,18 @@ around only where said (``--bn``, and the rows' ``shims``):
 - ``frozen``: BatchNorm layers are kept in eval mode while retraining (their running
   statistics fixed). lfpass retrains in train mode, where the detector's three BatchNorms
   re-estimate their statistics on 32-image batches; ``as-is`` rows show what that does;
-- ``empty-digest``: the export's tie check cannot hash a zero-element tensor (the
-  converted Resize nodes' empty ``roi``); applied only when this lfpass still fails on one.
+- ``empty-digest``: the export's tie check cannot hash a zero-element tensor of stride 0
+  (the converted Resize nodes' empty ``roi`` buffers: storage address 0, so the check
+  takes them for one tensor shared under several names): ``--distill`` stops with
+  "internal error (RuntimeError: self.stride(-1) must be 1 to view Float as Byte ...)".
+  Applied only while this lfpass still fails on such a tensor.
 
 Exit code 1 from ``optimize`` means validation outside tolerance (expected: the fusion
 is lossy); the file is written and measured all the same.
 
     python tools/menu_real.py --out docs/MENU_REAL.md --json docs/menu_real.json   # ~1 CPU-hour
     python tools/menu_real.py --small                                               # seconds: what the test runs
+    python tools/menu_real.py --render docs/menu_real.json --out docs/MENU_REAL.md  # the table again, no runs
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def empty_digest_fails() -> bool:
     from lfpass.bridge import export
 
     try:
-        export._torch_digests(torch.empty(0))
+        export._torch_digests(torch.empty_strided((0,), (0,)))  # as onnx2torch leaves an empty Resize roi
     except RuntimeError:
         return True
     return False
@@ -272,12 +276,13 @@ def verdicts(rows: list[dict[str, Any]], by: str = "target") -> list[str]:
         here = [r for r in rows if r[by] == key and r["fresh"] is not None]
         if not here:
             continue
-        best = min(here, key=lambda r: r["fresh"])
+        least = min(r["fresh"] for r in here)
+        best = [r["method"] for r in here if r["fresh"] <= least * (1 + 1e-9)]  # equal plans tie
         rel = ", ".join(f"{r['method']} {_f(_against(rows, r, 'target'), '.2f')}" for r in here
                         if r["method"] != BASELINE)
         label = f"ratio {key:g}" if by == "target" else f"BN {key}"
-        lines.append(f"- {label}: least fresh error **{best['method']}** ({best['fresh']:.4f}); error / "
-                     f"{BASELINE} error: {rel}.")
+        lines.append(f"- {label}: least fresh error {', '.join(f'**{b}**' for b in best)} ({least:.4f}); "
+                     f"error / {BASELINE} error: {rel}.")
     return lines
 
 
@@ -303,10 +308,11 @@ def render(report: dict[str, Any]) -> str:
                       f"{t['steps']} --lr {t['lr']:g} --batch-size {t['batch_size']} --seed {t['seed']}` for "
                       "every method retrained. `quality` is lfpass's held-out cosine (on its own share of the "
                       "calibration samples) after the fuse and after retraining; where retraining lowered it "
-                      "lfpass keeps the fused weights (`kept fused`). BN `as-is`: lfpass as it is; `frozen`: "
-                      "BatchNorm statistics held at the original's while retraining (a workaround, module "
-                      "docstring). Shims: "
-                      + (", ".join(f"`{s}`" for s in m["shims_needed"]) or "none needed") + " besides.", "",
+                      "lfpass keeps the fused weights (`kept fused`). BN `as-is`: lfpass's retraining as it is "
+                      "(BatchNorm in train mode); `frozen`: BatchNorm kept in eval mode, its statistics the "
+                      "original's (a workaround). Every retraining run also had: "
+                      + (", ".join(f"`{s}`" for s in m["shims_needed"]) or "no other workaround")
+                      + " (the module docstring says why). `fresh before retraining`: the same flags' row above.", "",
                   "| BN | flags | exit | ratio (layers) | ratio (model) | layers b (n) / l / t / r | s | quality fused "
                   "| quality retrained | kept fused | fresh error | vs lowrank | fresh before retraining |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -352,6 +358,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, help="keep the models and inputs here (default: a temporary folder)")
     p.add_argument("--json", type=Path)
     p.add_argument("--out", type=Path, help="rewrite the part between the markers of this Markdown file")
+    p.add_argument("--render", type=Path, metavar="JSON", help="run nothing: render this earlier --json to --out")
     args = p.parse_args(argv)
     args.methods = args.methods.split(",")
     args.ratios = [float(r) for r in (args.ratios or ("1.5,2.0" if args.small else "1.25,1.5,2.0")).split(",")]
@@ -377,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == SHIM:
         return as_lfpass(argv[1:])
     args = parse(argv)
+    if args.render:
+        text = render(json.loads(args.render.read_text()))
+        print(text)
+        if args.out:
+            write_markdown(args.out, text)
+        return 0
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     clock = time.perf_counter()
