@@ -151,5 +151,6 @@ def test_demo_onnx_path_shrinks_files_and_agrees_with_pytorch(demo):
     # the ties survive export: the file shrinks about as much as the unique parameters
     # (BatchNorm statistics, which are not parameters, stay per layer)
     assert original["bytes"] / retrained["bytes"] > 0.85 * result["rows"][-1]["measured_ratio"]
-    assert original["bytes"] / optimized["bytes"] >= 2.0
+    # the plan menu lands on the parameter target (2x); BatchNorm statistics are bytes, not parameters
+    assert original["bytes"] / optimized["bytes"] >= 1.9
     assert (out / "cnn.fused.onnx").is_file() and (out / "digits.npz").is_file()
