@@ -345,8 +345,8 @@ def shared_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     names: dict[tuple, list[str]] = {}
     tensors: dict[tuple, torch.Tensor] = {}
     for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        if t is None or not t.is_floating_point():
-            continue
+        if t is None or not t.is_floating_point() or t.numel() == 0:
+            continue  # an empty tensor (onnx2torch's Resize roi) holds nothing to store twice: every one is at 0
         key = _storage_key(t)
         names.setdefault(key, []).append(name)
         tensors.setdefault(key, t)

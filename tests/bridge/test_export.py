@@ -327,3 +327,24 @@ def test_deduplicate_keys_any_layout_where_onnx_irs_own_pass_raises():
         DeduplicateHashedInitializersPass()(model_with_views())
     model = model_with_views()
     assert DeduplicateTensorsPass()(model).modified and sorted(model.graph.initializers) == ["w0"]
+
+
+def test_empty_buffers_are_no_tie(tmp_path):
+    """Zero-element buffers (onnx2torch keeps a Resize's empty roi so) all sit at storage address 0:
+    they are not one tensor under several names, and the export's tie check skips them."""
+    from lfpass.bridge.export import shared_tensors
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.register_buffer("roi_a", torch.empty(0))
+            self.register_buffer("roi_b", torch.empty(0))
+
+        def forward(self, x):
+            return self.fc(x) + self.roi_a.sum() + self.roi_b.sum()
+
+    model = Net().eval()
+    assert shared_tensors(model) == {}
+    result = lfpass.export(model, torch.randn(2, 4), tmp_path / "e.onnx")
+    assert result.max_abs < 1e-5
