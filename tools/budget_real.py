@@ -174,12 +174,9 @@ def error(reference: np.ndarray, fused: np.ndarray) -> float:
     return output_error([reference], [fused], "cosine")
 
 
-def optimize(model: Path, calib: Path, out: Path, flags: list[str], budget: float, timeout: float,
-             extra: list[str]) -> dict[str, Any]:
-    """One ``lfpass optimize`` by absolute path from an empty folder: exit, seconds, report, last line."""
-    report = out.with_suffix(".json")
-    cmd = [sys.executable, "-m", "lfpass.cli", "optimize", str(model), "-o", str(out), "--inputs", str(calib),
-           "--max-error", str(budget), "--report", str(report), *extra, *flags]
+def run_elsewhere(cmd: list[str], timeout: float) -> tuple[int | None, str, float]:
+    """``cmd`` run from an empty folder with this checkout's lfpass (as a user elsewhere runs it):
+    exit code (None past ``timeout``), its last words (stderr, else stdout) and seconds."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory(prefix="lfpass-elsewhere-") as elsewhere:
         clock = time.perf_counter()
@@ -188,7 +185,16 @@ def optimize(model: Path, calib: Path, out: Path, flags: list[str], budget: floa
             code, text = done.returncode, (done.stderr.strip() or done.stdout.strip())
         except subprocess.TimeoutExpired:
             code, text = None, f"over {timeout:g} s"
-    seconds = time.perf_counter() - clock
+    return code, text, time.perf_counter() - clock
+
+
+def optimize(model: Path, calib: Path, out: Path, flags: list[str], budget: float, timeout: float,
+             extra: list[str]) -> dict[str, Any]:
+    """One ``lfpass optimize`` by absolute path from an empty folder: exit, seconds, report, last line."""
+    report = out.with_suffix(".json")
+    cmd = [sys.executable, "-m", "lfpass.cli", "optimize", str(model), "-o", str(out), "--inputs", str(calib),
+           "--max-error", str(budget), "--report", str(report), *extra, *flags]
+    code, text, seconds = run_elsewhere(cmd, timeout)
     data = json.loads(report.read_text()) if report.exists() else {}
     return {"exit": code, "seconds": round(seconds, 1), "ratio": data.get("ratio"), "reported": data.get("error"),
             "merge": data.get("merge"), "align": data.get("align"), "last": (text.splitlines() or [""])[-1][:200],

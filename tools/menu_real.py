@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -148,15 +147,7 @@ def optimize(model: Path, calib: Path, out: Path, flags: list[str], timeout: flo
     prefix = [sys.executable, "-m", "lfpass.cli"] if shims is None else [sys.executable, str(Path(__file__).resolve()),
                                                                           SHIM, *shims, "--"]
     cmd = [*prefix, "optimize", str(model), "-o", str(out), "--inputs", str(calib), "--report", str(report), *flags]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with tempfile.TemporaryDirectory(prefix="lfpass-elsewhere-") as elsewhere:
-        clock = time.perf_counter()
-        try:
-            done = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=timeout)
-            code, text = done.returncode, (done.stderr.strip() or done.stdout.strip())
-        except subprocess.TimeoutExpired:
-            code, text = None, f"over {timeout:g} s"
-    seconds = time.perf_counter() - clock
+    code, text, seconds = budget_real().run_elsewhere(cmd, timeout)
     data = json.loads(report.read_text()) if report.exists() else {}
     lines = text.splitlines() or [""]
     return {"exit": code, "seconds": round(seconds, 1), "written": out.exists(), "last": lines[-1][:240],
