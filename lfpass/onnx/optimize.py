@@ -294,6 +294,9 @@ def _given(config: Any, plan: Any) -> tuple[FusionConfig, FusionPlan | None]:
     return config, plan
 
 
+_OFF = {"merge": "--merge mean", "align": "--align none", "actions": "--actions tie"}  # what turns each auto off
+
+
 def _defaults(result: OptimizeResult, given: FusionConfig, has_data: bool) -> None:
     """Say which options were left to "auto" and what the plan made of them."""
     plan = result.plan
@@ -302,8 +305,10 @@ def _defaults(result: OptimizeResult, given: FusionConfig, has_data: bool) -> No
     result.defaults = {k: became[k] for k in given.auto_fields}
     if result.defaults and (plan.keeps_function or given.uses_menu(has_data)):
         chosen = ", ".join(f"{k} {v}" for k, v in result.defaults.items())
+        off = " ".join(_OFF[k] for k in result.defaults)
+        verb = "turns it off" if len(result.defaults) == 1 else "turn them off"
         result.message = "\n".join(m for m in (result.message, f"with calibration inputs, by default: {chosen} "
-                                                f"(--merge mean --align none --actions tie turn them off)") if m)
+                                                f"({off} {verb})") if m)
 
 
 def _read(path: Path, read_paths: Mapping[str, Path | None],
