@@ -115,7 +115,6 @@ class _Class:
     label: str
     cuts: list[Cut]
     shape: tuple[int, int]  # each member's weight as [out, in]
-    merged: dict[tuple[str, ...], str] = field(default_factory=dict)  # a tie's merge rule
 
     def choose(self, lam: float) -> tuple[Cut, float, list[tuple[Unit, Curve, int]]]:
         best = None
@@ -174,10 +173,10 @@ class Menu:
             why = "a unit (the menu plans layers)"
         elif declined(site.kind, site.signature):
             why = declined(site.kind, site.signature)
-        elif layout_of(layers_of(site)[0])[0] is None:
-            why = layout_of(layers_of(site)[0])[1]
         elif any(held[t] > 1 for t in site.tensors):
             why = "its weight is held by another layer too (already tied)"
+        else:
+            why = layout_of(layers_of(site)[0])[1]  # "" where the weight is an [out, in] matrix
         if why:
             self.skipped.append((name, why))
         return not why
@@ -206,7 +205,6 @@ class Menu:
         singles = {n: self._single(n, mats[n], dense) for n in names}
         label = key.role or str(key)
         cuts = [Cut("per layer", [singles[n] for n in names])]
-        merged: dict[tuple[str, ...], str] = {}
         if "basis" in self.actions and len(names) > 1:
             for size in sorted({*(k for k in BASIS_SIZES if k < len(names)), len(names)}):
                 units = []
@@ -220,8 +218,8 @@ class Menu:
                                       [singles[n] for n in chunk]))
                 cuts.append(Cut(f"basis of {size}" if size < len(names) else "one basis", units))
         if ({"tie", "residual"} & set(self.actions)) and len(names) > 1:
-            cuts.append(self._ties(names, mats, singles, merged))
-        return _Class(key, label, cuts, (out, in_), merged)
+            cuts.append(self._ties(names, mats, singles))
+        return _Class(key, label, cuts, (out, in_))
 
     def _single(self, name: str, w: np.ndarray, dense: int) -> Unit:
         out, in_ = w.shape
@@ -241,8 +239,7 @@ class Menu:
         damage = fit.relative[:, 1:top + 1].sum(axis=0)
         return Curve(action, params.astype(np.int64), damage, ranks)
 
-    def _ties(self, names: list[str], mats: Mapping[str, np.ndarray], singles: Mapping[str, Unit],
-              merged: dict[tuple[str, ...], str]) -> Cut:
+    def _ties(self, names: list[str], mats: Mapping[str, np.ndarray], singles: Mapping[str, Unit]) -> Cut:
         """Disjoint pairs, least tie damage first, each a unit (tie, tie + residual, or apart)."""
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
                  if len(names) <= _PAIRS_ALL or names.index(b) == i + 1]
@@ -256,7 +253,6 @@ class Menu:
             if taken & set(pair):
                 continue
             taken.update(pair)
-            merged[pair] = self.config.merge_rule
             units.append(Unit(pair, curves, [singles[n] for n in pair]))
         units += [singles[n] for n in names if n not in taken]
         return Cut("ties", units)
@@ -525,7 +521,7 @@ def _plan(base: FusionPlan, menu: Menu, lam: float, config: FusionConfig, needed
                                         menu.stats is not None))
             elif curve.action in ("tie", "residual"):
                 numel = menu.sites[unit.members[0]].numel
-                groups.append(FusionGroup(unit.members, cls.merged.get(unit.members, config.merge_rule), math.nan,
+                groups.append(FusionGroup(unit.members, config.merge_rule, math.nan,
                                           cls.key, numel, int(curve.params[i]) - numel, damage, int(curve.ranks[i])))
         choices.append((cls.label, _why(cls, cut, picks, lam)))
     plan = replace(base, groups=tuple(groups), factors=tuple(factors), choices=tuple(choices),

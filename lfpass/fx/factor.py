@@ -42,19 +42,19 @@ def factor_layers(module: nn.Module, factors: Sequence[Factor]) -> nn.Module:
     per basis key. Every layer is checked before anything is written."""
     graph_sites = _call_function_nodes(module) if isinstance(module, fx.GraphModule) else {}
     layers = frozenset(f.member.layer for f in factors)
-    plan = []
+    checked = []
     for f in factors:
         if _called_as_module(module, f.member.layer):
-            plan.append((f, _module_of(module, f), None))
+            checked.append((f, _module_of(module, f), None))
         else:
             nodes = _nodes_of(module, f.member, graph_sites, layers)
             _check_nodes(module, f, nodes)
-            plan.append((f, None, nodes))
+            checked.append((f, None, nodes))
     shared: dict[str, nn.Parameter] = {}  # basis key -> its one Parameter
     paths: dict[str, str] = {}  # basis key -> where a graph reads it
     dropped: set[str] = set()
     with torch.no_grad():
-        for f, mod, nodes in plan:
+        for f, mod, nodes in checked:
             if mod is not None:
                 _replace_module(module, f, mod, shared)
             else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -22,6 +21,7 @@ from lfpass.core.lowrank import Member, activation_svd, plain_svd
 from lfpass.core.plan import Factored, FusionPlan
 from lfpass.onnx import find_sites
 from lfpass.onnx.frontend import OnnxFrontend
+from tests.onnx.test_lowrank import run  # onnxruntime with its optimisations off, after the full check
 
 WIDTH = 12
 CH = 6
@@ -117,15 +117,6 @@ MODELS = {
 
 def _x(shape, seed=9) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    proto = ir.serde.serialize_model(model)
-    onnx.checker.check_model(proto, full_check=True)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
 
 
 def snapshot(model: ir.Model) -> bytes:
