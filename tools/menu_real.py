@@ -11,12 +11,13 @@ probability maps). No retraining there: the figures say what each plan keeps.
 
 Then, at ``--retrain-ratio``, the same action sets are retrained the same way
 (``--distill calib.npz --stages 1 --steps S --lr L``; one seed) and measured again on
-the fresh images. Two lfpass behaviours stand in the way on this file and are worked
-around only where said (``--bn``, and the rows' ``shims``):
+the fresh images, once per ``--bn`` mode, passed as ``--norm-stats``: ``update``
+(the detector's three BatchNorms re-estimate their statistics on 32-image batches, what
+lfpass did before ``--norm-stats``) and ``frozen`` (kept in eval mode, the original's
+statistics: lfpass's default when distilling). Rows of earlier runs marked ``as-is``
+are ``update``. One lfpass behaviour stood in the way and is worked around only where
+said (the rows' ``shims``):
 
-- ``frozen``: BatchNorm layers are kept in eval mode while retraining (their running
-  statistics fixed). lfpass retrains in train mode, where the detector's three BatchNorms
-  re-estimate their statistics on 32-image batches; ``as-is`` rows show what that does;
 - ``empty-digest``: the export's tie check cannot hash a zero-element tensor of stride 0
   (the converted Resize nodes' empty ``roi`` buffers: storage address 0, so the check
   takes them for one tensor shared under several names): ``--distill`` stops with
@@ -57,7 +58,8 @@ METHODS = {  # name: optimize flags
     "menu": [],
 }
 BASELINE = "lowrank"
-BN_MODES = ("as-is", "frozen")
+BN_MODES = ("update", "frozen")
+_BN_NAMES = {"as-is": "update"}  # what earlier runs called lfpass's re-estimating default
 BEGIN, END = "<!-- menu-real:begin -->", "<!-- menu-real:end -->"
 SHIM = "--as-lfpass"  # this script as lfpass's CLI, with the named workarounds
 
@@ -129,11 +131,6 @@ def empty_digest_fails() -> bool:
 def as_lfpass(argv: list[str]) -> int:
     split = argv.index("--")
     shims, rest = argv[:split], argv[split + 1:]
-    if "frozen-bn" in shims:
-        from torch.nn.modules.batchnorm import _BatchNorm
-
-        train = _BatchNorm.train
-        _BatchNorm.train = lambda self, mode=True: train(self, False)  # statistics stay the original's
     if "empty-digest" in shims:
         from lfpass.bridge import export
 
@@ -229,12 +226,12 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             rows.append(row)
     shims_needed = ["empty-digest"] if args.retrain and empty_digest_fails() else []
     for bn in args.bn if args.retrain else []:
-        shims = shims_needed + (["frozen-bn"] if bn == "frozen" else [])
+        shims = shims_needed
         for method in args.retrain_methods:
             out = work / f"{path.stem}.{method}.retrained-{bn}.onnx"
             flags = ["--scope", "layers", "--ratio", f"{args.retrain_ratio:g}", *METHODS[method], "--distill",
                      str(calib_path), "--stages", "1", "--steps", str(args.steps), "--lr", f"{args.lr:g}",
-                     "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+                     "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--norm-stats", bn]
             ran = optimize(path, calib_path, out, flags, args.timeout, shims if shims else None)
             row = {"method": method, "flags": " ".join(METHODS[method]) or "(defaults)", "target": args.retrain_ratio,
                    "bn": bn, "shims": shims, **{k: v for k, v in ran.items() if k not in ("report", "stderr")},
@@ -278,7 +275,7 @@ def verdicts(rows: list[dict[str, Any]], by: str = "target") -> list[str]:
         best = [r["method"] for r in here if r["fresh"] <= least * (1 + 1e-9)]  # equal plans tie
         rel = ", ".join(f"{r['method']} {_f(_against(rows, r, 'target'), '.2f')}" for r in here
                         if r["method"] != BASELINE)
-        label = f"ratio {key:g}" if by == "target" else f"BN {key}"
+        label = f"ratio {key:g}" if by == "target" else f"BN {_BN_NAMES.get(key, key)}"
         lines.append(f"- {label}: least fresh error {', '.join(f'**{b}**' for b in best)} ({least:.4f}); "
                      f"error / {BASELINE} error: {rel}.")
     return lines
@@ -306,9 +303,9 @@ def render(report: dict[str, Any]) -> str:
                       f"{t['steps']} --lr {t['lr']:g} --batch-size {t['batch_size']} --seed {t['seed']}` for "
                       "every method retrained. `quality` is lfpass's held-out cosine (on its own share of the "
                       "calibration samples) after the fuse and after retraining; where retraining lowered it "
-                      "lfpass keeps the fused weights (`kept fused`). BN `as-is`: lfpass's retraining as it is "
-                      "(BatchNorm in train mode); `frozen`: BatchNorm kept in eval mode, its statistics the "
-                      "original's (a workaround). Every retraining run also had: "
+                      "lfpass keeps the fused weights (`kept fused`). BN (`--norm-stats`): `update`, BatchNorm in "
+                      "train mode re-estimating its statistics; `frozen`, kept in eval mode with the original's "
+                      "(lfpass's default when distilling). Every retraining run also had: "
                       + (", ".join(f"`{s}`" for s in m["shims_needed"]) or "no other workaround")
                       + " (the module docstring says why). `fresh before retraining`: the same flags' row above.", "",
                   "| BN | flags | exit | ratio (layers) | ratio (model) | layers b (n) / l / t / r | s | quality fused "
@@ -316,7 +313,7 @@ def render(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in m["retrained"]:
             before = [x["fresh"] for x in m["rows"] if x["method"] == r["method"] and x["target"] == r["target"]]
-            lines.append(f"| {r['bn']} | {r['flags']} | {r['exit']} | {_f(r.get('ratio_layers'), '.3f')} "
+            lines.append(f"| {_BN_NAMES.get(r['bn'], r['bn'])} | {r['flags']} | {r['exit']} | {_f(r.get('ratio_layers'), '.3f')} "
                          f"| {_f(r.get('ratio_model'), '.3f')} | {_layers_cell(r)} | {r['seconds']:.0f} "
                          f"| {_f(r.get('quality_fused'))} | {_f(r.get('quality_retrained'))} "
                          f"| {'yes' if r.get('kept_fused') else 'no'} | {_f(r['fresh'])} "
@@ -344,8 +341,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="retraining steps (default 80, or 3 with --small)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--bn", help="BatchNorm while retraining, comma-separated from as-is, frozen (default both, "
-                                "or as-is with --small)")
+    p.add_argument("--bn", help="BatchNorm while retraining (lfpass's --norm-stats), comma-separated from update, "
+                                "frozen (default both, or frozen with --small)")
     p.add_argument("--no-retrain", dest="retrain", action="store_false")
     p.add_argument("--calib", type=int, help="calibration samples given to lfpass (default 256, or 48 with --small)")
     p.add_argument("--fresh", type=int, help="samples the error is measured on afterwards (default 256, or 32)")
@@ -362,7 +359,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.ratios = [float(r) for r in (args.ratios or ("1.5,2.0" if args.small else "1.25,1.5,2.0")).split(",")]
     args.retrain_methods = (args.retrain_methods or (f"{BASELINE},menu" if args.small else ",".join(args.methods))
                             ).split(",")
-    args.bn = (args.bn or ("as-is" if args.small else ",".join(BN_MODES))).split(",")
+    args.bn = (args.bn or ("frozen" if args.small else ",".join(BN_MODES))).split(",")
     args.steps = args.steps if args.steps is not None else (3 if args.small else 80)
     args.calib = args.calib if args.calib is not None else (48 if args.small else 256)
     args.fresh = args.fresh if args.fresh is not None else (32 if args.small else 256)

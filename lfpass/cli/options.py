@@ -112,11 +112,14 @@ def add_schedule_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="global batch size (split over torchrun ranks)")
     p.add_argument("--freeze-steps", type=int, help="steps each stage's fused tensors stay frozen")
     p.add_argument("--max-drop", type=float, help="roll back a stage whose quality falls this far below the original")
+    p.add_argument("--norm-stats", choices=("auto", "update", "frozen"),
+                   help="BatchNorm running statistics while retraining: re-estimated (update) or kept the "
+                        "original's (frozen); auto (default): frozen when distilling on calibration inputs")
     p.add_argument("--checkpoint-dir", type=Path, help="write a checkpoint after every stage here")
     p.add_argument("--resume", action="store_true", help="continue the run found in --checkpoint-dir")
 
 
-SCHEDULE_FLAGS = ("stages", "steps_per_stage", "lr", "batch_size", "freeze_steps", "max_drop")
+SCHEDULE_FLAGS = ("stages", "steps_per_stage", "lr", "batch_size", "freeze_steps", "max_drop", "norm_stats")
 
 
 def schedule_overrides(args: argparse.Namespace) -> dict:

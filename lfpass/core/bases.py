@@ -198,11 +198,14 @@ class Factor:
     up: np.ndarray
 
 
-def plan_factors(plan: FusionPlan, found: Any, stats: Calibration | None) -> list[Factor]:
+def plan_factors(plan: FusionPlan, found: Any, stats: Calibration | None,
+                 fits: dict[tuple[str, ...], BasisFit] | None = None) -> list[Factor]:
     """Every layer of ``plan.factors`` with its basis and coefficients, from ``found``'s current
     weights (a frontend's :class:`~lfpass.core.frontend.SiteTable` of the model being built:
     ``by_name`` and ``load_exact``) and their calibration statistics
-    (None: plain SVD). Errors name the layer."""
+    (None: plain SVD). ``fits``: each group's SVD by its members, kept across calls on the same
+    weights and statistics (a budget's candidates factor the same layers at other ranks).
+    Errors name the layer."""
     by_name = found.by_name()
     out: list[Factor] = []
     for index, entry in enumerate(plan.factors):
@@ -222,8 +225,12 @@ def plan_factors(plan: FusionPlan, found: Any, stats: Calibration | None) -> lis
             if mats[-1].shape != (entry.out, entry.in_):
                 raise PlanError(f"plan does not fit this model: layer {site.name!r} is {mats[-1].shape[0]}x"
                                 f"{mats[-1].shape[1]} as a matrix, the plan says {entry.out}x{entry.in_}")
-        layer_stats = [stats.layers.get(layer.weight.tensor) if stats is not None else None for layer in layers]
-        fit = fit_basis(mats, layer_stats)
+        fit = fits.get(entry.members) if fits is not None else None
+        if fit is None:
+            fit = fit_basis(mats, [stats.layers.get(layer.weight.tensor) if stats is not None else None
+                                   for layer in layers])
+            if fits is not None:
+                fits[entry.members] = fit
         dtype = weights[0].dtype if weights[0].dtype.kind == "f" or weights[0].dtype.name == "bfloat16" \
             else np.dtype(np.float64)
         basis, coeffs = fit.factors(entry.rank, dtype)

@@ -32,7 +32,10 @@ A third frontend starts here. Implement, for one model of the new IR:
 7. for shared bases and per-layer low rank (the plan menu,
    :mod:`lfpass.core.menu`), :meth:`Frontend.factor`: each
    :class:`lfpass.core.bases.Factor`'s layer written as ``up(down(x))`` with
-   its own bias, one ``down`` tensor per basis however many layers read it.
+   its own bias, one ``down`` tensor per basis however many layers read it;
+8. optionally, :meth:`Frontend.outputs_with`: the original model run with
+   some tensors holding other values and left as it was, so a budget measures
+   each candidate without building it (the default builds a copy).
 
 Nothing else of the pipeline belongs in a frontend: splitting calibration
 batches, choosing what needs data, the budget, the order of the steps and the
@@ -121,6 +124,15 @@ class Frontend(ABC, Generic[Model]):
     def outputs(self, model: Any, batches: Sequence[Any]) -> list[np.ndarray]:
         """``model``'s outputs on ``batches``, one float64 ``[samples, features]`` array per batch."""
 
+    def outputs_with(self, values: Mapping[str, np.ndarray], batches: Sequence[Any]) -> list[np.ndarray]:
+        """The original model's :meth:`outputs` with the named tensors holding ``values`` (each in
+        its own dtype and stored layout; :func:`lfpass.core.dense.plan_values`), the model left
+        as it was. This default writes them into a :meth:`copy`; a frontend overrides it to
+        measure without one (the budget calls it for every candidate)."""
+        model = self.copy()
+        self.write(model, {name: _widened(a) for name, a in values.items()})
+        return self.outputs(model, batches)
+
     # -- building a fused copy -----------------------------------------------------------------
     @abstractmethod
     def copy(self) -> Model:
@@ -152,3 +164,9 @@ class Frontend(ABC, Generic[Model]):
         """Write each factor's layer in ``model`` as ``up(down(x))`` (its own bias kept), in place;
         factors with one ``basis`` key read one ``down`` tensor, stored once."""
         raise PlanError(f"{type(self).__name__} writes no factored layers: plan with actions='tie'")
+
+
+def _widened(array: np.ndarray) -> np.ndarray:
+    """float64 (bfloat16 through float32, exactly), for :meth:`Frontend.write`."""
+    a = np.asarray(array)
+    return (a.astype(np.float32) if a.dtype.itemsize < 4 else a).astype(np.float64)

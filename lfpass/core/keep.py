@@ -7,8 +7,10 @@ into its anchor's coordinates (``align``), the groups merged (data-aware rules
 with the statistics), each member given its own low-rank correction
 (``residual_rank``). The error on the held-out batches goes into the plan.
 
-The budgeted planner calls :meth:`Fuser.build` for every candidate it
-measures, so what it measures is exactly what it returns. Everything here is
+The budgeted planner measures every candidate through :meth:`Fuser.outputs`:
+the original model holding the candidate's values where the plan reduces to
+them (:mod:`lfpass.core.dense`), else the model :meth:`Fuser.build` makes;
+the plan it keeps is built once and verified as built. Everything here is
 IR-neutral; the frontend (:mod:`lfpass.core.frontend`) runs and rewrites.
 """
 
@@ -16,23 +18,24 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from lfpass.core.align import AlignReport, Skipped, align_spaces, cross_pairs, links_from_plan
-from lfpass.core.bases import plan_factors
+from lfpass.core.bases import BasisFit, plan_factors
 from lfpass.core.budget import plan_within_budget, with_options
 from lfpass.core.calibration import Calibration, CalibrationError
 from lfpass.core.config import AUTO, MEASURED_ALIGNS, MEASURED_MERGES, FusionConfig
+from lfpass.core.dense import plan_values
 from lfpass.core.errors import ConfigError
 from lfpass.core.frontend import Frontend
 from lfpass.core.lowrank import capture_originals, residual_parts
 from lfpass.core.menu import plan_menu
 from lfpass.core.plan import FusionPlan, check_plan
 from lfpass.core.planner import plan_fusion
-from lfpass.core.quality import describe, output_error, sample_errors, upper_bound
+from lfpass.core.quality import describe, output_error, relative_change, sample_errors, upper_bound
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class Fuser:
 
     frontend: Frontend
     calibration: Calibration | None = None
+    fits: dict[tuple[str, ...], BasisFit] = field(default_factory=dict, repr=False)  # SVDs, for every candidate
 
     def build(self, plan: FusionPlan, inplace: bool = False) -> Any:
         """A fused copy of the model (the model itself when ``inplace``): aligned, merged and
@@ -82,13 +86,14 @@ class Fuser:
         front = self.frontend
         model = front.model if inplace else front.copy()
         stats = self.calibration.copy() if self.calibration is not None else None
-        if plan.align != "none" and plan.groups:
+        aligned = plan.align != "none" and bool(plan.groups)
+        if aligned:
             align_model(front, model, plan, plan.align, calibration=stats)
         found = front.find_sites(model)
         check_plan(plan, found.by_name())
         ranks = [g.rank if g.rank is not None else plan.residual_rank for g in plan.groups]
         originals = capture_originals(found, plan) if any(ranks) else None
-        factors = plan_factors(plan, found, stats) if plan.factors else []
+        factors = plan_factors(plan, found, stats, None if aligned else self.fits) if plan.factors else []
         front.apply(model, found, plan, stats)
         if originals is not None:
             parts = residual_parts(plan, originals, stats, found)
@@ -97,6 +102,15 @@ class Fuser:
         if factors:
             front.factor(model, factors)
         return model
+
+    def outputs(self, plan: FusionPlan, batches: Sequence[Any]) -> list[np.ndarray]:
+        """The outputs on ``batches`` of the model ``plan`` builds: measured on the original
+        model holding the plan's values where the plan reduces to them (no copy, no rewrite;
+        :mod:`lfpass.core.dense`), else on the built model."""
+        values = plan_values(plan, self.frontend.found, self.calibration, self.fits)
+        if values is None:
+            return self.frontend.outputs(self.build(plan), batches)
+        return self.frontend.outputs_with(values, batches)
 
 
 @dataclass
@@ -169,16 +183,19 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
         measurable(chosen_on + reference, config.error_metric)
 
     def evaluate(candidate: FusionPlan) -> float:  # the error, and the margin a budget keeps beyond it
-        errors = sample_errors(chosen_on, frontend.outputs(fuser.build(candidate), choose), config.error_metric,
-                               choose_labels)
+        errors = sample_errors(chosen_on, fuser.outputs(candidate, choose), config.error_metric, choose_labels)
         return upper_bound(errors, config.margin)
+
+    def probe(candidate: FusionPlan) -> float:  # how far the outputs move: the menu's sensitivity probes
+        return relative_change(chosen_on, fuser.outputs(candidate, choose))
 
     total = frontend.count(frontend.model)
     if plan is not None:
         check_plan(plan, found.by_name())
     elif menu:
         plan = plan_menu(found.plannable, found.load, config, total, stats, actions,
-                         evaluate if chosen_on is not None else None, progress)
+                         evaluate if chosen_on is not None else None, progress,
+                         probe if chosen_on is not None else None)
     elif measure:
         plan = _budgeted(found, config, total, evaluate, progress, measured_merges, measured_aligns, scoring)
     else:

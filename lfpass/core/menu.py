@@ -6,7 +6,11 @@ from model to model). This planner prices them all with one currency:
 
 - **damage**, in closed form from the calibration statistics: each member's
   squared output error on its own inputs relative to its output energy
-  (:mod:`lfpass.core.bases`), summed over the layers an action touches;
+  (:mod:`lfpass.core.bases`), summed over the layers an action touches. With
+  held-out inputs each layer's damage is first weighted by its measured
+  sensitivity (:func:`sensitivities`: one end-to-end probe per layer, run on
+  the original model holding the probe's values), so the sum estimates how far
+  the model's outputs move, not how far each layer's own outputs do;
 - **parameters**, the unique parameters the action leaves, counted exactly
   as the frontends write them.
 
@@ -61,12 +65,25 @@ _GRID = 48  # prices tried when a budget is measured
 
 @dataclass
 class Curve:
-    """One action on one unit: the unit's unique parameters and damage at each option (rank)."""
+    """One action on one unit: the unit's unique parameters and damage at each option (rank).
+    ``per``: each member's damage (``[members, options]``); ``damage`` is their sum, weighted
+    by each member's sensitivity once it is measured (:meth:`Menu.weighed`)."""
 
     action: str  # keep, lowrank, basis, tie, residual
     params: np.ndarray
-    damage: np.ndarray
+    per: np.ndarray
     ranks: np.ndarray
+    members: tuple[str, ...]
+    damage: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.damage = self.per.sum(axis=0)
+
+    def weighed(self, weights: Mapping[str, float]) -> "Curve":
+        """This curve with each member's damage weighted by ``weights`` (1 where not given)."""
+        out = replace(self)
+        out.damage = np.array([weights.get(m, 1.0) for m in self.members]) @ self.per
+        return out
 
     def best(self, lam: float) -> tuple[float, int]:
         cost = self.damage + lam * self.params
@@ -214,7 +231,7 @@ class Menu:
                         units.append(singles[chunk[0]])
                         continue
                     fit = fit_basis([mats[n] for n in chunk], [self.layer_stats(n) for n in chunk])
-                    units.append(Unit(tuple(chunk), [self._basis_curve(fit, dense, out, in_)],
+                    units.append(Unit(tuple(chunk), [self._basis_curve(fit, tuple(chunk), dense, out, in_)],
                                       [singles[n] for n in chunk]))
                 cuts.append(Cut(f"basis of {size}" if size < len(names) else "one basis", units))
         if ({"tie", "residual"} & set(self.actions)) and len(names) > 1:
@@ -223,21 +240,21 @@ class Menu:
 
     def _single(self, name: str, w: np.ndarray, dense: int) -> Unit:
         out, in_ = w.shape
-        keep = Curve("keep", np.array([dense]), np.array([0.0]), np.array([0]))
+        keep = Curve("keep", np.array([dense]), np.zeros((1, 1)), np.array([0]), (name,))
         curves = [keep]
         top = break_even(1, out, in_)
         if "lowrank" in self.actions and top >= 1:
             fit = fit_basis([w], [self.layer_stats(name)], white=self.whitening(name, in_))
-            curves.append(self._basis_curve(fit, dense, out, in_, "lowrank"))
+            curves.append(self._basis_curve(fit, (name,), dense, out, in_, "lowrank"))
         return Unit((name,), curves)
 
-    def _basis_curve(self, fit: BasisFit, dense: int, out: int, in_: int, action: str = "basis") -> Curve:
+    def _basis_curve(self, fit: BasisFit, members: tuple[str, ...], dense: int, out: int, in_: int,
+                     action: str = "basis") -> Curve:
         k = fit.size
         top = min(break_even(k, out, in_), fit.max_rank)
         ranks = np.arange(1, top + 1)
         params = k * (dense - out * in_) + np.array([basis_params(k, out, in_, int(r)) for r in ranks])
-        damage = fit.relative[:, 1:top + 1].sum(axis=0)
-        return Curve(action, params.astype(np.int64), damage, ranks)
+        return Curve(action, params.astype(np.int64), fit.relative[:, 1:top + 1], ranks, members)
 
     def _ties(self, names: list[str], mats: Mapping[str, np.ndarray], singles: Mapping[str, Unit]) -> Cut:
         """Disjoint pairs, least tie damage first, each a unit (tie, tie + residual, or apart)."""
@@ -287,8 +304,8 @@ class Menu:
         out, in_ = shared.shape
         curves = []
         if "tie" in self.actions:
-            damage = sum(self._tie_error(m, mats[m], shared, bias) for m in members)
-            curves.append(Curve("tie", np.array([site.numel]), np.array([damage]), np.array([0])))
+            per = np.array([[self._tie_error(m, mats[m], shared, bias)] for m in members])
+            curves.append(Curve("tie", np.array([site.numel]), per, np.array([0]), tuple(members)))
         if "residual" in self.actions:
             tails = [residual_curve(mats[m], shared, self.layer_stats(m), white=self.whitening(m, in_))
                      for m in members]
@@ -299,8 +316,8 @@ class Menu:
             if len(ranks):
                 params = np.array([site.numel + sum(residual_params(self.sites[m], int(r), bias=True)
                                                     for m in members) for r in ranks])
-                damage = np.sum([t[ranks] for t in tails], axis=0)
-                curves.append(Curve("residual", params.astype(np.int64), damage, ranks))
+                per = np.array([t[ranks] for t in tails])
+                curves.append(Curve("residual", params.astype(np.int64), per, ranks, tuple(members)))
         return curves
 
     # -- choosing at a price -----------------------------------------------------------------------
@@ -309,6 +326,24 @@ class Menu:
 
     def saved(self, lam: float) -> int:
         return sum(_saved(picks) for _, _, picks in self.at(lam))
+
+    def weighed(self, weights: Mapping[str, float]) -> "Menu":
+        """This menu with every curve's damage its members' damages weighted by ``weights``
+        (layer -> how much of the model's output a unit of its own damage moves; the median
+        weight where a layer has none). The statistics and sites are shared, not copied."""
+        typical = float(np.median(list(weights.values()))) if weights else 1.0
+        full = {name: weights.get(name, typical) for name in self.sites}
+        made: dict[int, Unit] = {}
+
+        def unit(u: Unit) -> Unit:
+            if id(u) not in made:
+                made[id(u)] = Unit(u.members, [c.weighed(full) for c in u.curves], [unit(a) for a in u.alone])
+            return made[id(u)]
+
+        view = copy.copy(self)
+        view.classes = [replace(c, cuts=[Cut(cut.name, [unit(u) for u in cut.units]) for cut in c.cuts])
+                        for c in self.classes]
+        return view
 
     def per_layer(self) -> "Menu":
         """This menu with every class cut into single layers only (keep or per-layer low rank)."""
@@ -351,11 +386,13 @@ def _lam_for(menu: Menu, needed: int) -> float:
 
 def plan_menu(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, params_total: int,
               stats: Calibration | None, actions: Sequence[str], evaluate: Evaluate | None = None,
-              progress: bool = False) -> FusionPlan:
+              progress: bool = False, probe: Evaluate | None = None) -> FusionPlan:
     """The menu's plan for ``config``'s ``target_ratio`` and/or ``max_error``. ``evaluate(plan)``:
     the measured error of the model a plan makes; a budget needs it, and with it the menu's plan
     is also measured against per-layer low rank alone at the same size, and the better one kept
-    (the closed form prices each layer's own error, not how errors add up through the model)."""
+    (the closed form prices each layer's own error, not how errors add up through the model).
+    ``probe(plan)``: how far a plan moves the model's outputs (:func:`relative_change`); with it
+    each layer's damage is weighted by its measured sensitivity (:func:`sensitivities`)."""
     base = plan_fusion(sites, load, config.replace(target_ratio=None, threshold=_NEVER, max_overshoot=None,
                                                    granularity="tensor"), params_total, progress=progress)
     base = replace(base, target_ratio=config.target_ratio, threshold=None, max_overshoot=None, align="none",
@@ -372,8 +409,18 @@ def plan_menu(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, par
     how = "closed-form damage from calibration statistics" if stats is not None else "closed-form weight damage " \
           "(no calibration inputs: inputs taken as white)"
     head = [f"plan menu ({', '.join(actions)}), {how}", *menu.notes]
+    raw = menu
+    if probe is not None and "lowrank" in actions:
+        weights = sensitivities(base, menu, needed, probe, progress)
+        if weights:
+            menu = menu.weighed(weights)
+            spread = np.array(list(weights.values()))
+            head.append(f"each layer's damage weighted by its measured sensitivity ({len(weights)} layers probed "
+                        f"end to end; weights {spread.min():.3g} to {spread.max():.3g}, median {np.median(spread):.3g})")
     rivals: list[tuple[str, Callable[[int], FusionPlan | None]]] = [
         ("the menu", lambda n: _plan(base, menu, _lam_for(menu, n), config, n))]
+    if evaluate is not None and menu is not raw:  # the weights assume errors add; where they compound, check
+        rivals.append(("the menu by the closed form alone", lambda n: _plan(base, raw, _lam_for(raw, n), config, n)))
     if evaluate is not None and "lowrank" in actions:
         single = menu.per_layer()
         if any(len(c.cuts) > 1 for c in menu.classes):
@@ -392,6 +439,54 @@ def plan_menu(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, par
             head.append(f"the target {config.target_ratio:g} is out of reach: the menu reaches {plan.ratio:.3f}")
         return replace(plan, message="; ".join(head))
     return _budgeted(base, menu, rivals, config, evaluate, needed, head, progress)
+
+
+_BROKEN = 1e6  # the weight of a layer whose probe broke the model (outputs not finite)
+PROBE_DAMAGE = 0.05  # with no target: each layer probed at the rank whose own damage is nearest this
+
+
+def sensitivities(base: FusionPlan, menu: Menu, needed: int | None, probe: Evaluate,
+                  progress: bool = False) -> dict[str, float]:
+    """Each factorable layer's end-to-end sensitivity: how far the model's outputs move
+    (``probe``) with that layer alone factored, per unit of its closed-form damage there.
+
+    The closed form prices a layer's error on its own output; how much of it reaches the
+    model's output differs by layer (depth, normalisation, what reads it) by orders of
+    magnitude, and summing raw damages across layers ignores that. Errors this small add
+    up nearly linearly, so one probe per layer calibrates its damage into the model's
+    currency. Each layer is probed at its operating point: its rank at one uniform fraction
+    of full rank that saves ``needed`` (the target's), or, without a target, the rank whose
+    damage is nearest :data:`PROBE_DAMAGE`. One run of the chosen-on inputs per layer,
+    through the candidate's values (no rebuild)."""
+    layers = {}
+    for cls in menu.classes:
+        for unit in cls.cuts[0].units:
+            curve = next((c for c in unit.curves if c.action == "lowrank"), None)
+            if curve is not None:
+                layers[unit.members[0]] = (cls, curve)
+    at: dict[str, int] = {}
+    if needed:
+        dims = {name: cls.shape for name, (cls, _) in layers.items()}
+        try:
+            ranks, _ = uniform_ranks(dims, sum(o * i for o, i in dims.values()) - needed)
+            at = {n: int(np.searchsorted(layers[n][1].ranks, r)) for n, r in ranks.items()}
+        except PlanError:
+            at = {}
+    weights = {}
+    for name, (cls, curve) in tqdm(layers.items(), desc="sensitivity", unit="layer", disable=not progress,
+                                   leave=False):
+        i = at.get(name, len(curve.ranks))
+        if i >= len(curve.ranks):  # kept dense at the uniform fraction, or no target: the damage point
+            i = int(np.argmin(np.abs(curve.per[0] - PROBE_DAMAGE)))
+        own = float(curve.per[0, i])
+        if not own > 1e-12:
+            continue
+        out, in_ = cls.shape
+        plan = replace(base, groups=(), factors=(Factored((name,), int(curve.ranks[i]), cls.key, out, in_, own,
+                                                          menu.stats is not None),))
+        moved = probe(plan)
+        weights[name] = max(moved, 0.0) / own if math.isfinite(moved) else _BROKEN
+    return weights
 
 
 def _uniform(base: FusionPlan, menu: Menu, config: FusionConfig, needed: int) -> FusionPlan | None:
@@ -529,18 +624,28 @@ def _plan(base: FusionPlan, menu: Menu, lam: float, config: FusionConfig, needed
     return plan
 
 
+def _picked(picks: Sequence[tuple[Unit, Curve, int]]) -> set[tuple[tuple[str, ...], str, int]]:
+    return {(u.members, c.action, int(c.ranks[i])) for u, c, i in picks}
+
+
 def _why(cls: _Class, chosen: Cut, picks, lam: float) -> str:
     params, damage = _totals(picks)
     counts: dict[str, int] = {}
     for _, curve, _ in picks:
         counts[curve.action] = counts.get(curve.action, 0) + 1
     what = ", ".join(f"{n} {a}" for a, n in counts.items())
-    others = []
+    others, same = [], []
+    picked = _picked(picks)
     for cut in cls.cuts:
         if cut is chosen:
             continue
         _, p = cut.choose(lam)
+        if _picked(p) == picked:  # every unit of that cut fell back to what was chosen
+            same.append(cut.name)
+            continue
         op, od = _totals(p)
         others.append(f"{cut.name}: {op:,} params, damage {od:.3g}")
+    if same:
+        others.append(f"{', '.join(same)}: the same layers alone")
     line = f"{chosen.name} ({what}): {params:,} params, damage {damage:.3g}"
     return line + (f"; at the same price {'; '.join(others)}" if others else "")

@@ -51,6 +51,15 @@ def cosines(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> n
     return np.clip(cos, -1.0, 1.0)
 
 
+def relative_change(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
+    """The mean over samples of ``||output - reference||^2 / ||reference||^2``: a smooth measure of
+    how far outputs moved, whatever the error metric (the plan menu's sensitivity probes)."""
+    a, b = _rows(reference), _rows(outputs)
+    if not np.isfinite(b).all():
+        return math.inf
+    return float((np.sum((b - a) ** 2, axis=1) / np.maximum(np.sum(a * a, axis=1), _TINY)).mean())
+
+
 def _top1(batches: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(b).argmax(axis=-1).reshape(-1) for b in batches])
 

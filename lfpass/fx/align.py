@@ -24,11 +24,13 @@ the module's own parameters and buffers, in place, by name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -36,7 +38,7 @@ from torch import fx, nn
 from lfpass.core.align import Move, Skipped, Space, collect
 from lfpass.core.errors import TraceError
 from lfpass.core.sites import Site
-from lfpass.fx.sites import FUNCTIONAL, bind_args, find_sites, tensor_names
+from lfpass.fx.sites import FUNCTIONAL, bind_args, find_sites, tensor_names, to_torch
 
 log = logging.getLogger(__name__)
 
@@ -616,6 +618,27 @@ def write_tensors(module: nn.Module, arrays: Any) -> None:
     with torch.no_grad():
         for name, array in arrays.items():
             own[name].copy_(torch.from_numpy(array).to(own[name].dtype))
+
+
+@contextlib.contextmanager
+def holding(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> Iterator[None]:
+    """``module``'s named tensors holding ``arrays`` (each in the tensor's own dtype) for the
+    block, their own values back after it, bit for bit; a name the module does not hold is a
+    :class:`TraceError` before anything changes."""
+    own = _module_tensors(module)
+    missing = sorted(n for n in arrays if n not in own)
+    if missing:
+        raise TraceError(f"the module holds no tensor {missing[0]!r}")
+    saved = {n: own[n].detach().clone() for n in arrays}
+    try:
+        with torch.no_grad():
+            for name, array in arrays.items():
+                own[name].copy_(to_torch(np.asarray(array), own[name]).reshape(own[name].shape))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                own[name].copy_(value)
 
 
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

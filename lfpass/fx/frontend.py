@@ -30,7 +30,7 @@ from lfpass.core.lowrank import Part
 from lfpass.core.plan import FusionPlan
 from lfpass.core.quality import MASK_INPUT, Readout
 from lfpass.core.sites import Site
-from lfpass.fx.align import read_tensors, spaces_of, write_tensors
+from lfpass.fx.align import holding, read_tensors, spaces_of, write_tensors
 from lfpass.fx.batches import call, eval_mode
 from lfpass.fx.calibrate import calibrate_fx
 from lfpass.fx.factor import factor_layers
@@ -115,6 +115,10 @@ class FxFrontend(Frontend[nn.Module]):
 
     def outputs(self, model: nn.Module, batches: Sequence[Any]) -> list[np.ndarray]:
         return outputs(model, batches, self.output_fn)
+
+    def outputs_with(self, values: Mapping[str, np.ndarray], batches: Sequence[Any]) -> list[np.ndarray]:
+        with holding(self.model, values):  # in place, restored: no copy of the model
+            return self.outputs(self.model, batches)
 
     def copy(self) -> nn.Module:
         return copy.deepcopy(self.model)

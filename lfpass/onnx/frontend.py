@@ -14,7 +14,7 @@ for onnxruntime).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -48,32 +48,56 @@ def copy_model(model: ir.Model) -> ir.Model:
     return ir.from_proto(ir.to_proto(model))
 
 
-def session(model: ir.Model | Path):
-    """An onnxruntime session on ``model`` (in memory, or a file), graph optimisations off."""
+def session(model: ir.Model | Path | bytes):
+    """An onnxruntime session on ``model`` (in memory, serialised, or a file), graph optimisations off."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    source = str(model) if isinstance(model, Path) else ir.to_proto(model).SerializeToString()
+    source = str(model) if isinstance(model, Path) else model if isinstance(model, bytes) \
+        else ir.to_proto(model).SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def outputs(model: ir.Model | Path, feeds: Sequence[Feeds], readout: Readout = Readout()) -> list[np.ndarray]:
     """What ``readout`` takes of the outputs per batch (default: every floating-point output,
     flattened per sample and joined), float64."""
-    sess = session(model)
+    return run(session(model), feeds, readout)
+
+
+def run(sess: Any, feeds: Sequence[Feeds], readout: Readout = Readout(),
+        overrides: Feeds | None = None) -> list[np.ndarray]:
+    """:func:`outputs` of an open session; ``overrides``: initializers fed with other values
+    (the session's overridable ones)."""
     names = [o.name for o in sess.get_outputs()]
     out = []
     for feed in feeds:
         try:
-            results = [np.asarray(r) for r in sess.run(None, feed)]
+            results = [np.asarray(r) for r in sess.run(None, {**feed, **(overrides or {})})]
         except Exception as exc:  # onnxruntime's own error types: the inputs do not fit the model
             shapes = ", ".join(f"{k} {tuple(a.shape)} {a.dtype}" for k, a in feed.items())
             raise InputError(f"onnxruntime cannot run the model on the calibration inputs ({shapes}): "
                              f"{first_line(exc)}") from None
         out.append(readout(dict(zip(names, results)), feed.get(MASK_INPUT)))
     return out
+
+
+def overridable(model: ir.Model, names: Sequence[str]) -> tuple[Any, frozenset[str]]:
+    """A session on ``model`` whose initializers of ``names`` (those in the main graph, of a
+    dtype numpy feeds) are also graph inputs, so a run can feed them other values (onnxruntime's
+    overridable initializers); and those names."""
+    import onnx
+
+    proto = ir.to_proto(model)
+    graph = proto.graph
+    inputs = {i.name for i in graph.input}
+    wanted, fed = set(names), set()
+    for init in graph.initializer:
+        if init.name in wanted and init.name not in inputs and init.data_type != onnx.TensorProto.BFLOAT16:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+            fed.add(init.name)
+    return session(proto.SerializeToString()), frozenset(fed)
 
 
 def split_feed(feed: Feeds, model: ir.Model, batches: int = _BATCHES) -> list[Feeds]:
@@ -109,6 +133,7 @@ class OnnxFrontend(Frontend[ir.Model]):
 
     model: ir.Model
     readout: Readout = Readout()
+    _overrides: tuple[Any, frozenset[str]] | None = field(default=None, init=False, repr=False)
     hint = "pass --inputs CALIB.npz"
 
     def __post_init__(self) -> None:
@@ -126,6 +151,15 @@ class OnnxFrontend(Frontend[ir.Model]):
 
     def outputs(self, model: ir.Model | Path | str, batches: Sequence[Feeds]) -> list[np.ndarray]:
         return outputs(model if isinstance(model, ir.Model) else Path(model), batches, self.readout)
+
+    def outputs_with(self, values: Mapping[str, np.ndarray], batches: Sequence[Feeds]) -> list[np.ndarray]:
+        if self._overrides is None:  # one session for every candidate: the layers' tensors fed per run
+            tensors = [x.tensor for site in self.found.plannable for x in site.slots]
+            self._overrides = overridable(self.model, tensors)
+        sess, fed = self._overrides
+        if not set(values) <= fed:  # a tensor held by a Constant node, or bfloat16: build a copy
+            return super().outputs_with(values, batches)
+        return run(sess, batches, self.readout, {n: np.ascontiguousarray(a) for n, a in values.items()})
 
     def copy(self) -> ir.Model:
         return copy_model(self.model)

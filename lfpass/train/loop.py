@@ -112,13 +112,15 @@ def train_steps(
     desc: str = "train",
     postfix: dict[str, Any] | None = None,
     reduce_loss: Callable[[torch.Tensor], float] | None = None,
+    frozen_norms: bool = False,
 ) -> TrainStats:
     """Train ``model`` in place for ``steps`` steps of ``loss_fn(model, batch)``.
 
     ``optimizer`` is an optimizer or a factory called with the model's
     parameters (each shared tensor once). ``lr_at(step)`` sets the learning
     rate of each step. The ``frozen`` tensors get no update for the first
-    ``freeze_steps`` steps. With
+    ``freeze_steps`` steps; with ``frozen_norms`` BatchNorm layers stay in
+    eval mode (:func:`training`). With
     ``evaluate`` and ``eval_every``, metrics are taken every that many steps
     and shown on the bar (with ``postfix``). ``reduce_loss`` turns a step's loss
     into the number recorded (under DDP, its mean over the ranks, so every rank
@@ -130,7 +132,7 @@ def train_steps(
         optimizer = optimizer(model.parameters())
     stats, started, shown, ema = TrainStats(), time.perf_counter(), dict(postfix or {}), math.nan
     bar = tqdm(total=steps, desc=desc, unit="step", file=sys.stderr, leave=False, disable=not progress)
-    model.train()
+    training(model, frozen_norms)
     for step in range(steps):
         if lr_at is not None:
             _set_lr(optimizer, lr_at(step))
@@ -146,12 +148,23 @@ def train_steps(
         if evaluate is not None and eval_every and (step + 1) % eval_every == 0:
             stats.evals.append((step + 1, evaluate()))
             shown["quality"] = f"{stats.evals[-1][1]['quality']:.4g}"
-            model.train()
+            training(model, frozen_norms)
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4g}", **shown)
     bar.close()
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def training(model: nn.Module, frozen_norms: bool = False) -> None:
+    """``model`` in train mode; with ``frozen_norms`` its BatchNorm layers (any norm keeping
+    running statistics) stay in eval mode: they normalise by the original's statistics and
+    update none (their affine weights still train)."""
+    model.train()
+    if frozen_norms:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+                module.eval()
 
 
 def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, frozen: Sequence[torch.Tensor]) -> None:

@@ -32,6 +32,7 @@ from lfpass.core.errors import ConfigError, OutputError
 from lfpass.core.plan import FusionPlan
 from lfpass.fx.sites import unique_parameters
 from lfpass.train import checkpoint
+from lfpass.train.distil import Distillation
 from lfpass.train.distributed import Env, setup
 from lfpass.train.errors import TrainingError
 from lfpass.train.loop import TrainStats, carry_state, make_optimizer, train_steps
@@ -231,7 +232,7 @@ class _Run:
         return train_steps(env.wrap(model), batches, self.task.loss, optimizer, s.steps_per_stage,
                            lr_at=s.lr_at, frozen=frozen, freeze_steps=s.freeze_steps, device=env.device,
                            progress=self.progress, desc=f"stage {k}/{s.stages}", postfix=shown,
-                           reduce_loss=env.mean)
+                           reduce_loss=env.mean, frozen_norms=s.frozen_norms(isinstance(self.task, Distillation)))
 
     def judge(self, k: int, row: StageRow, stats: TrainStats, original: float) -> str:
         """Why stage ``k`` must be rolled back ("" to keep it). A NaN/Inf loss without
@@ -354,7 +355,8 @@ def retrain_fused(model: nn.Module, plan: FusionPlan, original: nn.Module, task:
     optimizer = make_optimizer(schedule.optimizer, model.parameters(), schedule.lr, schedule.weight_decay)
     batches = task.train_batches(schedule.batch_size, seed=_seed(schedule.seed, 1))
     stats = train_steps(model, batches, task.loss, optimizer, schedule.steps_per_stage, lr_at=schedule.lr_at,
-                        progress=progress, desc="retrain", postfix={"ratio": f"{plan.model_ratio:.3g}"})
+                        progress=progress, desc="retrain", postfix={"ratio": f"{plan.model_ratio:.3g}"},
+                        frozen_norms=schedule.frozen_norms(isinstance(task, Distillation)))
     if stats.diverged:
         raise TrainingError(f"the loss became NaN or Inf after {stats.steps} steps; lower lr (now {schedule.lr:g})")
     metrics = task.evaluate(model)

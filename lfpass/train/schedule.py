@@ -20,6 +20,7 @@ from lfpass.core.errors import ConfigError
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SPACINGS = ("geometric", "linear")
 DECAYS = ("cosine", "constant")
+NORM_STATS = ("auto", "update", "frozen")
 
 
 def _number(v: Any) -> bool:
@@ -46,6 +47,11 @@ class Schedule:
     start and the end; every stage when ``max_drop`` is set); with
     ``max_drop`` a stage whose quality falls more than that below the
     original (in the task's own units) is rolled back and the run stops.
+    ``norm_stats``: whether BatchNorm running statistics are re-estimated while
+    retraining (``"update"``) or stay the original's, those layers kept in eval
+    mode (``"frozen"``); ``"auto"`` freezes them when distilling on calibration
+    inputs (a few small batches estimate them worse than the original's
+    training did) and updates them when retraining on a task's training data.
     """
 
     stages: int = 4
@@ -61,6 +67,7 @@ class Schedule:
     eval_every: int = 1
     spacing: str = "geometric"
     seed: int = 0
+    norm_stats: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("stages", "batch_size"):
@@ -75,7 +82,8 @@ class Schedule:
             raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
         if self.max_drop is not None and not (_number(self.max_drop) and self.max_drop >= 0):
             raise ConfigError(f"max_drop: must be a finite number >= 0, got {self.max_drop!r}")
-        for name, known in (("optimizer", OPTIMIZERS), ("spacing", SPACINGS), ("decay", DECAYS)):
+        for name, known in (("optimizer", OPTIMIZERS), ("spacing", SPACINGS), ("decay", DECAYS),
+                            ("norm_stats", NORM_STATS)):
             if getattr(self, name) not in known:
                 raise ConfigError(f"{name}: must be one of {', '.join(known)}, got {getattr(self, name)!r}")
 
@@ -100,6 +108,10 @@ class Schedule:
             return self.lr
         span = max(self.steps_per_stage - self.warmup, 1)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * (step - self.warmup) / span))
+
+    def frozen_norms(self, distilling: bool) -> bool:
+        """Whether BatchNorm statistics stay fixed while retraining (``auto``: when ``distilling``)."""
+        return self.norm_stats == "frozen" or (self.norm_stats == "auto" and distilling)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

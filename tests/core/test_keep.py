@@ -19,6 +19,7 @@ from lfpass.core.errors import ConfigError
 from lfpass.core.frontend import Frontend, SiteTable
 from lfpass.core.keep import Fuser, fuse_keeping, split
 from lfpass.core.lowrank import Part, bias_delta, member_factors
+from lfpass.core.menu import plan_menu
 from lfpass.core.merge import merged_slots
 from lfpass.core.plan import FusionPlan
 from lfpass.core.sites import Site, make_signature
@@ -261,3 +262,20 @@ def test_the_menu_under_a_budget_measures_only_a_few_plans_and_verifies_on_unsee
     assert "verified on" in plan.message and plan.error == pytest.approx(kept.error_of(kept.model), rel=1e-12)
     assert any(abs(ratio - plan.ratio) < 1e-9 and error <= 0.02 for ratio, error in plan.curve)  # chosen within
     assert "uniform low rank: " in plan.message and "kept " in plan.message  # and measured against it
+
+
+def test_the_menu_weighs_each_layers_damage_by_how_far_it_moves_the_outputs():
+    """Block 3 writes a hundredth of what the others write into the stream: its own relative
+    error is priced alike, but it moves the outputs 1e4 times less, so it is cut hardest."""
+    model = mlp()
+    for name in ("b3.weight", "b3.bias"):
+        model.tensors[name] = model.tensors[name] * np.float32(0.01)
+    front = MlpFrontend(model)
+    plan = fuse_keeping(front, FusionConfig(target_ratio=1.25, actions="lowrank"), batches()).plan
+    assert "weighted by its measured sensitivity (4 layers probed" in plan.message
+    ranks = {f.members[0]: f.rank for f in plan.factors}
+    assert ranks["b3"] == 1 and all(r > 1 for m, r in ranks.items() if m != "b3"), ranks
+    unweighted = plan_menu(front.found.plannable, front.found.load, FusionConfig(target_ratio=1.25), front.count(model),
+                           front.calibrate(batches()[:-2], []), ("lowrank",))
+    assert "sensitivity" not in unweighted.message
+    assert {f.members[0]: f.rank for f in unweighted.factors}.get("b3", D) > 1  # priced alike without the probes

@@ -219,3 +219,50 @@ def test_retraining_starts_from_the_plan_menu_with_the_bases_kept(trained, digit
     with pytest.raises(lfpass.ConfigError, match="pass stages=1"):
         retrain(trained, digits, config, Schedule(stages=2, steps_per_stage=5), calibration=calibration,
                 progress=False)
+
+
+class NormNet(nn.Module):
+    """Same-shaped convolutions, each followed by a BatchNorm."""
+
+    def __init__(self, depth: int = 3, ch: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(1, ch, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.BatchNorm2d(ch))
+                                    for _ in range(depth))
+        self.head = nn.Linear(ch, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm_stats, kept", [("auto", True), ("frozen", True), ("update", False)])
+def test_distilling_keeps_the_originals_batchnorm_statistics_unless_told(norm_stats, kept):
+    """Distilling on a few calibration batches would re-estimate BatchNorm statistics from them:
+    by default (auto) they stay the original's, and only the weights train."""
+    torch.manual_seed(0)
+    net = NormNet()
+    with torch.no_grad():
+        for block in net.blocks:  # statistics no calibration batch would give
+            block[1].running_mean.uniform_(-1, 1)
+            block[1].running_var.uniform_(0.5, 2)
+    net.eval()
+    task = Distillation.from_model(net, torch.randn(48, 1, 6, 6) * 3 + 1, eval_fraction=0.25)
+    cfg = lfpass.FusionConfig(target_ratio=1.3, ratio_scope="layers", include=("blocks.*",), actions="tie")
+    result = retrain(net, task, cfg, Schedule(stages=1, steps_per_stage=3, lr=1e-2, batch_size=12,
+                                              norm_stats=norm_stats), progress=False)
+    for before, after in zip(net.blocks, result.model.blocks):
+        same = torch.equal(before[1].running_mean, after[1].running_mean)
+        assert same == kept
+    changed = any(not torch.equal(a, b) for a, b in zip(net.parameters(), result.model.parameters())
+                  if a.shape == b.shape)
+    assert changed  # the weights trained either way
+
+
+def test_retraining_on_a_task_updates_batchnorm_by_default():
+    assert not Schedule().frozen_norms(distilling=False) and Schedule().frozen_norms(distilling=True)
+    assert Schedule(norm_stats="frozen").frozen_norms(distilling=False)
+    with pytest.raises(lfpass.ConfigError, match="norm_stats: must be one of auto, update, frozen"):
+        Schedule(norm_stats="fixed")
