@@ -82,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> FusionConfig:
         ("margin", getattr(args, "margin", None)), ("error_output", getattr(args, "error_output", None)),
         ("pooling", getattr(args, "pooling", None)),
         ("residual_rank", getattr(args, "residual_rank", None)), ("actions", getattr(args, "actions", None)),
+        ("quantize", getattr(args, "quantize", None)),
     ):
         if value is not None:
             data[key] = value

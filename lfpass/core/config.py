@@ -21,6 +21,7 @@ from lfpass.core.rules import MERGE_RULES
 SCOPES = ("model", "layers")
 KINDS = ("linear", "conv", "conv_transpose", "attention", "mlp")
 GRANULARITIES = ("tensor", "block")
+QUANTIZE = ("none", "int8", "int4")  # after fusion, onnxruntime's quantizers (lfpass.onnx.quantize)
 ALIGNMENTS = ("none", "weights", "activations")
 ERROR_METRICS = ("cosine", "top1", "accuracy")
 POOLINGS = ("none", "mean", "cls")
@@ -34,7 +35,7 @@ ACTIONS = ("tie", "residual", "basis", "lowrank")  # the plan menu (lfpass.core.
 _META_KEYS = ("name", "description")
 _MEASURING = ("error_output", "pooling", "margin")
 _TUPLE_FIELDS = ("kinds", "include", "exclude")
-_STR_FIELDS = ("metric", "merge", "ratio_scope", "granularity", "align", "error_metric", "name")
+_STR_FIELDS = ("metric", "merge", "ratio_scope", "granularity", "align", "error_metric", "quantize", "name")
 
 
 def _is_number(v: Any) -> bool:
@@ -86,6 +87,11 @@ class FusionConfig:
     set (``align`` other than auto, ``residual_rank``, ``metric='output'``,
     ``granularity='block'``); else ties alone.
 
+    ``quantize`` (``"int8"``, ``"int4"``; ``"none"`` by default) quantizes the
+    written ONNX model after fusion with onnxruntime's quantizers, each shared
+    tensor once (:mod:`lfpass.onnx.quantize`); under ``max_error`` the budget
+    holds for the fused and quantized model.
+
     What the error is measured on: ``error_output`` (one output by name;
     default every floating-point output) pooled by ``pooling`` over its second
     axis (``"mean"`` over the ``attention_mask`` input where there is one,
@@ -118,6 +124,7 @@ class FusionConfig:
     align: str = AUTO
     residual_rank: int = 0
     actions: Any = AUTO
+    quantize: str = "none"
     kinds: tuple[str, ...] = KINDS
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -141,6 +148,8 @@ class FusionConfig:
         for name in ("cross_role", "heads"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize: must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity: must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.metric not in METRICS:

@@ -24,6 +24,8 @@ from lfpass.core.plan import FusionPlan
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.fusion_pass import LayerFusionPass
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
+from lfpass.onnx.quantize import QuantizeError, QuantReport, refusal
+from lfpass.onnx.quantize import quantize as quantize_model
 from lfpass.onnx.save import DataFile, needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.onnx.validate import Validation, score_outputs, validate
@@ -54,6 +56,7 @@ class OptimizeResult:
     seconds: dict[str, float] = field(default_factory=dict)
     error: float | None = None  # output error of the written model on held-out calibration inputs
     defaults: dict[str, str] = field(default_factory=dict)  # options left to "auto", and what they became
+    quantized: QuantReport | None = None  # what --quantize did
 
     @property
     def merge(self) -> str | None:
@@ -121,6 +124,7 @@ class OptimizeResult:
                 for f in self.plan.factors
             ],
             "choices": [list(c) for c in self.plan.choices],
+            "quantized": self.quantized.to_dict() if self.quantized else None,
         }
 
 
@@ -250,10 +254,12 @@ def optimize(
     model, value_info, data_files = _read(path, read_paths, {"the output": None if dry_run else output,
                                                              **(writes or {})})
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
+    if config.quantize != "none" and refusal(model, config.quantize):
+        raise QuantizeError(f"{path}: {refusal(model, config.quantize)}")
     result, kept, fusion = _plan(path, model, given, config, plan, inputs, data_files, dry_run, progress)
     result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
     _defaults(result, given, inputs is not None and plan is None)
-    if result.plan.empty or dry_run:
+    if (result.plan.empty and config.quantize == "none") or dry_run:
         return result
     check = check and (kept is None or kept.plan.max_error is None)  # a budget judges by its held-out error
     feeds = _feeds(model, config, check, inputs, input_shapes, samples)
@@ -262,8 +268,10 @@ def optimize(
         result.message = "\n".join(m for m in (result.message, note) if m)
     scores = score_outputs(model)
     keep = [p for p in (*read_paths.values(), *data_files) if p is not None]
+    calibration = _calibration(model, config, inputs)
     with contextlib.ExitStack() as stack:
-        where = _rewrite(result, model, value_info, kept, fusion, output, keep, external_data, data_files, stack)
+        where = _rewrite(result, model, value_info, kept, fusion, output, keep, external_data, data_files, stack,
+                         config.quantize, calibration)
         del model, fusion  # onnxruntime loads the files: free the graph before it does
         if check:
             _check(result, where.model, output, feeds, scores, config, strict, progress)
@@ -341,13 +349,27 @@ def _plan(path: Path, model: ir.Model, given: FusionConfig, config: FusionConfig
     return _planned(path, fusion.sites, data_files, plan, dry_run), None, fusion
 
 
+def _calibration(model: ir.Model, config: FusionConfig, inputs: str | Path | None) -> list[onnx_inputs.Feeds] | None:
+    """What a static int8 quantization calibrates on: the ``--inputs`` samples in batches (None without)."""
+    if config.quantize != "int8" or inputs is None:
+        return None
+    from lfpass.onnx.frontend import split_feed
+
+    feed = onnx_inputs.load_npz(inputs, model, allow=(onnx_inputs.LABELS,))[0]
+    feed.pop(onnx_inputs.LABELS, None)
+    return split_feed(feed, model)
+
+
 def _rewrite(result: OptimizeResult, model: ir.Model, value_info: Any, kept: Kept | None,
              fusion: LayerFusionPass | None, output: Path, keep: list[Path], external_data: bool | None,
-             data_files: list[Path], stack: contextlib.ExitStack) -> Any:
-    """Apply the plan (or take the kept build) and write it to a staged output; the staged files."""
+             data_files: list[Path], stack: contextlib.ExitStack, quantize: str = "none",
+             calibration: list[onnx_inputs.Feeds] | None = None) -> Any:
+    """Apply the plan (or take the kept build), quantize it if asked, and write it to a staged
+    output; the staged files."""
     # an output that will be external for sure is staged first, and each merged tensor goes
     # into its data file as it is made: one group's tensors in memory at a time
-    streamed = kept is None and (external_data if external_data is not None else bool(data_files))
+    streamed = kept is None and quantize == "none" and (external_data if external_data is not None
+                                                        else bool(data_files))
     where = stack.enter_context(staged(output, True, keep)) if streamed else None
     clock = time.perf_counter()
     if kept is not None:
@@ -359,6 +381,11 @@ def _rewrite(result: OptimizeResult, model: ir.Model, value_info: Any, kept: Kep
         fusion(model)
     result.params_after = count_params(model)
     result.seconds["rewrite"] = time.perf_counter() - clock
+    if quantize != "none":
+        clock = time.perf_counter()
+        model, result.quantized = quantize_model(model, quantize, calibration)
+        result.seconds["quantize"] = time.perf_counter() - clock
+        result.message = "\n".join(m for m in (result.message, f"quantized {result.quantized.summary()}") if m)
     if where is None:
         external = external_data if external_data is not None else bool(data_files) or needs_external(model)
         if not external and needs_external(model):
