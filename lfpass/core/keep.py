@@ -123,6 +123,20 @@ class Kept:
     held: list[Any]
     reference: list[np.ndarray] | None
     labels: list[np.ndarray] | None
+    choose: list[Any] = field(default_factory=list)  # the share the planner chose on (a budget's)
+    chosen_on: list[np.ndarray] | None = None  # the original's outputs there
+    choose_labels: list[np.ndarray] | None = None
+    margin: float = 0.0
+
+    def chosen_error(self, model: Any) -> float:
+        """The error of ``model`` on the share the planner chose on, with the budget's margin: what a
+        later step that must keep the budget (quantization) decides by, leaving the held-out share
+        to verify on."""
+        if self.chosen_on is None:
+            raise ValueError("no budget: nothing was chosen on")
+        errors = sample_errors(self.chosen_on, self.frontend.outputs(model, self.choose),
+                               self.plan.error_metric or "cosine", self.choose_labels)
+        return upper_bound(errors, self.margin)
 
     def error_of(self, model: Any) -> float | None:
         """The error of ``model`` (anything the frontend runs: a written file too) on the
@@ -211,7 +225,8 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
                                          f"{describe(config.error_metric, error)}")
         plan = replace(plan, error=error, error_metric=config.error_metric)
     log.info("kept: %d groups, ratio %.3f, held-out error %s", len(plan.groups), plan.model_ratio, plan.error)
-    return Kept(fused, plan, frontend, held, reference, held_labels)
+    return Kept(fused, plan, frontend, held, reference, held_labels, choose if measure else [],
+                chosen_on if measure else None, choose_labels if measure else None, config.margin)
 
 
 def _budgeted(found: Any, config: FusionConfig, total: int, evaluate: Any, progress: bool,

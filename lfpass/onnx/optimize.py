@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from lfpass.core.config import FusionConfig, from_mapping, load_pipeline
@@ -24,7 +25,7 @@ from lfpass.core.plan import FusionPlan
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.fusion_pass import LayerFusionPass
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
-from lfpass.onnx.quantize import QuantizeError, QuantReport, refusal
+from lfpass.onnx.quantize import QuantizeError, QuantReport, quantize_within, refusal
 from lfpass.onnx.quantize import quantize as quantize_model
 from lfpass.onnx.save import DataFile, needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
@@ -342,22 +343,53 @@ def _plan(path: Path, model: ir.Model, given: FusionConfig, config: FusionConfig
 
         feed = onnx_inputs.load_npz(inputs, model, allow=(onnx_inputs.LABELS,))[0] if inputs is not None else None
         found = find_sites(model)
+        reserve = None
+        if config.quantize != "none" and config.max_error is not None and feed is not None and plan is None:
+            reserve = _quantization_error(model, given, feed)  # the budget fusion leaves to quantization
+            given = given.replace(max_error=max(config.max_error - reserve, 0.0))
         kept = fuse_keeping_onnx(model, given, feed, plan, progress)
+        if reserve is not None:
+            kept.plan = replace(kept.plan, max_error=config.max_error, message=f"{kept.plan.message}; fusion planned "
+                                f"within {given.max_error:.4g}: the original quantized to {config.quantize} alone "
+                                f"measured {reserve:.4g} on the inputs the planner chooses on")
         return _planned(path, found, data_files, kept.plan, dry_run), kept, None
     fusion = LayerFusionPass(config, plan, progress=progress)
     plan = fusion.plan_for(model)
     return _planned(path, fusion.sites, data_files, plan, dry_run), None, fusion
 
 
+def _quantization_error(model: ir.Model, config: FusionConfig, feed: onnx_inputs.Feeds) -> float:
+    """The error (with the budget's margin) of the original model quantized to ``config.quantize``
+    alone, on the share of ``feed`` the planner will choose on."""
+    from lfpass.core.keep import split_three
+    from lfpass.core.quality import Readout, sample_errors, upper_bound
+    from lfpass.onnx.frontend import OnnxFrontend, copy_model, split_feed
+
+    feed = dict(feed)
+    labels = feed.pop(onnx_inputs.LABELS, None)
+    batches = split_feed(feed, model)
+    calib, choose, _ = split_three(batches, config.holdout)
+    start = sum(len(next(iter(b.values()))) for b in calib)
+    cut = [labels[start:start + sum(len(next(iter(b.values()))) for b in choose)]] if labels is not None else None
+    frontend = OnnxFrontend(model, Readout.of(config))
+    quantized, _ = quantize_model(copy_model(model), config.quantize, calib if config.quantize == "int8" else None)
+    errors = sample_errors([np.concatenate(frontend.outputs(model, choose))],
+                           [np.concatenate(frontend.outputs(quantized, choose))], config.error_metric, cut)
+    return upper_bound(errors, config.margin)
+
+
 def _calibration(model: ir.Model, config: FusionConfig, inputs: str | Path | None) -> list[onnx_inputs.Feeds] | None:
-    """What a static int8 quantization calibrates on: the ``--inputs`` samples in batches (None without)."""
+    """What a static int8 quantization calibrates on: the ``--inputs`` samples in batches (None
+    without); under a budget only the statistics' share, so the shares that judge it stay unseen."""
     if config.quantize != "int8" or inputs is None:
         return None
+    from lfpass.core.keep import split_three
     from lfpass.onnx.frontend import split_feed
 
     feed = onnx_inputs.load_npz(inputs, model, allow=(onnx_inputs.LABELS,))[0]
     feed.pop(onnx_inputs.LABELS, None)
-    return split_feed(feed, model)
+    batches = split_feed(feed, model)
+    return split_three(batches, config.holdout)[0] if config.max_error is not None else batches
 
 
 def _rewrite(result: OptimizeResult, model: ir.Model, value_info: Any, kept: Kept | None,
@@ -383,7 +415,11 @@ def _rewrite(result: OptimizeResult, model: ir.Model, value_info: Any, kept: Kep
     result.seconds["rewrite"] = time.perf_counter() - clock
     if quantize != "none":
         clock = time.perf_counter()
-        model, result.quantized = quantize_model(model, quantize, calibration)
+        if kept is not None and kept.chosen_on is not None:  # a budget: it holds for fused and quantized
+            model, result.quantized, _ = quantize_within(model, quantize, kept.plan.max_error, kept.chosen_error,
+                                                         kept.choose, kept.frontend.readout, calibration)
+        else:
+            model, result.quantized = quantize_model(model, quantize, calibration)
         result.seconds["quantize"] = time.perf_counter() - clock
         result.message = "\n".join(m for m in (result.message, f"quantized {result.quantized.summary()}") if m)
     if where is None:

@@ -281,3 +281,88 @@ def _run(source: Path, out: Path, mode: str, feeds: Sequence[dict[str, np.ndarra
     quantize_dynamic(source, out, per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                      use_external_data_format=large)
     return "dynamic int8, per-channel weights (onnxruntime quantize_dynamic)"
+
+
+# -- under a budget ------------------------------------------------------------------------------
+
+def emulate(weight: np.ndarray, mode: str, axis: int, block_size: int = BLOCK) -> np.ndarray:
+    """What quantizing keeps of a float ``weight`` (float64): int8, symmetric per channel along
+    ``axis`` (the output channels); int4, symmetric blocks of ``block_size`` along the other
+    axis of a 2-D weight. An estimate for ranking layers, not the tools' exact arithmetic."""
+    w = np.asarray(weight, dtype=np.float64)
+    if mode == "int8":
+        other = tuple(i for i in range(w.ndim) if i != axis)
+        scale = np.max(np.abs(w), axis=other, keepdims=True) / 127.0
+        return np.round(w / np.where(scale > 0, scale, 1.0)) * scale
+    k = w.shape[0]
+    pad = (-k) % block_size
+    blocks = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block_size, w.shape[1])
+    scale = np.max(np.abs(blocks), axis=1, keepdims=True) / 7.0
+    q = np.clip(np.round(blocks / np.where(scale > 0, scale, 1.0)), -8, 7) * scale
+    return q.reshape(-1, w.shape[1])[:k]
+
+
+def sensitivity_order(model: ir.Model, mode: str, feeds: Sequence[dict[str, np.ndarray]], readout: Any,
+                      block_size: int = BLOCK) -> list[str]:
+    """The prepared ``model``'s weights, the one whose quantization alone moves the outputs on
+    ``feeds`` most first: each weight's quantized values (:func:`emulate`) fed to one session
+    in turn (:func:`lfpass.onnx.frontend.overridable`), the rest float."""
+    from lfpass.core.quality import relative_change
+    from lfpass.onnx.frontend import overridable, run
+
+    readers = weight_readers(model)
+    ops = {n.name: n.op_type for n in model.graph}
+    sess, fed = overridable(model, list(readers))
+    reference = run(sess, feeds, readout)
+    moved = {}
+    for name, nodes in readers.items():
+        if name not in fed:
+            continue
+        tensor = model.graph.initializers[name].const_value
+        array = read_array(tensor)
+        axis = 0 if ops.get(nodes[0]) == "Conv" else array.ndim - 1
+        if mode == "int4" and (array.ndim != 2 or ops.get(nodes[0]) != "MatMul"):
+            continue  # the 4-bit quantizer takes MatMul weights only
+        values = emulate(array, mode, axis, block_size).astype(array.dtype)
+        moved[name] = relative_change(reference, run(sess, feeds, readout, {name: values}))
+    return sorted(moved, key=lambda n: -moved[n])
+
+
+def quantize_within(model: ir.Model, mode: str, budget: float, error_of: Any, choose: Sequence[dict[str, np.ndarray]],
+                    readout: Any, feeds: Sequence[dict[str, np.ndarray]] | None = None,
+                    block_size: int = BLOCK) -> tuple[ir.Model, QuantReport, float]:
+    """``model`` quantized with as few weights left in float as keeps ``error_of(quantized) <=
+    budget``: weights ranked by :func:`sensitivity_order` on ``choose``, the number kept in float
+    found by bisection (each step one quantizer run, measured end to end). Returns the model,
+    the report (``float_left`` names what was kept in float and why) and its error. Keeping
+    every weight in float is the prepared float model, which keeps the budget when
+    ``error_of(model)`` does."""
+    from lfpass.onnx.frontend import copy_model
+
+    prepare(model)
+    order = sensitivity_order(model, mode, choose, readout, block_size)
+    tried: dict[int, tuple[ir.Model, QuantReport, float]] = {}
+
+    def attempt(k: int) -> tuple[ir.Model, QuantReport, float]:
+        if k not in tried:
+            quantized, report = quantize(copy_model(model), mode, feeds, order[:k], block_size)
+            tried[k] = (quantized, report, error_of(quantized))
+        return tried[k]
+
+    lo, hi = -1, len(order)  # lo: the most in float known to break the budget; hi: keeps it (assumed)
+    if attempt(0)[2] <= budget:
+        hi = 0
+    else:
+        lo = 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if attempt(mid)[2] <= budget:
+                hi = mid
+            else:
+                lo = mid
+    steps = len(tried)
+    quantized, report, error = attempt(hi)
+    why = f"quantizing it broke the budget (error <= {budget:g}; {steps} quantizer runs measured end to end)"
+    for name in order[:hi]:
+        report.float_left[name] = why
+    return quantized, report, error

@@ -52,6 +52,11 @@ def run(path, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
+def run_model(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+
+
 def quantized_weights(model: onnx.ModelProto) -> dict[str, int]:
     """Each integer weight initializer (2-D or more) -> how many nodes read it (through its
     DequantizeLinear in QDQ models)."""
@@ -187,3 +192,31 @@ def test_a_model_past_2gb_is_quantized_through_external_data(tmp_path):
     del inits, graph
     quantized, report = quantize(model, "int8")
     assert report.quantized == 9 and len(quantized_weights(ir.to_proto(quantized))) == 9
+
+
+def test_a_budget_holds_for_the_fused_and_quantized_model(exported, tmp_path):
+    """Fusion is planned within what quantizing the original alone leaves of the budget; the
+    written file's error on held-out inputs (never chosen on) keeps the budget."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((256, 64)).astype(np.float32))
+    config = FusionConfig(target_ratio=None, max_error=0.01, quantize="int8")
+    done = lfpass.optimize(exported, tmp_path / "b8.onnx", config, inputs=calib)
+    assert done.written and done.quantized.quantized > 0 and done.error is not None
+    assert done.error <= 0.01 and done.plan.max_error == 0.01
+    assert "the original quantized to int8 alone measured" in done.plan.message
+
+
+def test_layers_that_break_the_budget_stay_in_float_the_most_sensitive_first(exported, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((256, 64)).astype(np.float32))
+    x = np.load(calib)["x"]
+    quantized, _ = quantize(ir.load(exported), "int4")
+    with_4_bits = 1 - np.mean([np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in
+                               zip(run(exported, x), run_model(quantized, x))])
+    budget = float(with_4_bits) / 4  # a quarter of what 4 bits everywhere cost
+    done = lfpass.optimize(exported, tmp_path / "tight.onnx", FusionConfig(target_ratio=None, max_error=budget,
+                                                                         quantize="int4"), inputs=calib)
+    kept = done.quantized.float_left
+    assert kept and all("broke the budget" in why for why in kept.values())
+    assert 0 < done.quantized.quantized and done.error <= budget * 1.5  # chosen on one share, verified on another
+    assert len(weight_readers(ir.load(tmp_path / "tight.onnx"))) == len(kept)  # exactly those stayed float
