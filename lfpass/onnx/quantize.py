@@ -111,7 +111,7 @@ def prepare(model: ir.Model) -> dict[str, int]:
     nodes on an initializer rewritten as ``MatMul`` (+ ``Add``). Returns how many of each."""
     graph, names = model.graph, FreshNames(model)
     made: dict[tuple[str, tuple[int, ...]], ir.Value] = {}
-    counts = {"transposes folded": 0, "gemms as matmul": 0}
+    counts = {"constants as initializers": _lift_constants(graph), "transposes folded": 0, "gemms as matmul": 0}
 
     def transposed(value: ir.Value, perm: tuple[int, ...]) -> ir.Value:
         key = (value.name, perm)
@@ -156,6 +156,34 @@ def prepare(model: ir.Model) -> dict[str, int]:
         counts["gemms as matmul"] += 1
     _drop_unused(graph)
     return counts
+
+
+def _lift_constants(graph: ir.Graph) -> int:
+    """``Constant`` nodes holding a weight (read, directly or through a ``Transpose``, as a
+    MatMul/Gemm/Conv weight; as converters such as Paddle2ONNX write them) become initializers
+    of the same name: the quantizers take initializers only."""
+    lifted = 0
+    for node in list(graph):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or "value" not in node.attributes:
+            continue
+        out = node.outputs[0]
+        readers = [u.node for u in out.uses()]
+        readers += [v.node for u in out.uses() if u.node.op_type == "Transpose" for v in u.node.outputs[0].uses()]
+        if not any(_WEIGHTED.get(r.op_type) is not None and len(r.inputs) > _WEIGHTED[r.op_type]
+                   and r.inputs[_WEIGHTED[r.op_type]] in (out, *(u.node.outputs[0] for u in out.uses()))
+                   for r in readers):
+            continue
+        tensor = node.attributes["value"].as_tensor()
+        value = ir.Value(name=out.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                         const_value=tensor)
+        name = out.name
+        out.name = None
+        out.replace_all_uses_with(value, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        value.name = name
+        graph.register_initializer(value)
+        lifted += 1
+    return lifted
 
 
 def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

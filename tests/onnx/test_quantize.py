@@ -220,3 +220,17 @@ def test_layers_that_break_the_budget_stay_in_float_the_most_sensitive_first(exp
     assert kept and all("broke the budget" in why for why in kept.values())
     assert 0 < done.quantized.quantized and done.error <= budget * 1.5  # chosen on one share, verified on another
     assert len(weight_readers(ir.load(tmp_path / "tight.onnx"))) == len(kept)  # exactly those stayed float
+
+
+def test_weights_held_in_constant_nodes_are_lifted_and_quantized():
+    """Converters (Paddle2ONNX: PP-OCR's files) hold weights in Constant nodes, which the quantizers
+    reject ("Expected ... to be an initializer"): they become initializers of the same name."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Constant", [], ["w"], value=w),
+                               helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    quantized, report = quantize(model, "int8")
+    assert report.prepared["constants as initializers"] == 1 and report.quantized == 1
+    assert list(quantized_weights(ir.to_proto(quantized)).values()) == [1]

@@ -1,0 +1,199 @@
+"""Resident memory of onnxruntime sessions: does a shared tensor stay shared once loaded?
+
+A fused file stores each shared tensor once; what a deployment pays is the memory of
+the session that runs it. onnxruntime pre-packs the constant weight of every
+``MatMul``/``Gemm``/``Conv`` node for its kernels, per node: a tensor read by k nodes is
+then held k + 1 times, and every unshared weight twice. This measures, each in a fresh
+process (the resident set after creating the session and running it once, minus the
+resident set before), for MiniLM's ONNX file (``tools/budget_real.py`` exports it):
+
+- ``original``, ``fused`` (``lfpass optimize --actions tie --ratio R --merge mean``: ties
+  only, so tensors are shared), ``fused + int8`` (the same with ``--quantize int8``) and
+  ``int8 alone`` (onnxruntime's ``quantize_dynamic``);
+- each with onnxruntime's defaults and with ``session.disable_prepacking = 1``.
+
+Each row gives the file's bytes, the session's resident bytes (less those of a session on
+a model with the same inputs and no weights: what any session costs) and both as ratios
+to the original's, in the same run. Figures are a median of ``--repeat`` processes.
+
+    python tools/bench_ram.py --out docs/BENCHMARKS.md --json /tmp/bench_ram.json   # a few minutes
+    python tools/bench_ram.py --small                                              # seconds: the test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import budget_real as br  # noqa: E402
+from benchlib import load_average, machine  # noqa: E402
+
+BEGIN, END = "<!-- bench-ram:begin -->", "<!-- bench-ram:end -->"
+MODES = {"defaults": {}, "no prepacking": {"session.disable_prepacking": "1"}}
+
+PROBE = r"""
+import json, os, sys
+import numpy as np
+import onnxruntime as ort
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+path, config, feed = sys.argv[1], json.loads(sys.argv[2]), dict(np.load(sys.argv[3]))
+before = rss()
+options = ort.SessionOptions()
+options.log_severity_level = 3
+for k, v in config.items():
+    options.add_session_config_entry(k, v)
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+session.run(None, feed)
+print(json.dumps({"rss": rss() - before}))
+"""
+
+
+def resident(path: Path, config: dict[str, str], feed: Path, repeat: int) -> int:
+    """Median over ``repeat`` fresh processes of the resident bytes a session on ``path`` adds."""
+    values = []
+    for _ in range(repeat):
+        done = subprocess.run([sys.executable, "-c", PROBE, str(path), json.dumps(config), str(feed)],
+                              capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        values.append(json.loads(done.stdout.strip().splitlines()[-1])["rss"])
+    return int(statistics.median(values))
+
+
+def file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def tiny(work: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A 6-block residual MLP of width 256 by the legacy exporter (Gemm nodes): what the test runs."""
+    import torch
+
+    class Blocks(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(256, 256) for _ in range(6))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + torch.relu(block(x))
+            return x
+
+    torch.manual_seed(0)
+    path = work / "tiny.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Blocks().eval(), (torch.randn(2, 256),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    return path, {"x": np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)}
+
+
+def _empty_model(path: Path, feed: dict[str, np.ndarray]) -> None:
+    """A model of the same inputs whose outputs are its inputs (Identity): a session's own cost."""
+    import onnx
+    from onnx import helper
+
+    names = list(feed)
+    types = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.int64): onnx.TensorProto.INT64}
+    inputs = [helper.make_tensor_value_info(n, types[feed[n].dtype], list(feed[n].shape)) for n in names]
+    outputs = [helper.make_tensor_value_info(f"{n}.out", types[feed[n].dtype], list(feed[n].shape)) for n in names]
+    nodes = [helper.make_node("Identity", [n], [f"{n}.out"]) for n in names]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "empty", inputs, outputs),
+                                opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def lfpass(model: Path, out: Path, ratio: float, extra: list[str]) -> None:
+    cmd = [sys.executable, "-m", "lfpass.cli", "optimize", str(model), "-o", str(out), "--actions", "tie",
+           "--merge", "mean", "--ratio", f"{ratio:g}", "--no-validate", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent)
+    if done.returncode not in (0, 1):
+        raise RuntimeError(f"{' '.join(cmd)}: exit {done.returncode}: {done.stderr[-500:]}")
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    if args.small:
+        model, feed = tiny(work)
+    else:
+        model, feed, _ = br.minilm(work, args.cache, 8, args.seed)
+        feed = {k: v[:4] for k, v in feed.items()}
+    feed_path = work / "feed.npz"
+    np.savez(feed_path, **feed)
+    files = {"original": model, "fused": work / "fused.onnx", "fused + int8": work / "fused.int8.onnx",
+             "int8 alone": work / "int8.onnx"}
+    lfpass(model, files["fused"], args.ratio, [])
+    lfpass(model, files["fused + int8"], args.ratio, ["--quantize", "int8"])
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(model, files["int8 alone"], per_channel=True, weight_type=QuantType.QInt8)
+    empty = work / "empty.onnx"  # what any session costs: subtracted, so the rest is the model's
+    _empty_model(empty, feed)
+    overhead = {mode: resident(empty, config, feed_path, args.repeat) for mode, config in MODES.items()}
+    rows = []
+    for name, path in files.items():
+        for mode, config in MODES.items():
+            rows.append({"model": name, "session": mode, "bytes": file_bytes(path),
+                         "rss": resident(path, config, feed_path, args.repeat) - overhead[mode]})
+            print(json.dumps(rows[-1]), flush=True)
+    for row in rows:
+        base = next(r for r in rows if r["model"] == "original" and r["session"] == row["session"])
+        row["bytes_ratio"] = base["bytes"] / row["bytes"]
+        row["rss_ratio"] = base["rss"] / max(row["rss"], 1)
+    return {"model": "tiny residual MLP (the test's)" if args.small else "all-MiniLM-L6-v2 (ONNX, dynamo exporter)",
+            "ratio": args.ratio, "rows": rows}
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [BEGIN, "", f"`{report['command']}` ({report['machine']}; load {report['load']}). Model: "
+             f"{report['result']['model']}; fused: `--actions tie --merge mean --ratio {report['result']['ratio']:g}` "
+             f"(ties, so tensors are shared). Resident: what one session adds to its process after one run, less what "
+             f"a session of a model with the same inputs and no weights adds, median of {report['repeat']} processes.", "",
+             "| file | session | bytes on disk | resident | bytes ratio | resident ratio |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in report["result"]["rows"]:
+        lines.append(f"| {r['model']} | {r['session']} | {r['bytes'] / 2**20:.1f} MiB | {r['rss'] / 2**20:.1f} MiB "
+                     f"| {r['bytes_ratio']:.2f}x | {r['rss_ratio']:.2f}x |")
+    return "\n".join([*lines, "", END])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="a tiny MLP instead of MiniLM: checks the tool")
+    p.add_argument("--ratio", type=float, default=1.5)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lfpass")
+    p.add_argument("--work", type=Path)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--out", type=Path, help="rewrite the part between this tool's markers of this Markdown file")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        result = measure(args, work)
+    report = {"command": "python tools/bench_ram.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": machine(), "load": load_average(), "repeat": args.repeat, "result": result}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    text = render(report)
+    print(text)
+    if args.out:
+        old = args.out.read_text() if args.out.exists() else ""
+        new = (old.split(BEGIN)[0] + text + old.split(END, 1)[1]) if BEGIN in old and END in old \
+            else f"{old.rstrip()}\n\n## Sessions in memory\n\n{text}\n"
+        args.out.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
