@@ -246,6 +246,7 @@ def quantize(model: ir.Model, mode: str, feeds: Sequence[dict[str, np.ndarray]] 
     why = refusal(model, mode)
     if why:
         raise QuantizeError(why)
+    ir.external_data.load_to_model(model)  # the tools read a file of its own, not the input's data file
     prepared = prepare(model)
     if mode == "int4" and not any(n.op_type == "MatMul" and _initializer(n.inputs[1]) for n in model.graph):
         raise QuantizeError("int4 quantizes MatMul weights (onnxruntime's MatMulNBits); the model has no MatMul on "

@@ -234,3 +234,14 @@ def test_weights_held_in_constant_nodes_are_lifted_and_quantized():
     quantized, report = quantize(model, "int8")
     assert report.prepared["constants as initializers"] == 1 and report.quantized == 1
     assert list(quantized_weights(ir.to_proto(quantized)).values()) == [1]
+
+
+def test_a_model_with_external_data_is_quantized(exported, tmp_path):
+    """A file whose tensors live in a data file beside it (as the dynamo exporter writes large models)."""
+    proto = onnx.load(exported)
+    onnx.save(proto, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    config = FusionConfig(target_ratio=1.8, ratio_scope="layers", merge="mean", quantize="int8")
+    done = lfpass.optimize(tmp_path / "ext.onnx", tmp_path / "out.onnx", config, check=False)
+    assert done.quantized.quantized >= 4
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
