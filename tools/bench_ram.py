@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import budget_real as br  # noqa: E402
-from benchlib import load_average, machine  # noqa: E402
+from benchlib import load_average, machine, write_marked  # noqa: E402
 
 BEGIN, END = "<!-- bench-ram:begin -->", "<!-- bench-ram:end -->"
 MODES = {"defaults": {}, "no prepacking": {"session.disable_prepacking": "1"}}
@@ -188,10 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(report)
     print(text)
     if args.out:
-        old = args.out.read_text() if args.out.exists() else ""
-        new = (old.split(BEGIN)[0] + text + old.split(END, 1)[1]) if BEGIN in old and END in old \
-            else f"{old.rstrip()}\n\n## Sessions in memory\n\n{text}\n"
-        args.out.write_text(new)
+        write_marked(args.out, BEGIN, END, text, "Sessions in memory")
     return 0
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 _MEASURE = textwrap.dedent(
     """
@@ -89,3 +90,14 @@ def load_average() -> str:
         return open("/proc/loadavg").read().split()[0]
     except OSError:
         return "?"
+
+
+def write_marked(path: Path, begin: str, end: str, text: str, heading: str) -> None:
+    """Replace what lies between ``begin`` and ``end`` in the Markdown file ``path`` by ``text``
+    (which holds both markers); a file without them gets ``heading`` and ``text`` appended."""
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        new = old.split(begin)[0] + text + old.split(end, 1)[1]
+    else:
+        new = f"{old.rstrip()}\n\n## {heading}\n\n{text}\n"
+    path.write_text(new)

@@ -345,6 +345,16 @@ class Menu:
                         for c in self.classes]
         return view
 
+    def lowrank_layers(self) -> dict[str, tuple[_Class, Curve]]:
+        """Every layer that can be factored alone, with its class and its low-rank curve."""
+        layers = {}
+        for cls in self.classes:
+            for unit in cls.cuts[0].units:
+                curve = next((c for c in unit.curves if c.action == "lowrank"), None)
+                if curve is not None:
+                    layers[unit.members[0]] = (cls, curve)
+        return layers
+
     def per_layer(self) -> "Menu":
         """This menu with every class cut into single layers only (keep or per-layer low rank)."""
         view = copy.copy(self)
@@ -458,12 +468,7 @@ def sensitivities(base: FusionPlan, menu: Menu, needed: int | None, probe: Evalu
     of full rank that saves ``needed`` (the target's), or, without a target, the rank whose
     damage is nearest :data:`PROBE_DAMAGE`. One run of the chosen-on inputs per layer,
     through the candidate's values (no rebuild)."""
-    layers = {}
-    for cls in menu.classes:
-        for unit in cls.cuts[0].units:
-            curve = next((c for c in unit.curves if c.action == "lowrank"), None)
-            if curve is not None:
-                layers[unit.members[0]] = (cls, curve)
+    layers = menu.lowrank_layers()
     at: dict[str, int] = {}
     if needed:
         dims = {name: cls.shape for name, (cls, _) in layers.items()}
@@ -492,12 +497,7 @@ def sensitivities(base: FusionPlan, menu: Menu, needed: int | None, probe: Evalu
 def _uniform(base: FusionPlan, menu: Menu, config: FusionConfig, needed: int) -> FusionPlan | None:
     """Per-layer low rank at one fraction of every layer's full rank (the activation-aware SVD
     baseline's allocation), saving at least ``needed``; None when even rank 1 everywhere cannot."""
-    layers = {}
-    for cls in menu.classes:
-        for unit in cls.cuts[0].units:
-            curve = next((c for c in unit.curves if c.action == "lowrank"), None)
-            if curve is not None:
-                layers[unit.members[0]] = (cls, curve)
+    layers = menu.lowrank_layers()
     dims = {name: cls.shape for name, (cls, _) in layers.items()}
     dense = sum(o * i for o, i in dims.values())
     try:
