@@ -38,6 +38,7 @@ from torch import nn
 from lfpass.core.calibration import Calibration
 from lfpass.core.errors import ConfigError, PlanError
 from lfpass.core.plan import FusionPlan
+from lfpass.fx.collapse import SkipBlock
 from lfpass.fx.api import apply
 from lfpass.fx.batches import call
 from lfpass.fx.sites import find_sites, unique_parameters
@@ -152,24 +153,6 @@ def _zero_smallest(weights: Sequence[torch.Tensor], k: int) -> float:
 
 
 # -- layer dropping ------------------------------------------------------------------------------
-
-class SkipBlock(nn.Module):
-    """A removed residual block: returns its hidden-state input (the first positional argument,
-    or ``hidden_states``), alone or as ``(hidden_states,)`` as the block it replaces did."""
-
-    def __init__(self, as_tuple: bool = False):
-        super().__init__()
-        self.as_tuple = as_tuple
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if args:
-            x = args[0]
-        elif "hidden_states" in kwargs:
-            x = kwargs["hidden_states"]
-        else:
-            x = next(iter(kwargs.values()))
-        return (x,) if self.as_tuple else x
-
 
 def drop_layers(model: nn.Module, target_params: int, blocks: nn.ModuleList | str,
                 influence_batches: Iterable[Any] | None = None) -> tuple[nn.Module, Info]:

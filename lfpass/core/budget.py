@@ -40,7 +40,7 @@ from lfpass.core.sites import Site
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[FusionPlan], float]
-_NEVER = 1e300  # a threshold no pair reaches: the weight planner scores and classifies, and merges nothing
+NEVER = 1e300  # a threshold no pair reaches: the weight planner scores and classifies, and merges nothing
 
 
 def correction_params(site: Site, rank: int) -> int:
@@ -140,7 +140,7 @@ def plan_within_budget(sites: Sequence[Site], load: LoadTensor, config: FusionCo
     ``rules``: the merge rules a group may use (default ``config``'s one). With several, each
     pair is measured under each and keeps the one that damages least; a joined group tries its
     rules in that order until one keeps the budget, and keeps the best it measured."""
-    base = plan_fusion(sites, load, config.replace(target_ratio=None, threshold=_NEVER, max_overshoot=None),
+    base = plan_fusion(sites, load, config.replace(target_ratio=None, threshold=NEVER, max_overshoot=None),
                        params_total, progress=progress, **scoring)
     base = replace(base, target_ratio=config.target_ratio, threshold=None, max_overshoot=None,
                    align=config.alignment, residual_rank=config.residual_rank, error_metric=config.error_metric,

@@ -31,6 +31,7 @@ PLAIN_DEFAULTS = {"merge": "mean", "align": "none"}
 DATA_DEFAULTS = {"merge": "regmean", "align": "weights"}
 MEASURED_MERGES = ("regmean", "mean")  # under a budget, an "auto" merge is measured per group among these
 MEASURED_ALIGNS = ("weights", "none")  # ... and an "auto" alignment per plan among these
+COLLAPSE = "collapse"  # remove whole residual blocks (lfpass.core.collapse): asked for alone, never auto
 ACTIONS = ("tie", "residual", "basis", "lowrank")  # the plan menu (lfpass.core.menu); "tie" alone: the tie planners
 _META_KEYS = ("name", "description")
 _MEASURING = ("error_output", "pooling", "margin")
@@ -82,6 +83,9 @@ class FusionConfig:
     ``"basis"`` (a shared basis with per-member coefficients) and
     ``"lowrank"`` (per-layer activation-aware SVD); the planner spends the
     ratio or the budget on the least damage per parameter saved among them.
+    ``"collapse"``, given alone, removes whole residual blocks instead, least
+    influential first (:mod:`lfpass.core.collapse`), so inference runs fewer
+    layers; it needs calibration inputs.
     ``"auto"``: the full menu when calibration inputs come and a ratio or a
     budget is asked for, unless an option only the tie planners honour is
     set (``align`` other than auto, ``residual_rank``, ``metric='output'``,
@@ -186,9 +190,12 @@ class FusionConfig:
             if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"actions: must be {AUTO!r} or a list of {ACTIONS}, got {self.actions!r}")
             value = tuple(v.strip() for v in value)
-            bad = [v for v in value if v not in ACTIONS]
+            bad = [v for v in value if v not in (*ACTIONS, COLLAPSE)]
             if bad:
-                raise ConfigError(f"actions: unknown {bad[0]!r} (known: {', '.join(ACTIONS)})")
+                raise ConfigError(f"actions: unknown {bad[0]!r} (known: {', '.join((*ACTIONS, COLLAPSE))})")
+            if COLLAPSE in value and len(set(value)) > 1:
+                raise ConfigError(f"actions: {COLLAPSE!r} plans alone (removing whole blocks); give it without "
+                                  f"{', '.join(v for v in value if v != COLLAPSE)}")
             object.__setattr__(self, "actions", tuple(dict.fromkeys(value)))
         if not (_is_int(self.residual_rank) and self.residual_rank >= 0):
             raise ConfigError(f"residual_rank: must be an integer >= 0, got {self.residual_rank!r}")
@@ -241,6 +248,11 @@ class FusionConfig:
                                                             or self.max_error is not None)
 
     @property
+    def collapses(self) -> bool:
+        """Whether the plan removes whole residual blocks (``actions = ["collapse"]``)."""
+        return self.actions != AUTO and COLLAPSE in self.actions
+
+    @property
     def auto_fields(self) -> tuple[str, ...]:
         """The fields left to ``"auto"``."""
         return tuple(k for k in (*DATA_DEFAULTS, "actions") if getattr(self, k) == AUTO)
@@ -254,7 +266,7 @@ class FusionConfig:
     def needs_calibration(self) -> bool:
         """Whether these options need calibration inputs (statistics or measured error)."""
         return (self.max_error is not None or self.alignment == "activations" or self.metric == "output"
-                or self._merges_by_data)
+                or self._merges_by_data or self.collapses)
 
     @property
     def keeps_function(self) -> bool:

@@ -35,7 +35,11 @@ A third frontend starts here. Implement, for one model of the new IR:
    its own bias, one ``down`` tensor per basis however many layers read it;
 8. optionally, :meth:`Frontend.outputs_with`: the original model run with
    some tensors holding other values and left as it was, so a budget measures
-   each candidate without building it (the default builds a copy).
+   each candidate without building it (the default builds a copy);
+9. optionally, for depth collapse (:mod:`lfpass.core.collapse`),
+   :meth:`Frontend.blocks`, :meth:`Frontend.influence` and
+   :meth:`Frontend.collapse`: the residual blocks of the model's stack, how
+   far each turns the stream, and their removal.
 
 Nothing else of the pipeline belongs in a frontend: splitting calibration
 batches, choosing what needs data, the budget, the order of the steps and the
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
     from lfpass.core.align import Skipped, Space
     from lfpass.core.bases import Factor
     from lfpass.core.calibration import Calibration
+    from lfpass.core.collapse import Block
     from lfpass.core.lowrank import Part
     from lfpass.core.plan import FusionPlan
     from lfpass.core.sites import Site
@@ -123,6 +128,19 @@ class Frontend(ABC, Generic[Model]):
     @abstractmethod
     def outputs(self, model: Any, batches: Sequence[Any]) -> list[np.ndarray]:
         """``model``'s outputs on ``batches``, one float64 ``[samples, features]`` array per batch."""
+
+    # -- depth collapse (optional) ---------------------------------------------------------------
+    def blocks(self) -> list[Block]:
+        """The original model's residual blocks of one stack, in order (:mod:`lfpass.core.collapse`)."""
+        raise PlanError(f"{type(self).__name__} finds no residual blocks: depth collapse is not available here")
+
+    def influence(self, batches: Sequence[Any]) -> dict[str, float]:
+        """Each block's influence on ``batches``: ``1 - cos(input, output)`` per position, averaged."""
+        raise PlanError(f"{type(self).__name__} finds no residual blocks: depth collapse is not available here")
+
+    def collapse(self, model: Model, names: Sequence[str]) -> None:
+        """Remove the named blocks from ``model``, in place: each one's input flows on as its output."""
+        raise PlanError(f"{type(self).__name__} cannot remove blocks: depth collapse is not available here")
 
     def outputs_with(self, values: Mapping[str, np.ndarray], batches: Sequence[Any]) -> list[np.ndarray]:
         """The original model's :meth:`outputs` with the named tensors holding ``values`` (each in

@@ -25,8 +25,9 @@ import numpy as np
 
 from lfpass.core.align import AlignReport, Skipped, align_spaces, cross_pairs, links_from_plan
 from lfpass.core.bases import BasisFit, plan_factors
-from lfpass.core.budget import plan_within_budget, with_options
+from lfpass.core.budget import NEVER, plan_within_budget, with_options
 from lfpass.core.calibration import Calibration, CalibrationError
+from lfpass.core.collapse import plan_collapse
 from lfpass.core.config import AUTO, MEASURED_ALIGNS, MEASURED_MERGES, FusionConfig
 from lfpass.core.dense import plan_values
 from lfpass.core.errors import ConfigError
@@ -39,7 +40,7 @@ from lfpass.core.quality import describe, output_error, relative_change, sample_
 
 log = logging.getLogger(__name__)
 
-DATA_OPTIONS = "max_error, align='activations', merge='regmean' or metric='output'"
+DATA_OPTIONS = "max_error, align='activations', merge='regmean', metric='output' or actions='collapse'"
 
 
 def require_data(config: FusionConfig, plan: FusionPlan | None, has_data: bool, hint: str) -> None:
@@ -101,13 +102,15 @@ class Fuser:
                 front.attach_parts(model, [p for p in parts if ranks[p.member.group] == rank], rank)
         if factors:
             front.factor(model, factors)
+        if plan.dropped:
+            front.collapse(model, plan.dropped)
         return model
 
     def outputs(self, plan: FusionPlan, batches: Sequence[Any]) -> list[np.ndarray]:
         """The outputs on ``batches`` of the model ``plan`` builds: measured on the original
         model holding the plan's values where the plan reduces to them (no copy, no rewrite;
         :mod:`lfpass.core.dense`), else on the built model."""
-        values = plan_values(plan, self.frontend.found, self.calibration, self.fits)
+        values = None if plan.dropped else plan_values(plan, self.frontend.found, self.calibration, self.fits)
         if values is None:
             return self.frontend.outputs(self.build(plan), batches)
         return self.frontend.outputs_with(values, batches)
@@ -206,6 +209,8 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     total = frontend.count(frontend.model)
     if plan is not None:
         check_plan(plan, found.by_name())
+    elif config.collapses:
+        plan = _collapsed(frontend, config, total, calib, evaluate if chosen_on is not None else None, progress)
     elif menu:
         plan = plan_menu(found.plannable, found.load, config, total, stats, actions,
                          evaluate if chosen_on is not None else None, progress,
@@ -227,6 +232,17 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     log.info("kept: %d groups, ratio %.3f, held-out error %s", len(plan.groups), plan.model_ratio, plan.error)
     return Kept(fused, plan, frontend, held, reference, held_labels, choose if measure else [],
                 chosen_on if measure else None, choose_labels if measure else None, config.margin)
+
+
+def _collapsed(frontend: Frontend, config: FusionConfig, total: int, batches: Sequence[Any],
+               evaluate: Any, progress: bool) -> FusionPlan:
+    """The depth-collapse plan: the frontend's blocks by their influence on ``batches``."""
+    found = frontend.found
+    base = plan_fusion(found.plannable, found.load, config.replace(target_ratio=None, threshold=NEVER,
+                                                                   max_overshoot=None), total, progress=progress)
+    base = replace(base, target_ratio=config.target_ratio, threshold=None, max_overshoot=None, align="none",
+                   error_metric=config.error_metric, max_error=config.max_error, message="")
+    return plan_collapse(base, frontend.blocks(), frontend.influence(batches), config, evaluate)
 
 
 def _budgeted(found: Any, config: FusionConfig, total: int, evaluate: Any, progress: bool,

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from lfpass.core.bases import (BasisFit, Whitening, basis_params, break_even, fit_basis, moments, relative_error,
                                residual_curve)
+from lfpass.core.budget import NEVER
 from lfpass.core.calibration import Calibration, LayerStats
 from lfpass.core.config import FusionConfig
 from lfpass.core.layers import layers_of, layout_of, to_matrix
@@ -57,7 +58,6 @@ from lfpass.core.sites import ClassKey, Site
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[FusionPlan], float]
-_NEVER = 1e300
 BASIS_SIZES = (2, 3)  # chunk sizes tried beside "all members of the class"
 _PAIRS_ALL = 16  # classes up to this size try every pair for ties; larger ones neighbours only
 _GRID = 48  # prices tried when a budget is measured
@@ -403,7 +403,7 @@ def plan_menu(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, par
     (the closed form prices each layer's own error, not how errors add up through the model).
     ``probe(plan)``: how far a plan moves the model's outputs (:func:`relative_change`); with it
     each layer's damage is weighted by its measured sensitivity (:func:`sensitivities`)."""
-    base = plan_fusion(sites, load, config.replace(target_ratio=None, threshold=_NEVER, max_overshoot=None,
+    base = plan_fusion(sites, load, config.replace(target_ratio=None, threshold=NEVER, max_overshoot=None,
                                                    granularity="tensor"), params_total, progress=progress)
     base = replace(base, target_ratio=config.target_ratio, threshold=None, max_overshoot=None, align="none",
                    residual_rank=0, error_metric=config.error_metric, max_error=config.max_error, message="")

@@ -108,6 +108,7 @@ class FusionPlan:
     decisions: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)  # (a, b, why): budgeted plans
     factors: tuple[Factored, ...] = ()  # layers written through shared bases or low-rank factors
     choices: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (class, what the menu chose and why)
+    dropped: tuple[str, ...] = ()  # residual blocks removed from the graph (depth collapse)
 
     # -- figures ---------------------------------------------------------
     @property
@@ -128,7 +129,7 @@ class FusionPlan:
         """Whether applying the plan takes more than merging: alignment, per-member corrections,
         or a data-aware rule (which needs calibration statistics)."""
         return self.align != "none" or self.residual_rank > 0 or self.needs_statistics or bool(self.factors) or any(
-            g.rank for g in self.groups)
+            g.rank for g in self.groups) or bool(self.dropped)
 
     @property
     def needs_statistics(self) -> bool:
@@ -139,8 +140,8 @@ class FusionPlan:
 
     @property
     def empty(self) -> bool:
-        """Whether applying the plan changes nothing: no tie, no factored layer."""
-        return not self.groups and not self.factors
+        """Whether applying the plan changes nothing: no tie, no factored layer, no block removed."""
+        return not self.groups and not self.factors and not self.dropped
 
     @property
     def reached(self) -> bool:
@@ -194,6 +195,7 @@ class FusionPlan:
             data["decisions"] = tuple((_name(a), _name(b), str(why)) for a, b, why in _list(data, "decisions", ()))
             data["factors"] = tuple(_factored_from_json(f) for f in _list(data, "factors", ()))
             data["choices"] = tuple((str(c), str(why)) for c, why in _list(data, "choices", ()))
+            data["dropped"] = tuple(_name(n) for n in _list(data, "dropped", ()))
             return cls(**data)
         except PlanError:
             raise
@@ -228,6 +230,8 @@ class FusionPlan:
         for f in self.factors:
             lines.append(f"  {f.action} rank {f.rank}: {', '.join(f.members)} (saves {f.saved:,} parameters"
                          + (f", damage {f.damage:.4g})" if f.damage is not None else ")"))
+        if self.dropped:
+            lines.append(f"  removed blocks: {', '.join(self.dropped)}")
         if self.choices:
             return "\n".join(lines)
         if self.decisions:  # a budgeted plan: each pair was measured, and kept or rolled back

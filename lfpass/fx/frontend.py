@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from lfpass.core.align import AlignReport, Skipped, Space
 from lfpass.core.bases import Factor
 from lfpass.core.calibration import Calibration
+from lfpass.core.collapse import Block
 from lfpass.core.errors import ConfigError
 from lfpass.core.frontend import Frontend
 from lfpass.core.keep import align_model
@@ -33,6 +34,7 @@ from lfpass.core.sites import Site
 from lfpass.fx.align import holding, read_tensors, spaces_of, write_tensors
 from lfpass.fx.batches import call, eval_mode
 from lfpass.fx.calibrate import calibrate_fx
+from lfpass.fx.collapse import block_influence, find_blocks, remove_blocks
 from lfpass.fx.factor import factor_layers
 from lfpass.fx.lowrank import attach_parts
 from lfpass.fx.rewrite import apply_plan
@@ -95,6 +97,7 @@ class FxFrontend(Frontend[nn.Module]):
     example_inputs: Any = None
     output_fn: OutputFn | None = None
     gm: fx.GraphModule | None = field(default=None, repr=False)
+    returns_tuple: dict[str, bool] = field(default_factory=dict, repr=False)  # per block, as influence saw it
     hint = "pass calibration=[batch, ...]"
 
     def graph(self) -> fx.GraphModule:
@@ -115,6 +118,16 @@ class FxFrontend(Frontend[nn.Module]):
 
     def outputs(self, model: nn.Module, batches: Sequence[Any]) -> list[np.ndarray]:
         return outputs(model, batches, self.output_fn)
+
+    def blocks(self) -> list[Block]:
+        return find_blocks(self.model, self.found.plannable)
+
+    def influence(self, batches: Sequence[Any]) -> dict[str, float]:
+        influence, self.returns_tuple = block_influence(self.model, self.blocks(), batches)
+        return influence
+
+    def collapse(self, model: nn.Module, names: Sequence[str]) -> None:
+        remove_blocks(model, names, self.returns_tuple)
 
     def outputs_with(self, values: Mapping[str, np.ndarray], batches: Sequence[Any]) -> list[np.ndarray]:
         with holding(self.model, values):  # in place, restored: no copy of the model

@@ -1,0 +1,90 @@
+"""Depth collapse (:mod:`lfpass.core.collapse`): the least influential residual blocks are removed
+from the graph, in PyTorch and in ONNX; the count is the plan's, a budget is kept end to end, and
+what cannot be collapsed says so in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lfpass
+from lfpass.core.config import FusionConfig
+from lfpass.core.errors import ConfigError, PlanError
+from lfpass.fx.collapse import SkipBlock
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int, scale: float = 1.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        with torch.no_grad():
+            self.fc2.weight.mul_(scale)
+            self.fc2.bias.mul_(scale)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    """Six residual blocks; blocks 2 and 4 barely turn the stream (their output scaled by 0.01)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, width)
+        self.blocks = nn.ModuleList(ResBlock(width, 0.01 if i in (2, 4) else 1.0) for i in range(6))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def batches(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 8, generator=g) for _ in range(n)]
+
+
+def test_the_least_influential_blocks_go_first_and_the_count_is_the_plans():
+    model = Net().eval()
+    per_block = sum(p.numel() for p in model.blocks[0].parameters())
+    target = lfpass.unique_parameters(model) / (lfpass.unique_parameters(model) - 2 * per_block)
+    fused, plan = lfpass.fuse(model, FusionConfig(target_ratio=target - 1e-6, actions="collapse"),
+                              calibration=batches())
+    assert set(plan.dropped) == {"blocks.2", "blocks.4"}
+    assert all(isinstance(fused.blocks[i], SkipBlock) for i in (2, 4))
+    assert lfpass.unique_parameters(fused) == plan.params_after
+    assert isinstance(model.blocks[2], ResBlock)  # the input model is untouched
+    x = batches(1, seed=7)[0]
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert torch.nn.functional.cosine_similarity(want, got).min() > 0.99
+    assert "blocks.2" in plan.explain() and "influence" in plan.message
+
+
+def test_a_budget_removes_as_many_blocks_as_keep_it():
+    model = Net().eval()
+    _, loose = lfpass.fuse(model, FusionConfig(target_ratio=None, max_error=0.5, actions="collapse"),
+                           calibration=batches(12))
+    _, tight = lfpass.fuse(model, FusionConfig(target_ratio=None, max_error=1e-3, actions="collapse"),
+                           calibration=batches(12))
+    assert set(tight.dropped) <= {"blocks.2", "blocks.4"} and len(tight.dropped) >= 1
+    assert len(loose.dropped) > len(tight.dropped) and tight.error <= 1e-3
+    assert "measured end to end" in tight.message
+
+
+def test_collapse_is_asked_for_alone_and_needs_calibration_inputs():
+    with pytest.raises(ConfigError, match="'collapse' plans alone"):
+        FusionConfig(actions="collapse,lowrank")
+    with pytest.raises(ConfigError, match="need calibration inputs"):
+        lfpass.fuse(Net().eval(), FusionConfig(target_ratio=1.2, actions="collapse"))
+
+
+def test_a_model_without_a_stack_of_residual_blocks_says_so():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    with pytest.raises(PlanError, match="no stack of two or more residual blocks"):
+        lfpass.fuse(model, FusionConfig(target_ratio=1.2, actions="collapse"), calibration=batches())
