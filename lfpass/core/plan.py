@@ -232,7 +232,7 @@ class FusionPlan:
                          + (f", damage {f.damage:.4g})" if f.damage is not None else ")"))
         if self.dropped:
             lines.append(f"  removed blocks: {', '.join(self.dropped)}")
-        if self.choices:
+        if self.choices or self.dropped:
             return "\n".join(lines)
         if self.decisions:  # a budgeted plan: each pair was measured, and kept or rolled back
             score = {(c.a, c.b): c.score for c in self.candidates}

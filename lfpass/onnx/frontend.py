@@ -24,6 +24,7 @@ import onnx_ir as ir
 from lfpass.core.align import AlignReport, Skipped, Space
 from lfpass.core.bases import Factor
 from lfpass.core.calibration import Calibration
+from lfpass.core.collapse import Block
 from lfpass.core.config import FusionConfig
 from lfpass.core.errors import InputError, first_line
 from lfpass.core.frontend import Frontend
@@ -34,6 +35,7 @@ from lfpass.core.quality import MASK_INPUT, Readout
 from lfpass.core.sites import Site
 from lfpass.onnx.align import read_tensors, spaces_of, write_tensors
 from lfpass.onnx.calibrate import calibrate_onnx
+from lfpass.onnx.collapse import find_spans, remove_spans, span_influence
 from lfpass.onnx.factor import factor_layers
 from lfpass.onnx.inputs import LABELS, Feeds, runtime_inputs
 from lfpass.onnx.load import count_params
@@ -151,6 +153,15 @@ class OnnxFrontend(Frontend[ir.Model]):
 
     def outputs(self, model: ir.Model | Path | str, batches: Sequence[Feeds]) -> list[np.ndarray]:
         return outputs(model if isinstance(model, ir.Model) else Path(model), batches, self.readout)
+
+    def blocks(self) -> list[Block]:
+        return [s.block for s in find_spans(self.model, self.found.plannable)]
+
+    def influence(self, batches: Sequence[Feeds]) -> dict[str, float]:
+        return span_influence(self.model, find_spans(self.model, self.found.plannable), batches)
+
+    def collapse(self, model: ir.Model, names: Sequence[str]) -> None:
+        remove_spans(model, self.find_sites(model).plannable, names)
 
     def outputs_with(self, values: Mapping[str, np.ndarray], batches: Sequence[Feeds]) -> list[np.ndarray]:
         if self._overrides is None:  # one session for every candidate: the layers' tensors fed per run

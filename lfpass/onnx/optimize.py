@@ -312,7 +312,7 @@ def _defaults(result: OptimizeResult, given: FusionConfig, has_data: bool) -> No
     became = {"merge": result.merge or given.resolved(has_data).merge_rule, "align": plan.align,
               "actions": ",".join(given.menu(has_data))}
     result.defaults = {k: became[k] for k in given.auto_fields}
-    if result.defaults and (plan.keeps_function or given.uses_menu(has_data)):
+    if result.defaults and (plan.keeps_function or given.uses_menu(has_data)) and not given.collapses:
         chosen = ", ".join(f"{k} {v}" for k, v in result.defaults.items())
         off = " ".join(_OFF[k] for k in result.defaults)
         verb = "turns it off" if len(result.defaults) == 1 else "turn them off"

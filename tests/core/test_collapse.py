@@ -88,3 +88,40 @@ def test_a_model_without_a_stack_of_residual_blocks_says_so():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     with pytest.raises(PlanError, match="no stack of two or more residual blocks"):
         lfpass.fuse(model, FusionConfig(target_ratio=1.2, actions="collapse"), calibration=batches())
+
+
+@pytest.fixture(scope="module", params=["legacy", "dynamo"])
+def exported(request, tmp_path_factory):
+    model = Net().eval()
+    path = tmp_path_factory.mktemp("collapse") / f"net.{request.param}.onnx"
+    with torch.no_grad():
+        if request.param == "legacy":
+            torch.onnx.export(model, (torch.randn(2, 8),), str(path), dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "n"}})
+        else:
+            torch.onnx.export(model, (torch.randn(2, 8),), str(path), dynamo=True, input_names=["x"],
+                              dynamic_shapes=({0: torch.export.Dim("n")},))
+    calib = path.with_suffix(".npz")
+    np.savez(calib, x=np.concatenate([b.numpy() for b in batches(12)]))
+    return model, path, calib
+
+
+def test_onnx_blocks_are_removed_and_the_stream_rewired(exported, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    model, path, calib = exported
+    per_block = sum(p.numel() for p in model.blocks[0].parameters())
+    total = lfpass.unique_parameters(model)
+    config = FusionConfig(target_ratio=total / (total - 2 * per_block) - 1e-6, actions="collapse")
+    done = lfpass.optimize(path, tmp_path / "collapsed.onnx", config, inputs=calib, check=False)
+    assert set(done.plan.dropped) == {"blocks.2", "blocks.4"}, done.plan.message
+    assert done.params_after == done.plan.params_after == total - 2 * per_block
+    before, after = onnx.load(path), onnx.load(tmp_path / "collapsed.onnx")
+    assert len(after.graph.node) < len(before.graph.node)  # fewer nodes run: the blocks are gone
+    onnx.checker.check_model(after, full_check=True)
+    x = batches(1, seed=7)[0].numpy()
+    want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "collapsed.onnx")).run(None, {"x": x})[0]
+    cos = (want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.99

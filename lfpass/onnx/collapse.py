@@ -1,0 +1,176 @@
+"""Depth collapse in ONNX: a graph's residual blocks, their influence, and their removal.
+
+A block is the set of nodes whose module path (the legacy exporter's node name,
+the dynamo exporter's ``namespace`` metadata: :mod:`lfpass.onnx.names`) lies
+under one indexed child of a container, ``encoder.layer.3`` say, the container
+being the one the layer sites' names index at their last numeric component. A
+block is removable when it reads exactly one value no other block reads (its
+stream input) and exactly one of its values is read outside it (its stream
+output), of the same shape: removing it re-points every reader of the output to
+the input, and drops its nodes and the tensors only they read. The influence
+(``1 - cos`` per position between the two) is measured by exposing both as
+outputs of a copy run in onnxruntime. Planning is :mod:`lfpass.core.collapse`'s.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from lfpass.core.collapse import Block, influence_of
+from lfpass.core.errors import PlanError
+from lfpass.core.sites import Site
+from lfpass.onnx.names import from_namespace, from_node_name
+
+_LAST_INDEX = re.compile(r"^(.*)\.(\d+)\.")
+
+
+@dataclass
+class Span:
+    """One block of the graph: its nodes, and its stream input and output (None: not removable)."""
+
+    block: Block
+    nodes: list[ir.Node]
+    stream_in: ir.Value | None
+    stream_out: ir.Value | None
+
+
+def _dotted(path: str | None) -> str:
+    return (path or "").strip("/").replace("/", ".")
+
+
+def _path(node: ir.Node) -> str:
+    return _dotted(from_node_name(node) or from_namespace(node))
+
+
+def find_spans(model: ir.Model, sites: Sequence[Site]) -> list[Span]:
+    """The blocks of ``model``'s main graph, in graph order, with their nodes and streams."""
+    prefixes: dict[str, int] = {}
+    for site in sites:
+        match = _LAST_INDEX.match(_dotted(site.name) + ".")
+        if match:
+            name = f"{match.group(1)}.{match.group(2)}"
+            prefixes[name] = prefixes.get(name, 0) + (0 if site.parts else site.numel)
+    if not prefixes:
+        return []
+    graph = model.graph
+    members: dict[str, list[ir.Node]] = {name: [] for name in prefixes}
+    for node in graph:
+        path = _path(node) + "."
+        owner = next((p for p in prefixes if path.startswith(p + ".")), None)
+        if owner is not None:
+            members[owner].append(node)
+    readers_of: dict[int, set[str]] = {}
+    for name, nodes in members.items():
+        for n in nodes:
+            for v in n.inputs:
+                if v is not None and v.const_value is None and not v.is_initializer():
+                    readers_of.setdefault(id(v), set()).add(name)
+    spans = []
+    outputs = set(map(id, graph.outputs))
+    for name, nodes in members.items():
+        if not nodes:
+            continue
+        mine = set(map(id, nodes))
+        read = {id(v): v for n in nodes for v in n.inputs
+                if v is not None and v.const_value is None and not v.is_initializer()
+                and (v.producer() is None or id(v.producer()) not in mine)}
+        stream_in = [v for k, v in read.items() if readers_of.get(k) == {name}]
+        leaving = {id(o): o for n in nodes for o in n.outputs
+                   if id(o) in outputs or any(id(u.node) not in mine for u in o.uses())}
+        params = _own_params(nodes, mine)
+        block = Block(name, params, prefixes[name])
+        ok = len(stream_in) == 1 and len(leaving) == 1
+        spans.append(Span(block, nodes, stream_in[0] if ok else None, next(iter(leaving.values())) if ok else None))
+    return spans
+
+
+def _own_params(nodes: list[ir.Node], mine: set[int]) -> int:
+    """Elements of the initializers only these nodes read."""
+    total, seen = 0, set()
+    for n in nodes:
+        for v in n.inputs:
+            if v is None or id(v) in seen or v.const_value is None:
+                continue
+            seen.add(id(v))
+            if all(id(u.node) in mine for u in v.uses()) and (v.is_initializer() or v.producer() is not None):
+                total += int(np.prod(v.const_value.shape)) if v.const_value.shape is not None else 0
+    return total
+
+
+def span_influence(model: ir.Model, spans: Sequence[Span], feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Each block's influence on ``feeds`` (NaN where it is not removable)."""
+    from lfpass.onnx.frontend import session
+
+    graph = model.graph
+    probes = [v for s in spans if s.stream_in is not None for v in (s.stream_in, s.stream_out)]
+    existing = set(map(id, graph.outputs))
+    added, typed = [], []
+    for v in dict.fromkeys(probes):
+        if id(v) in existing or v in graph.inputs:
+            continue
+        if v.type is None:
+            v.type = ir.TensorType(ir.DataType.FLOAT)
+            typed.append(v)
+        graph.outputs.append(v)
+        added.append(v)
+    try:
+        sess = session(ir.to_proto(model).SerializeToString())
+    finally:
+        for v in added:
+            graph.outputs.remove(v)
+        for v in typed:
+            v.type = None
+    names = [o.name for o in sess.get_outputs()]
+    runs = [dict(zip(names, sess.run(None, feed))) for feed in feeds]
+    fed = lambda v, run, feed: feed[v.name] if v.name in feed else run[v.name]  # noqa: E731
+    out = {}
+    for s in spans:
+        if s.stream_in is None:
+            out[s.block.name] = float("nan")
+            continue
+        xs = [np.asarray(fed(s.stream_in, r, f)) for r, f in zip(runs, feeds)]
+        ys = [np.asarray(fed(s.stream_out, r, f)) for r, f in zip(runs, feeds)]
+        if any(x.shape != y.shape for x, y in zip(xs, ys)):
+            out[s.block.name] = float("nan")
+        else:
+            out[s.block.name] = influence_of(xs, ys)
+    return out
+
+
+def remove_spans(model: ir.Model, sites: Sequence[Site], names: Sequence[str]) -> None:
+    """Remove the named blocks of ``model`` (a copy), in place: their output's readers read their
+    input, their nodes and the tensors only they read go."""
+    found = find_spans(model, sites)
+    spans = {s.block.name: s for s in found}
+    depth = {s.block.name: i for i, s in enumerate(found)}
+    graph = model.graph
+    for name in sorted(names, key=lambda n: -depth.get(n, -1)):  # deepest first: each one's input is still there
+        span = spans.get(name)
+        if span is None or span.stream_in is None:
+            raise PlanError(f"block {name!r} cannot be removed from this graph (no single stream in and out)")
+        out, source = span.stream_out, span.stream_in
+        if out in graph.outputs:  # a graph output keeps its name: an Identity passes the stream on
+            identity = ir.node("Identity", [source])
+            graph.insert_after(span.nodes[-1], identity)
+            keep = out.name
+            out.name = None
+            graph.outputs[list(graph.outputs).index(out)] = identity.outputs[0]
+            identity.outputs[0].name, identity.outputs[0].type, identity.outputs[0].shape = keep, out.type, out.shape
+        else:
+            out.replace_all_uses_with(source)
+        for node in reversed(span.nodes):
+            for o in node.outputs:
+                if o.uses():
+                    raise PlanError(f"block {name!r}: {o.name!r} is read outside the block")
+            graph.remove(node, safe=True)
+    for node in list(graph):  # the Constant nodes only removed blocks read
+        if node.op_type == "Constant" and not any(o.uses() or o in graph.outputs for o in node.outputs):
+            graph.remove(node, safe=True)
+    for value in list(graph.initializers.values()):
+        if not value.uses() and value not in graph.outputs:
+            del graph.initializers[value.name]
