@@ -282,6 +282,29 @@ def _name_nodes(model: ir.Model) -> None:
             node.name = names.fresh(node.op_type)
 
 
+def _opset_13(source: Path, large: bool) -> tuple[Path, bool, str]:
+    """A model per-channel QDQ can take: ``DequantizeLinear``'s ``axis`` exists from opset 13, and
+    ``quantize_static`` writes it without raising the opset (the file then fails to load). An
+    older model is converted by onnx's version converter; where that fails, its weights are
+    quantized per tensor. Returns the model to quantize, whether per channel, and a note."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(source), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 13:
+        return source, True, ""
+    try:
+        onnx.load_external_data_for_model(model, str(source.parent))
+        converted = version_converter.convert_version(model, 13)
+        target = source.with_name("opset13.onnx")
+        onnx.save(converted, str(target), save_as_external_data=large, location="opset13.data" if large else None)
+    except Exception as exc:  # the converter's own error types: no adapter for some node
+        log.info("opset %d -> 13 failed (%s): weights per tensor", opset, exc)
+        return source, False, f"; opset {opset} could not be raised to 13 for per-channel scales"
+    return target, True, f"; opset {opset} raised to 13 for per-channel scales (onnx version converter)"
+
+
 def _run(source: Path, out: Path, mode: str, feeds: Sequence[dict[str, np.ndarray]] | None,
          exclude: list[str], block_size: int, large: bool) -> str:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, \
@@ -303,10 +326,12 @@ def _run(source: Path, out: Path, mode: str, feeds: Sequence[dict[str, np.ndarra
             def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self.batches, None)
 
-        quantize_static(source, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        source, per_channel, note = _opset_13(source, large)
+        quantize_static(source, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         use_external_data_format=large)
-        return f"static int8 QDQ, per-channel weights, calibrated on {len(feeds)} batches (onnxruntime quantize_static)"
+        return (f"static int8 QDQ, {'per-channel' if per_channel else 'per-tensor'} weights, calibrated on "
+                f"{len(feeds)} batches (onnxruntime quantize_static){note}")
     quantize_dynamic(source, out, per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                      use_external_data_format=large)
     return "dynamic int8, per-channel weights (onnxruntime quantize_dynamic)"

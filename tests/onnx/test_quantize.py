@@ -245,3 +245,19 @@ def test_a_model_with_external_data_is_quantized(exported, tmp_path):
     done = lfpass.optimize(tmp_path / "ext.onnx", tmp_path / "out.onnx", config, check=False)
     assert done.quantized.quantized >= 4
     onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_static_int8_on_an_opset_12_model_raises_it_to_13_for_per_channel_scales(tmp_path):
+    """quantize_static writes DequantizeLinear's axis (opset 13) into the model as it is: an
+    opset-12 file (PP-OCR's) would not load."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], [w])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]))
+    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 3, 8, 8)).astype(np.float32)} for i in range(4)]
+    quantized, report = quantize(model, "int8", feeds)
+    assert "raised to 13" in report.method and "per-channel" in report.method
+    proto = ir.to_proto(quantized)
+    onnx.checker.check_model(proto, full_check=True)
+    ort.InferenceSession(proto.SerializeToString()).run(None, feeds[0])  # it loads and runs
