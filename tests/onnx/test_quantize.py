@@ -261,3 +261,14 @@ def test_static_int8_on_an_opset_12_model_raises_it_to_13_for_per_channel_scales
     proto = ir.to_proto(quantized)
     onnx.checker.check_model(proto, full_check=True)
     ort.InferenceSession(proto.SerializeToString()).run(None, feeds[0])  # it loads and runs
+
+
+def test_a_pipeline_file_asks_for_quantization_and_a_wrong_mode_is_one_line(tmp_path):
+    from lfpass.core.config import load_pipeline
+    from lfpass.core.errors import ConfigError
+
+    (tmp_path / "q.toml").write_text('target_ratio = 1.5\nquantize = "int4"\n')
+    assert load_pipeline(tmp_path / "q.toml").quantize == "int4"
+    (tmp_path / "bad.toml").write_text('quantize = "int2"\n')
+    with pytest.raises(ConfigError, match="quantize: must be one of none, int8, int4"):
+        load_pipeline(tmp_path / "bad.toml")
