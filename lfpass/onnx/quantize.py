@@ -329,9 +329,9 @@ def _run(source: Path, out: Path, mode: str, feeds: Sequence[dict[str, np.ndarra
         source, per_channel, note = _opset_13(source, large)
         quantize_static(source, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                        use_external_data_format=large)
-        return (f"static int8 QDQ, {'per-channel' if per_channel else 'per-tensor'} weights, calibrated on "
-                f"{len(feeds)} batches (onnxruntime quantize_static){note}")
+                        op_types_to_quantize=list(_WEIGHTED), use_external_data_format=large)
+        return (f"static int8 QDQ of MatMul/Gemm/Conv, {'per-channel' if per_channel else 'per-tensor'} weights, "
+                f"calibrated on {len(feeds)} batches (onnxruntime quantize_static){note}")
     quantize_dynamic(source, out, per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                      use_external_data_format=large)
     return "dynamic int8, per-channel weights (onnxruntime quantize_dynamic)"
@@ -415,6 +415,11 @@ def quantize_within(model: ir.Model, mode: str, budget: float, error_of: Any, ch
             else:
                 lo = mid
     steps = len(tried)
+    if hi >= len(order):  # every weight in float: quantizing nothing keeps the float model, smaller and exact
+        report = QuantReport(mode, f"nothing quantized: quantizing any weight broke the budget (error <= {budget:g}; "
+                                   f"{steps} quantizer runs measured end to end)", prepared=prepare(model))
+        report.float_left = {name: "quantizing it broke the budget" for name in order}
+        return model, report, error_of(model)
     quantized, report, error = attempt(hi)
     why = f"quantizing it broke the budget (error <= {budget:g}; {steps} quantizer runs measured end to end)"
     for name in order[:hi]:

@@ -272,3 +272,12 @@ def test_a_pipeline_file_asks_for_quantization_and_a_wrong_mode_is_one_line(tmp_
     (tmp_path / "bad.toml").write_text('quantize = "int2"\n')
     with pytest.raises(ConfigError, match="quantize: must be one of none, int8, int4"):
         load_pipeline(tmp_path / "bad.toml")
+
+
+def test_when_no_weight_can_be_quantized_within_the_budget_the_float_model_is_kept(exported, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((256, 64)).astype(np.float32))
+    done = lfpass.optimize(exported, tmp_path / "f.onnx", FusionConfig(target_ratio=None, max_error=1e-9,
+                                                                     quantize="int4"), inputs=calib)
+    assert done.quantized.quantized == 0 and "nothing quantized" in done.quantized.method
+    assert not quantized_weights(onnx.load(tmp_path / "f.onnx")) and done.error <= 1e-6
