@@ -257,7 +257,7 @@ def optimize(
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
     if config.quantize != "none" and refusal(model, config.quantize):
         raise QuantizeError(f"{path}: {refusal(model, config.quantize)}")
-    result, kept, fusion = _plan(path, model, given, config, plan, inputs, data_files, dry_run, progress)
+    result, kept, fusion, static = _plan(path, model, given, config, plan, inputs, data_files, dry_run, progress)
     result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
     _defaults(result, given, inputs is not None and plan is None)
     if (result.plan.empty and config.quantize == "none") or dry_run:
@@ -269,7 +269,7 @@ def optimize(
         result.message = "\n".join(m for m in (result.message, note) if m)
     scores = score_outputs(model)
     keep = [p for p in (*read_paths.values(), *data_files) if p is not None]
-    calibration = _calibration(model, config, inputs)
+    calibration = _calibration(model, config, inputs) if static is not False else None  # dynamic measured better
     with contextlib.ExitStack() as stack:
         where = _rewrite(result, model, value_info, kept, fusion, output, keep, external_data, data_files, stack,
                          config.quantize, calibration)
@@ -333,11 +333,13 @@ def _read(path: Path, read_paths: Mapping[str, Path | None],
 
 def _plan(path: Path, model: ir.Model, given: FusionConfig, config: FusionConfig, plan: FusionPlan | None,
           inputs: str | Path | None, data_files: list[Path], dry_run: bool,
-          progress: bool) -> tuple[OptimizeResult, Kept | None, LayerFusionPass | None]:
+          progress: bool) -> tuple[OptimizeResult, Kept | None, LayerFusionPass | None, bool | None]:
     """The plan and its predicted figures: built already when it keeps the function (lossy by
     design, measured on held-out calibration inputs; ``given``, "auto" fields and all, goes to
     the calibrated path, which chooses them by measurement), else the fusion pass that will
-    apply it (``config``: "auto" resolved)."""
+    apply it (``config``: "auto" resolved). The fourth value: under a budget with int8
+    quantization, whether static quantization measured better than dynamic (None: not chosen)."""
+    static = None
     if config.keeps_function or (plan is not None and plan.keeps_function):
         from lfpass.onnx.frontend import fuse_keeping_onnx  # the calibrated path, imported when taken
 
@@ -345,22 +347,24 @@ def _plan(path: Path, model: ir.Model, given: FusionConfig, config: FusionConfig
         found = find_sites(model)
         reserve = None
         if config.quantize != "none" and config.max_error is not None and feed is not None and plan is None:
-            reserve = _quantization_error(model, given, feed)  # the budget fusion leaves to quantization
+            reserve, static, how = _quantization_error(model, given, feed)  # what fusion leaves to quantization
             given = given.replace(max_error=max(config.max_error - reserve, 0.0))
         kept = fuse_keeping_onnx(model, given, feed, plan, progress)
         if reserve is not None:
             kept.plan = replace(kept.plan, max_error=config.max_error, message=f"{kept.plan.message}; fusion planned "
                                 f"within {given.max_error:.4g}: the original quantized to {config.quantize} alone "
-                                f"measured {reserve:.4g} on the inputs the planner chooses on")
-        return _planned(path, found, data_files, kept.plan, dry_run), kept, None
+                                f"measured {reserve:.4g} on the inputs the planner chooses on{how}")
+        return _planned(path, found, data_files, kept.plan, dry_run), kept, None, static
     fusion = LayerFusionPass(config, plan, progress=progress)
     plan = fusion.plan_for(model)
-    return _planned(path, fusion.sites, data_files, plan, dry_run), None, fusion
+    return _planned(path, fusion.sites, data_files, plan, dry_run), None, fusion, static
 
 
-def _quantization_error(model: ir.Model, config: FusionConfig, feed: onnx_inputs.Feeds) -> float:
+def _quantization_error(model: ir.Model, config: FusionConfig, feed: onnx_inputs.Feeds) -> tuple[float, bool, str]:
     """The error (with the budget's margin) of the original model quantized to ``config.quantize``
-    alone, on the share of ``feed`` the planner will choose on."""
+    alone, on the share of ``feed`` the planner will choose on; for int8, static (calibrated on
+    the statistics' share) and dynamic are both measured and the better kept. Returns the error,
+    whether static, and what was chosen, in words."""
     from lfpass.core.keep import split_three
     from lfpass.core.quality import Readout, sample_errors, upper_bound
     from lfpass.onnx.frontend import OnnxFrontend, copy_model, split_feed
@@ -372,10 +376,17 @@ def _quantization_error(model: ir.Model, config: FusionConfig, feed: onnx_inputs
     start = sum(len(next(iter(b.values()))) for b in calib)
     cut = [labels[start:start + sum(len(next(iter(b.values()))) for b in choose)]] if labels is not None else None
     frontend = OnnxFrontend(model, Readout.of(config))
-    quantized, _ = quantize_model(copy_model(model), config.quantize, calib if config.quantize == "int8" else None)
-    errors = sample_errors([np.concatenate(frontend.outputs(model, choose))],
-                           [np.concatenate(frontend.outputs(quantized, choose))], config.error_metric, cut)
-    return upper_bound(errors, config.margin)
+    reference = [np.concatenate(frontend.outputs(model, choose))]
+    measured = {}
+    for static in ((True, False) if config.quantize == "int8" else (False,)):
+        quantized, _ = quantize_model(copy_model(model), config.quantize, calib if static else None)
+        errors = sample_errors(reference, [np.concatenate(frontend.outputs(quantized, choose))], config.error_metric,
+                               cut)
+        measured[static] = upper_bound(errors, config.margin)
+    static = min(measured, key=lambda k: (measured[k], not k))
+    how = "" if len(measured) == 1 else (f" ({'static' if static else 'dynamic'} int8 kept: static "
+                                         f"{measured[True]:.4g}, dynamic {measured[False]:.4g})")
+    return measured[static], static, how
 
 
 def _calibration(model: ir.Model, config: FusionConfig, inputs: str | Path | None) -> list[onnx_inputs.Feeds] | None:

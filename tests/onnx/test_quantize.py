@@ -204,6 +204,8 @@ def test_a_budget_holds_for_the_fused_and_quantized_model(exported, tmp_path):
     assert done.written and done.quantized.quantized > 0 and done.error is not None
     assert done.error <= 0.01 and done.plan.max_error == 0.01
     assert "the original quantized to int8 alone measured" in done.plan.message
+    assert "int8 kept: static" in done.plan.message  # static and dynamic both measured, the better kept
+    assert ("static" in done.quantized.method) == ("(static int8 kept" in done.plan.message)
 
 
 def test_layers_that_break_the_budget_stay_in_float_the_most_sensitive_first(exported, tmp_path):
