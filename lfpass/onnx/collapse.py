@@ -25,6 +25,7 @@ from lfpass.core.collapse import Block, influence_of
 from lfpass.core.errors import PlanError
 from lfpass.core.sites import Site
 from lfpass.onnx.names import from_namespace, from_node_name
+from lfpass.onnx.runtime import session
 
 _LAST_INDEX = re.compile(r"^(.*)\.(\d+)\.")
 
@@ -104,8 +105,6 @@ def _own_params(nodes: list[ir.Node], mine: set[int]) -> int:
 
 def span_influence(model: ir.Model, spans: Sequence[Span], feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     """Each block's influence on ``feeds`` (NaN where it is not removable)."""
-    from lfpass.onnx.frontend import session
-
     graph = model.graph
     probes = [v for s in spans if s.stream_in is not None for v in (s.stream_in, s.stream_out)]
     existing = set(map(id, graph.outputs))

@@ -41,6 +41,7 @@ from lfpass.onnx.inputs import LABELS, Feeds, runtime_inputs
 from lfpass.onnx.load import count_params
 from lfpass.onnx.lowrank import attach_parts
 from lfpass.onnx.rewrite import apply_plan
+from lfpass.onnx.runtime import session
 from lfpass.onnx.sites import OnnxSites, find_sites
 
 _BATCHES = 8  # a calibration .npz is cut into this many batches along its first axis
@@ -48,18 +49,6 @@ _BATCHES = 8  # a calibration .npz is cut into this many batches along its first
 
 def copy_model(model: ir.Model) -> ir.Model:
     return ir.from_proto(ir.to_proto(model))
-
-
-def session(model: ir.Model | Path | bytes):
-    """An onnxruntime session on ``model`` (in memory, serialised, or a file), graph optimisations off."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    source = str(model) if isinstance(model, Path) else model if isinstance(model, bytes) \
-        else ir.to_proto(model).SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def outputs(model: ir.Model | Path, feeds: Sequence[Feeds], readout: Readout = Readout()) -> list[np.ndarray]:
