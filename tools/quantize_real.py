@@ -2,7 +2,9 @@
 
 Does lfpass's fusion compound with quantization, or does quantizing alone already take
 what fusion would? Per model (``--models``; loaded by ``tools/budget_real.py``:
-all-MiniLM-L6-v2 exported by torch's dynamo exporter, on Shakespeare sentences, and
+all-MiniLM-L6-v2 exported by torch's dynamo exporter, on Shakespeare sentences; the GPT-2-style
+character model ``tools/reproduce.py gpt`` trains on the plays (same sizes and seed), exported
+the same way, on held-out 64-character windows; and
 PP-OCRv4's text detector from the ``rapidocr_onnxruntime`` wheel, on rendered text
 lines), each row is a written ONNX file:
 
@@ -55,7 +57,7 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-MODELS = ("minilm", "ocr-det")
+MODELS = ("minilm", "gpt", "ocr-det")
 QUANTIZE = ("int8", "int4")
 BASELINE = "int8 alone"
 TARGET_RATIO, TARGET_COSINE = 6.0, 0.99  # MiniLM's aim: 6x smaller than fp32 at embedding cosine >= 0.99
@@ -108,9 +110,40 @@ def small_model(work: Path, cache: Path, n: int, seed: int) -> tuple[Path, dict[
     return path, feed, lambda out, feeds: out
 
 
+def gpt(work: Path, cache: Path, n: int, seed: int) -> tuple[Path, dict[str, np.ndarray], Callable]:
+    """The GPT-2-style character model ``tools/reproduce.py gpt`` trains on the plays (same
+    sizes, steps and seed), exported by torch's dynamo exporter; ``n`` windows of 64 characters
+    from the held-out text; readout: the next-character probabilities per position."""
+    import torch
+
+    rp = sibling("reproduce")
+    args = rp.parse(["gpt", "--cache", str(cache / "shakespeare"), "--seed", str(seed)])
+    subject = rp.gpt_subject(args)
+    model, ids = subject.model.eval(), subject.task.valid_ids
+    seq = subject.model.config.n_positions
+    starts = np.random.default_rng(seed).integers(0, ids.numel() - seq, n)
+    windows = np.stack([ids[s:s + seq].numpy() for s in starts]).astype(np.int64)
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt = model
+
+        def forward(self, input_ids):
+            return torch.softmax(self.gpt(input_ids=input_ids).logits, dim=-1)
+
+    path = work / "gpt.onnx"
+    if not path.exists():
+        with torch.no_grad():
+            torch.onnx.export(Logits().eval(), (torch.from_numpy(windows[:2]),), str(path), dynamo=True,
+                              input_names=["input_ids"], output_names=["probs"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return path, {"input_ids": windows}, lambda out, feeds: out
+
+
 def loader(name: str) -> Callable:
     br = sibling("budget_real")
-    return {"minilm": br.minilm, "ocr-det": br.ocr_det, "small": small_model}[name]
+    return {"minilm": br.minilm, "ocr-det": br.ocr_det, "gpt": gpt, "small": small_model}[name]
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -351,7 +384,7 @@ def measure_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, 
         remove(left)
     return {"model": name, "file": path.name, "bytes": fp32_bytes, "calib": args.calib, "fresh": args.fresh,
             "readout": {"minilm": "mean-pooled sentence embedding", "ocr-det": "probability map",
-                        "small": "output"}[name], "rows": rows}
+                        "gpt": "next-character probabilities", "small": "output"}[name], "rows": rows}
 
 
 # -- the verdicts --------------------------------------------------------------------------------
