@@ -125,3 +125,16 @@ def test_onnx_blocks_are_removed_and_the_stream_rewired(exported, tmp_path):
     got = ort.InferenceSession(str(tmp_path / "collapsed.onnx")).run(None, {"x": x})[0]
     cos = (want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
     assert cos.min() > 0.99
+
+
+def test_a_collapsed_model_retrains_with_the_blocks_gone():
+    from lfpass.train import Distillation, Schedule, retrain
+
+    model = Net().eval()
+    task = Distillation.from_model(model, torch.randn(96, 8), eval_fraction=0.25)
+    config = FusionConfig(target_ratio=1.2, actions="collapse")
+    result = retrain(model, task, config, Schedule(stages=1, steps_per_stage=5, lr=1e-3, batch_size=16),
+                     calibration=batches(), progress=False)
+    assert set(result.plans[0].dropped) <= {"blocks.2", "blocks.4"} and result.plans[0].dropped
+    assert all(isinstance(result.model.blocks[int(b.rsplit(".", 1)[1])], SkipBlock) for b in result.plans[0].dropped)
+    assert lfpass.unique_parameters(result.model) == result.plans[0].params_after
