@@ -27,7 +27,10 @@ gets the same retraining (steps, learning rate, batch, seed):
 - ``basis``: lfpass shared bases alone (``actions="basis"``: same-role layers
   through one whitened basis each, per-member coefficients), calibrated;
 - ``menu``: the lfpass plan menu (``actions`` = tie, residual, basis, lowrank):
-  per class the action with the least closed-form damage per parameter saved.
+  per class the action with the least closed-form damage per parameter saved;
+- ``collapse``: lfpass's depth collapse (``actions="collapse"``): whole residual
+  blocks removed, least influential first (the ``drop`` baseline's criterion,
+  through lfpass's pipeline: FX blocks found from the layer names).
 
 Quality is measured right after compressing (the curve with no retraining) and
 after the retraining. Every run is seeded; ``--small`` checks the tool in
@@ -109,6 +112,7 @@ METHODS = (
     Method("asvd", "activation-aware SVD", False),
     Method("basis", "lfpass shared bases", True),
     Method("menu", "lfpass plan menu", True),
+    Method("collapse", "lfpass depth collapse", False),  # lfpass's own, but removes blocks: shares nothing
 )
 KEYS = tuple(m.key for m in METHODS)
 
@@ -265,6 +269,15 @@ def _actions(actions: str) -> Compressor:
     return make
 
 
+def _collapse(meter: Meter, ratio: float, ref: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """lfpass's depth collapse (``actions='collapse'``): whole blocks removed, the fewest that reach
+    the default plan's count (whole blocks: it may land past it)."""
+    s = meter.s
+    model, plan = lfpass.fuse(s.model, meter.config(meter.ratio(ref["params"]), actions="collapse"),
+                              calibration=s.calibration, output_fn=s.output_fn)
+    return model, {"plan_ratio": plan.ratio, "dropped": list(plan.dropped)}
+
+
 def _random(meter: Meter, ratio: float, ref: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     from lfpass.baselines import random_fusion
 
@@ -307,7 +320,7 @@ def _low_rank(aware: bool) -> Compressor:
 COMPRESSORS: dict[str, Compressor] = {"lfpass": _lfpass, "paper": _paper, "keep": _keep, "random": _random,
                                       "prune": _prune, "drop": _drop, "svd": _low_rank(False),
                                       "asvd": _low_rank(True), "basis": _actions("basis"),
-                                      "menu": _actions("tie,residual,basis,lowrank")}
+                                      "menu": _actions("tie,residual,basis,lowrank"), "collapse": _collapse}
 
 
 def compress(key: str, meter: Meter, ratio: float, ref: dict[str, Any]) -> Made:

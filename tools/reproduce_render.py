@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 TITLE = "# Results: the paper's experiments beside the baselines"
-FUSION_KEYS = ("lfpass", "paper", "keep", "basis", "menu")  # lfpass's own methods (random fusion is a baseline)
+FUSION_KEYS = ("lfpass", "paper", "keep", "basis", "menu", "collapse")  # lfpass's own methods (random fusion is a baseline)
 
 
 def _fmt(v: Any, spec: str) -> str:
