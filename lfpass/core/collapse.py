@@ -30,6 +30,7 @@ from lfpass.core.plan import FusionPlan
 from lfpass.core.quality import describe
 
 Evaluate = Callable[[FusionPlan], float]
+GREEDY = 12  # stacks up to this many blocks choose by measurement, block by block; larger ones by influence
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ def plan_collapse(base: FusionPlan, blocks: Sequence[Block], influence: Mapping[
     head = f"depth collapse: block influence (1 - cos(input, output), least first): {shown}"
     if fixed:
         head += f"; {len(fixed)} block(s) kept, their output not shaped like their input (e.g. {fixed[0]})"
+    if evaluate is not None and len(blocks) <= GREEDY:
+        return _greedy(base, blocks, config, evaluate, head)
     if config.max_error is None or evaluate is None:
         k = len(plans) - 1
         if config.target_ratio is not None:
@@ -104,6 +107,41 @@ def plan_collapse(base: FusionPlan, blocks: Sequence[Block], influence: Mapping[
     if not lo:
         lines.append("removing even the least influential block breaks the budget: nothing removed")
     return replace(plan, error=measured[lo] if lo else 0.0, curve=tuple(sorted(curve)), message="; ".join(lines))
+
+
+def _greedy(base: FusionPlan, blocks: Sequence[Block], config: FusionConfig, evaluate: Evaluate,
+            head: str) -> FusionPlan:
+    """Blocks removed one at a time, each time the one whose removal (beside those already gone)
+    measures least end to end: influence ranks blocks one by one, and in small models blocks of
+    near-equal influence differ in what removing them together costs. Until the target ratio, or
+    while the error keeps the budget; at least one block stays. ``len(blocks)**2 / 2`` runs."""
+    removed: list[Block] = []
+    left, errors, runs, curve = list(blocks), [], 0, []
+    while len(left) > 1:
+        if config.target_ratio is not None and dropping(base, removed).ratio >= config.target_ratio - 1e-12:
+            break
+        tried = []
+        for i, b in enumerate(left):
+            tried.append((evaluate(dropping(base, [*removed, b])), i, b))
+            runs += 1
+        error, _, block = min(tried, key=lambda t: (t[0], t[1]))
+        if config.max_error is not None and error > config.max_error:
+            break
+        removed.append(block)
+        left.remove(block)
+        errors.append(error)
+        curve.append((dropping(base, removed).ratio, error))
+    plan = dropping(base, removed)
+    lines = [head, f"blocks removed one at a time, each the one whose removal measured least end to end "
+                   f"({runs} runs)", f"removed {len(removed)} of {len(blocks)} blocks: ratio {plan.ratio:.3f} "
+                                 f"({plan.scope})" + (f", at {describe(config.error_metric, errors[-1])}"
+                                                      if errors else "")]
+    if config.max_error is not None and not removed:
+        lines.append("removing even the least harmful block breaks the budget: nothing removed")
+    if config.target_ratio is not None and plan.ratio + 1e-12 < config.target_ratio:
+        lines.append(f"the target {config.target_ratio:g} is out of reach" + (" within the budget"
+                                                                             if config.max_error is not None else ""))
+    return replace(plan, error=errors[-1] if errors else 0.0, curve=tuple(curve), message="; ".join(lines))
 
 
 def influence_of(inputs: Sequence, outputs: Sequence) -> float:

@@ -74,7 +74,7 @@ def test_a_budget_removes_as_many_blocks_as_keep_it():
                            calibration=batches(12))
     assert set(tight.dropped) <= {"blocks.2", "blocks.4"} and len(tight.dropped) >= 1
     assert len(loose.dropped) > len(tight.dropped) and tight.error <= 1e-3
-    assert "measured end to end" in tight.message
+    assert "measured least end to end" in tight.message
 
 
 def test_collapse_is_asked_for_alone_and_needs_calibration_inputs():
@@ -138,3 +138,25 @@ def test_a_collapsed_model_retrains_with_the_blocks_gone():
     assert set(result.plans[0].dropped) <= {"blocks.2", "blocks.4"} and result.plans[0].dropped
     assert all(isinstance(result.model.blocks[int(b.rsplit(".", 1)[1])], SkipBlock) for b in result.plans[0].dropped)
     assert lfpass.unique_parameters(result.model) == result.plans[0].params_after
+
+
+def test_a_deep_stack_goes_by_influence_with_a_bisection_over_how_many():
+    """Past GREEDY blocks, measuring every removal is too dear: blocks go least influential first
+    and the budget is found by bisection (a few end-to-end runs, not one per block)."""
+    from lfpass.core.collapse import GREEDY, Block, plan_collapse
+    from lfpass.core.plan import FusionPlan
+
+    n = GREEDY + 4
+    blocks = [Block(f"layer.{i}", 100, 100) for i in range(n)]
+    influence = {b.name: (i * 7 % n) / n for i, b in enumerate(blocks)}
+    base = FusionPlan((), "cosine", "model", 100 * n + 50, 100 * n + 50, 100 * n, 100 * n, 1.0)
+    runs = []
+
+    def evaluate(plan):  # the error grows with every block removed
+        runs.append(plan)
+        return 0.01 * len(plan.dropped)
+
+    plan = plan_collapse(base, blocks, influence, FusionConfig(target_ratio=None, max_error=0.055), evaluate)
+    assert len(plan.dropped) == 5 and len(runs) <= 5
+    least = sorted(influence, key=influence.get)[:5]
+    assert set(plan.dropped) == set(least)
