@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import budget_real as br  # noqa: E402
-from benchlib import load_average, machine, write_marked  # noqa: E402
+from benchlib import publish  # noqa: E402
 
 BEGIN, END = "<!-- bench-candidates:begin -->", "<!-- bench-candidates:end -->"
 
@@ -113,7 +112,7 @@ def render(report: dict[str, Any]) -> str:
              f"{report['samples']} calibration samples; seconds per candidate, median of {report['repeat']}.", "",
              "| model | unique params | plan ratio | held-out samples | build s | held s | build / held "
              "| max abs diff (output scale) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in report["rows"]:
+    for r in report["result"]["rows"]:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['ratio']:.3f} | {r['samples']} | {r['build_s']:.2f} "
                      f"| {r['held_s']:.2f} | **{r['speedup']:.1f}x** | {r['max_abs_diff']:.2g} "
                      f"({r['output_scale']:.3g}) |")
@@ -136,19 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         p.error(f"unknown model {unknown[0]!r} (known: {', '.join(MODELS)})")
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        rows = [bench(m, args, work) for m in models]
-    report = {"command": "python tools/bench_candidates.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "load": load_average(), "ratio": args.ratio, "samples": args.samples,
-              "repeat": args.repeat, "rows": rows}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    text = render(report)
-    print(text)
-    if args.out:
-        write_marked(args.out, BEGIN, END, text, "Measuring a candidate plan")
+    publish("bench_candidates.py", argv, args, lambda a, work: {"rows": [bench(m, a, work) for m in models]},
+            render, (BEGIN, END), "Measuring a candidate plan", ratio=args.ratio, samples=args.samples,
+            repeat=args.repeat)
     return 0
 
 

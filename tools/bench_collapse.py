@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import budget_real as br  # noqa: E402
-from benchlib import load_average, machine, write_marked  # noqa: E402
+from benchlib import publish  # noqa: E402
 
 BEGIN, END = "<!-- bench-collapse:begin -->", "<!-- bench-collapse:end -->"
 
@@ -157,19 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--out", type=Path, help="rewrite the part between this tool's markers of this Markdown file")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        result = measure(args, work)
-    report = {"command": "python tools/bench_collapse.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "load": load_average(), "repeat": args.repeat, "batch": args.batch,
-              "threads": args.threads, "result": result}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    text = render(report)
-    print(text)
-    if args.out:
-        write_marked(args.out, BEGIN, END, text, "Depth collapse and latency")
+    publish("bench_collapse.py", argv, args, measure, render, (BEGIN, END), "Depth collapse and latency", repeat=args.repeat, batch=args.batch, threads=args.threads)
     return 0
 
 

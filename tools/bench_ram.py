@@ -31,7 +31,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import budget_real as br  # noqa: E402
-from benchlib import load_average, machine, write_marked  # noqa: E402
+from benchlib import publish  # noqa: E402
 
 BEGIN, END = "<!-- bench-ram:begin -->", "<!-- bench-ram:end -->"
 MODES = {"defaults": {}, "no prepacking": {"session.disable_prepacking": "1"}}
@@ -186,18 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--out", type=Path, help="rewrite the part between this tool's markers of this Markdown file")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        result = measure(args, work)
-    report = {"command": "python tools/bench_ram.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "load": load_average(), "repeat": args.repeat, "result": result}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    text = render(report)
-    print(text)
-    if args.out:
-        write_marked(args.out, BEGIN, END, text, "Sessions in memory")
+    publish("bench_ram.py", argv, args, measure, render, (BEGIN, END), "Sessions in memory", repeat=args.repeat)
     return 0
 
 

@@ -18,6 +18,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 _MEASURE = textwrap.dedent(
     """
@@ -101,3 +102,25 @@ def write_marked(path: Path, begin: str, end: str, text: str, heading: str) -> N
     else:
         new = f"{old.rstrip()}\n\n## {heading}\n\n{text}\n"
     path.write_text(new)
+
+
+def publish(tool: str, argv: list[str] | None, args: Any, measure: Callable[[Any, Path], Any],
+            render: Callable[[dict[str, Any]], str], markers: tuple[str, str], heading: str,
+            **fields: Any) -> None:
+    """What the bench tools share after parsing: ``measure(args, work)`` in ``--work`` (or a
+    temporary folder), the report (command, machine, load, ``fields``, ``result``) written to
+    ``--json``, rendered, printed, and put between ``markers`` of ``--out``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        result = measure(args, work)
+    report = {"command": f"python tools/{tool} " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": machine(), "load": load_average(), **fields, "result": result}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    text = render(report)
+    print(text)
+    if args.out:
+        write_marked(args.out, *markers, text, heading)

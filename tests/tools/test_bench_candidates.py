@@ -17,7 +17,7 @@ def test_bench_candidates_tiny(tmp_path):
                            "--repeat", "1", "--samples", "256", "--work", str(tmp_path), "--out", str(out),
                            "--json", str(report)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    (row,) = json.loads(report.read_text())["rows"]
+    (row,) = json.loads(report.read_text())["result"]["rows"]
     assert row["model"] == "tiny" and row["ratio"] >= 1.5
     assert row["build_s"] > 0 and row["held_s"] > 0 and row["speedup"] == row["build_s"] / row["held_s"]
     assert row["max_abs_diff"] <= 1e-4 * row["output_scale"]  # the same outputs either way
