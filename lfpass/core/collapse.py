@@ -43,6 +43,13 @@ class Block:
     layer_params: int = 0
 
 
+def enclosing(path: str) -> list[str]:
+    """The indexed module paths that hold the dotted ``path``, deepest first (the candidates for
+    its block): ``stages.1.blocks.2.conv1`` -> ``stages.1.blocks.2``, ``stages.1``."""
+    parts = path.split(".")
+    return [".".join(parts[:i + 1]) for i in range(len(parts) - 1, 0, -1) if parts[i].isdigit()]
+
+
 def order(blocks: Sequence[Block], influence: Mapping[str, float]) -> list[Block]:
     """The blocks, least influential first (the deeper one first on equal influence)."""
     depth = {b.name: i for i, b in enumerate(blocks)}

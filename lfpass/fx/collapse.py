@@ -12,18 +12,15 @@ model stays an ``nn.Module`` that runs, exports and retrains. The planning is
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import fx, nn
 
-from lfpass.core.collapse import Block, influence_of
+from lfpass.core.collapse import Block, enclosing, influence_of
 from lfpass.core.errors import PlanError
 from lfpass.core.sites import Site
 from lfpass.fx.batches import call, eval_mode
-
-_LAST_INDEX = re.compile(r"^(.*)\.(\d+)\.")
 
 
 class SkipBlock(nn.Module):
@@ -52,11 +49,9 @@ def find_blocks(model: nn.Module, sites: Sequence[Site]) -> list[Block]:
                         "inlines them): pass the module itself")
     holders: dict[str, int] = {}
     for site in sites:
-        match = _LAST_INDEX.match(site.name + ".")
-        while match and not isinstance(_get(model, match.group(1)), (nn.ModuleList, nn.Sequential)):
-            match = _LAST_INDEX.match(match.group(1) + ".")
-        if match:
-            name = f"{match.group(1)}.{match.group(2)}"
+        name = next((b for b in enclosing(site.name)
+                     if isinstance(_get(model, b.rpartition(".")[0]), (nn.ModuleList, nn.Sequential))), None)
+        if name is not None:
             holders[name] = holders.get(name, 0) + (0 if site.parts else site.numel)
     owners: dict[int, set[str]] = {}
     for path, p in model.named_parameters(remove_duplicate=False):

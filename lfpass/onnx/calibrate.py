@@ -23,6 +23,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from lfpass.core.calibration import Calibration, CalibrationError, LayerStats, accumulate
+from lfpass.onnx.runtime import exposing, session
 from lfpass.onnx.sites import find_sites, layer_kind, node_site
 
 log = logging.getLogger(__name__)
@@ -157,33 +158,13 @@ def _base_dir(model: ir.Model) -> str | None:
 
 
 def _session(model: ir.Model, probes: Sequence[tuple[str, ir.Value, dict]], base: str | None):
-    """An onnxruntime session of ``model`` with the probed values as extra outputs; the
-    model itself is left as it was."""
+    """An onnxruntime session of ``model`` with the probed values as extra outputs (an untyped
+    one takes its weight's type: Gemm/MatMul/Conv take data of the weight's type)."""
     graph = model.graph
-    added, typed = [], []
-    outputs = {v.name for v in graph.outputs}
-    inputs = {v.name for v in graph.inputs}
-    for weight, x, _ in probes:
-        if x.name in outputs or x.name in inputs or x in added:
-            continue
-        if x.type is None:  # Gemm/MatMul/Conv take data of the weight's type
-            tensor = graph.initializers[weight].const_value if weight in graph.initializers else None
-            x.type = ir.TensorType(tensor.dtype if tensor is not None else ir.DataType.FLOAT)
-            typed.append(x)
-        graph.outputs.append(x)
-        added.append(x)
-    try:
-        data = ir.to_proto(model).SerializeToString()
-    finally:
-        for x in added:
-            graph.outputs.remove(x)
-        for x in typed:
-            x.type = None
-    import onnxruntime as ort  # when a model is calibrated: plain fusion never starts the runtime
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # values as the graph names them
-    if base:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    return session, list(dict.fromkeys(x.name for _, x, _ in probes))
+    def dtype(weight: str) -> ir.DataType:
+        tensor = graph.initializers[weight].const_value if weight in graph.initializers else None
+        return tensor.dtype if tensor is not None else ir.DataType.FLOAT
+
+    data = exposing(model, {x: dtype(weight) for weight, x, _ in probes})
+    return session(data, base), list(dict.fromkeys(x.name for _, x, _ in probes))

@@ -14,20 +14,17 @@ outputs of a copy run in onnxruntime. Planning is :mod:`lfpass.core.collapse`'s.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from lfpass.core.collapse import Block, influence_of
+from lfpass.core.collapse import Block, enclosing, influence_of
 from lfpass.core.errors import PlanError
 from lfpass.core.sites import Site
 from lfpass.onnx.names import from_namespace, from_node_name
-from lfpass.onnx.runtime import session
-
-_LAST_INDEX = re.compile(r"^(.*)\.(\d+)\.")
+from lfpass.onnx.runtime import exposing, session
 
 
 @dataclass
@@ -52,9 +49,8 @@ def find_spans(model: ir.Model, sites: Sequence[Site]) -> list[Span]:
     """The blocks of ``model``'s main graph, in graph order, with their nodes and streams."""
     prefixes: dict[str, int] = {}
     for site in sites:
-        match = _LAST_INDEX.match(_dotted(site.name) + ".")
-        if match:
-            name = f"{match.group(1)}.{match.group(2)}"
+        name = next(iter(enclosing(_dotted(site.name))), None)
+        if name is not None:
             prefixes[name] = prefixes.get(name, 0) + (0 if site.parts else site.numel)
     if not prefixes:
         return []
@@ -105,25 +101,8 @@ def _own_params(nodes: list[ir.Node], mine: set[int]) -> int:
 
 def span_influence(model: ir.Model, spans: Sequence[Span], feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     """Each block's influence on ``feeds`` (NaN where it is not removable)."""
-    graph = model.graph
-    probes = [v for s in spans if s.stream_in is not None for v in (s.stream_in, s.stream_out)]
-    existing = set(map(id, graph.outputs))
-    added, typed = [], []
-    for v in dict.fromkeys(probes):
-        if id(v) in existing or v in graph.inputs:
-            continue
-        if v.type is None:
-            v.type = ir.TensorType(ir.DataType.FLOAT)
-            typed.append(v)
-        graph.outputs.append(v)
-        added.append(v)
-    try:
-        sess = session(ir.to_proto(model).SerializeToString())
-    finally:
-        for v in added:
-            graph.outputs.remove(v)
-        for v in typed:
-            v.type = None
+    probes = {v: ir.DataType.FLOAT for s in spans if s.stream_in is not None for v in (s.stream_in, s.stream_out)}
+    sess = session(exposing(model, probes))
     names = [o.name for o in sess.get_outputs()]
     runs = [dict(zip(names, sess.run(None, feed))) for feed in feeds]
     fed = lambda v, run, feed: feed[v.name] if v.name in feed else run[v.name]  # noqa: E731

@@ -167,11 +167,7 @@ def _lift_constants(graph: ir.Graph) -> int:
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or "value" not in node.attributes:
             continue
         out = node.outputs[0]
-        readers = [u.node for u in out.uses()]
-        readers += [v.node for u in out.uses() if u.node.op_type == "Transpose" for v in u.node.outputs[0].uses()]
-        if not any(_WEIGHTED.get(r.op_type) is not None and len(r.inputs) > _WEIGHTED[r.op_type]
-                   and r.inputs[_WEIGHTED[r.op_type]] in (out, *(u.node.outputs[0] for u in out.uses()))
-                   for r in readers):
+        if not _read_as_weight(out):
             continue
         tensor = node.attributes["value"].as_tensor()
         value = ir.Value(name=out.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
@@ -184,6 +180,12 @@ def _lift_constants(graph: ir.Graph) -> int:
         graph.register_initializer(value)
         lifted += 1
     return lifted
+
+
+def _read_as_weight(value: ir.Value) -> bool:
+    """Whether ``value`` is a MatMul/Gemm/Conv weight input, directly or through ``Transpose`` nodes."""
+    return any(_read_as_weight(u.node.outputs[0]) if u.node.op_type == "Transpose"
+               else _WEIGHTED.get(u.node.op_type) == u.idx for u in value.uses())
 
 
 def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
@@ -393,7 +395,7 @@ def quantize_within(model: ir.Model, mode: str, budget: float, error_of: Any, ch
     ``error_of(model)`` does."""
     from lfpass.onnx.frontend import copy_model
 
-    prepare(model)
+    prepared = prepare(model)
     order = sensitivity_order(model, mode, choose, readout, block_size)
     tried: dict[int, tuple[ir.Model, QuantReport, float]] = {}
 
@@ -417,10 +419,12 @@ def quantize_within(model: ir.Model, mode: str, budget: float, error_of: Any, ch
     steps = len(tried)
     if hi >= len(order):  # every weight in float: quantizing nothing keeps the float model, smaller and exact
         report = QuantReport(mode, f"nothing quantized: quantizing any weight broke the budget (error <= {budget:g}; "
-                                   f"{steps} quantizer runs measured end to end)", prepared=prepare(model))
+                                   f"{steps} quantizer runs measured end to end)")
         report.float_left = {name: "quantizing it broke the budget" for name in order}
+        report.prepared = prepared
         return model, report, error_of(model)
     quantized, report, error = attempt(hi)
+    report.prepared = prepared  # the copies were prepared already: what preparing did is the first count
     why = f"quantizing it broke the budget (error <= {budget:g}; {steps} quantizer runs measured end to end)"
     for name in order[:hi]:
         report.float_left[name] = why
