@@ -15,7 +15,7 @@ outputs of a copy run in onnxruntime. Planning is :mod:`lfpass.core.collapse`'s.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx_ir as ir
