@@ -15,8 +15,8 @@ lines), each row is a written ONNX file:
   is_symmetric=True)`` on the original (skipped, with the reason, for a model with no
   ``MatMul``);
 - for each ``--budgets`` E: ``lfpass optimize MODEL --inputs calib.npz --max-error E
-  --scope model`` (fusion alone), and the same with ``--quantize int8`` and with
-  ``--quantize int4`` (the budget then holds for the fused and quantized model); MiniLM
+  --scope model`` (fusion alone), and the same with ``--quantize int8``, ``int8-weights``
+  and ``int4`` (the budget then holds for the fused and quantized model); MiniLM
   with ``--pooling mean``, as ``budget_real.py`` runs it. lfpass runs by absolute path
   from an empty folder, ``OMP_NUM_THREADS=--threads``, its defaults otherwise;
 - ``lfpass E=..., then int8 alone``: the fusion-alone file quantized by the ``int8 alone``
@@ -58,10 +58,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("minilm", "gpt", "ocr-det")
-QUANTIZE = ("int8", "int4")
+QUANTIZE = ("int8", "int8-weights", "int4")
 BASELINE = "int8 alone"
 TARGET_RATIO, TARGET_COSINE = 6.0, 0.99  # MiniLM's aim: 6x smaller than fp32 at embedding cosine >= 0.99
-WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1}  # op -> the input holding its weight
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}  # op -> its weight (table)
 BEGIN, END = "<!-- quantize-real:begin -->", "<!-- quantize-real:end -->"
 SECTION = "## Fusion and quantization at equal bytes"
 
@@ -181,7 +181,7 @@ def remove(path: Path) -> None:
 def float_weights(path: Path) -> int:
     """Weight tensors left in float: floating-point initializers of two or more dimensions that a
     ``MatMul``/``Gemm``/``Conv``/``ConvTranspose`` reads as its weight, directly or through a
-    ``Transpose`` (each counted once however many read it)."""
+    ``Transpose``, or a ``Gather`` as its table (each counted once however many read it)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -401,12 +401,12 @@ def against_int8(model: dict[str, Any], kind: str = "lfpass") -> str:
     """At the bytes of int8 alone, are the int8 rows of ``kind`` smaller for the same quality or
     better for the same size? ``lfpass``: aim (a), lfpass's ``--quantize int8``; ``then``:
     onnxruntime's int8 alone on lfpass's fusion-alone file."""
-    label = ("(a) lfpass+int8 (`--quantize int8`)" if kind == "lfpass"
+    label = ("(a) lfpass+quantization (`--quantize int8`, `int8-weights`, `int4`)" if kind == "lfpass"
              else "fusion, then int8 alone (onnxruntime's call on lfpass's fused file; not `--quantize`)")
     base = next((r for r in measured(model["rows"]) if r["row"] == BASELINE), None)
     if base is None:
         return f"- {label}: **not measured**: `{BASELINE}` wrote no file (see above)."
-    ours = [r for r in measured(model["rows"]) if r["kind"] == kind and r["quantize"] == "int8"]
+    ours = [r for r in measured(model["rows"]) if r["kind"] == kind and r["quantize"] in QUANTIZE]
     if not ours:
         return f"- {label}: **not measured**: none of these rows wrote a file (see above)."
     smaller = [r for r in ours if r["bytes"] < base["bytes"]]
@@ -476,12 +476,12 @@ _COLUMN_LINES = [
     ("- `exit`: lfpass's exit code (1: written, outside its tolerance or budget; 2: refused or failed, nothing "
      "written);"),
     ("- `float left`: weight tensors still in float in the file (floating-point tensors of 2+ dimensions, initializers "
-     "or Constant nodes, read as a MatMul/Gemm/Conv weight directly or through a Transpose; for `fp32`, every such "
-     "weight)."),
+     "or Constant nodes, read as a MatMul/Gemm/Conv weight directly or through a Transpose, or as a Gather's table; "
+     "for `fp32`, every such weight)."),
     "",
     ("Rows: `int8 alone` and `int4 alone` quantize the original with onnxruntime's tools; `lfpass E=...` is `lfpass "
-     "optimize --max-error E` (fusion alone), `+int8`/`+int4` the same with `--quantize` (lfpass's quantize path, the "
-     "budget for fused and quantized together), and `lfpass E=..., then int8 alone` the fusion-alone file quantized "
+     "optimize --max-error E` (fusion alone), `+int8`/`+int8-weights`/`+int4` the same with `--quantize` (lfpass's "
+     "quantize path, the budget for fused and quantized together, each weight at its own width), and `lfpass E=..., then int8 alone` the fusion-alone file quantized "
      "by the `int8 alone` call (fusion and quantization composed by hand, outside lfpass)."),
 ]
 COLUMNS = "\n".join(_COLUMN_LINES)
@@ -489,8 +489,8 @@ COLUMNS = "\n".join(_COLUMN_LINES)
 
 SMALL = ("**`--small`: a random residual MLP and random inputs. These figures check the tool (every row written "
          "and measured), not quality: they say nothing about real models.**")
-VERDICTS = ("Verdicts, per model: (a) at the bytes of `int8 alone`, is lfpass+int8 smaller for the same quality or "
-            "better for the same size? It holds when an lfpass+int8 row has no more bytes and no more fresh error "
+VERDICTS = ("Verdicts, per model: (a) at the bytes of `int8 alone`, is lfpass+quantization smaller for the same quality or "
+            "better for the same size? It holds when an lfpass+quantization row has no more bytes and no more fresh error "
             "than int8 alone; rows smaller with fresh error within int8 alone's plus their budget are listed. (b) "
             f"MiniLM only: at {TARGET_RATIO:g}x fewer bytes than fp32, is the embedding cosine (1 - fresh error) at "
             f"least {TARGET_COSINE}?")

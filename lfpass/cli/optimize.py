@@ -28,10 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=Path, help="the .onnx file (never modified)")
     p.add_argument("-o", "--output", type=Path, help="output path (default NAME.fused.onnx)")
     add_config_options(p)
-    p.add_argument("--quantize", choices=("int8", "int4"),
+    p.add_argument("--quantize", choices=("int8", "int8-weights", "int4"),
                    help="quantize the fused model with onnxruntime's quantizers, each shared tensor once: int8 "
-                        "per-channel weights (dynamic; static QDQ with --inputs), int4 4-bit MatMul weights; under "
-                        "--max-error the budget holds for the fused and quantized model")
+                        "weights and activations (per-channel, dynamic; static QDQ with --inputs; integer "
+                        "kernels), int8-weights 8-bit MatMul weights and embedding tables computed in float "
+                        "(far more accurate on transformers), int4 4-bit blocks for both; under --max-error the "
+                        "budget holds for the fused and quantized model, each weight at its own width")
     p.add_argument("--plan", type=Path, help="apply this plan (from `analyze --plan-out`) instead of planning")
     p.add_argument("--dry-run", action="store_true", help="plan and print the predicted figures; write nothing")
     p.add_argument("--report", type=Path, help="write the figures as JSON")

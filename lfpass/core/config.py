@@ -21,7 +21,7 @@ from lfpass.core.rules import MERGE_RULES
 SCOPES = ("model", "layers")
 KINDS = ("linear", "conv", "conv_transpose", "attention", "mlp")
 GRANULARITIES = ("tensor", "block")
-QUANTIZE = ("none", "int8", "int4")  # after fusion, onnxruntime's quantizers (lfpass.onnx.quantize)
+QUANTIZE = ("none", "int8", "int8-weights", "int4")  # after fusion, onnxruntime's quantizers (lfpass.onnx.quantize)
 ALIGNMENTS = ("none", "weights", "activations")
 ERROR_METRICS = ("cosine", "top1", "accuracy")
 POOLINGS = ("none", "mean", "cls")
@@ -91,10 +91,11 @@ class FusionConfig:
     set (``align`` other than auto, ``residual_rank``, ``metric='output'``,
     ``granularity='block'``); else ties alone.
 
-    ``quantize`` (``"int8"``, ``"int4"``; ``"none"`` by default) quantizes the
-    written ONNX model after fusion with onnxruntime's quantizers, each shared
-    tensor once (:mod:`lfpass.onnx.quantize`); under ``max_error`` the budget
-    holds for the fused and quantized model.
+    ``quantize`` (``"int8"``, ``"int8-weights"``, ``"int4"``; ``"none"`` by
+    default) quantizes the written ONNX model after fusion with onnxruntime's
+    quantizers, each shared tensor once (:mod:`lfpass.onnx.quantize`); under
+    ``max_error`` the budget holds for the fused and quantized model, each
+    weight at its own width.
 
     What the error is measured on: ``error_output`` (one output by name;
     default every floating-point output) pooled by ``pooling`` over its second

@@ -208,20 +208,71 @@ def test_a_budget_holds_for_the_fused_and_quantized_model(exported, tmp_path):
     assert ("static" in done.quantized.method) == ("(static int8 kept" in done.plan.message)
 
 
+def _quarter_of(exported, mode: str, x: np.ndarray) -> float:
+    """A quarter of the cosine error quantizing every weight of ``exported`` to ``mode`` costs on ``x``."""
+    quantized, _ = quantize(ir.load(exported), mode)
+    return float(1 - np.mean([np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in
+                              zip(run(exported, x), run_model(quantized, x))])) / 4
+
+
+def _bits(path) -> list[int]:
+    return sorted(a.i for n in onnx.load(path).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                  if a.name == "bits")
+
+
+def test_under_a_budget_int4_keeps_the_most_sensitive_weights_at_8_bits(exported, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(3).standard_normal((256, 64)).astype(np.float32))
+    budget = _quarter_of(exported, "int4", np.load(calib)["x"])
+    done = lfpass.optimize(exported, tmp_path / "tight.onnx", FusionConfig(target_ratio=None, max_error=budget,
+                                                                         quantize="int4"), inputs=calib)
+    wider = done.quantized.eight_bit
+    assert wider and all("4 bits broke the budget" in why for why in wider.values())
+    assert not done.quantized.float_left and done.error <= budget * 1.5  # chosen on one share, verified on another
+    bits = _bits(tmp_path / "tight.onnx")
+    assert bits.count(8) == len(wider) and bits.count(4) == len(bits) - len(wider) > 0
+    assert not weight_readers(ir.load(tmp_path / "tight.onnx"))
+
+
 def test_layers_that_break_the_budget_stay_in_float_the_most_sensitive_first(exported, tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(3).standard_normal((256, 64)).astype(np.float32))
-    x = np.load(calib)["x"]
-    quantized, _ = quantize(ir.load(exported), "int4")
-    with_4_bits = 1 - np.mean([np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in
-                               zip(run(exported, x), run_model(quantized, x))])
-    budget = float(with_4_bits) / 4  # a quarter of what 4 bits everywhere cost
+    budget = _quarter_of(exported, "int8", np.load(calib)["x"])
     done = lfpass.optimize(exported, tmp_path / "tight.onnx", FusionConfig(target_ratio=None, max_error=budget,
-                                                                         quantize="int4"), inputs=calib)
+                                                                         quantize="int8"), inputs=calib)
     kept = done.quantized.float_left
     assert kept and all("broke the budget" in why for why in kept.values())
-    assert 0 < done.quantized.quantized and done.error <= budget * 1.5  # chosen on one share, verified on another
+    assert 0 < done.quantized.quantized and done.error <= budget * 1.5
     assert len(weight_readers(ir.load(tmp_path / "tight.onnx"))) == len(kept)  # exactly those stayed float
+
+
+def test_int8_weights_quantizes_matmul_weights_and_embedding_tables_in_8_bit_blocks(tmp_path):
+    """Weight-only 8 bits: MatMulNBits for the Linear weights, quantize_dynamic for the Gather
+    table; with int4 the table is a 4-bit GatherBlockQuantized (opset raised to 21)."""
+    class Embedded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(100, 64)
+            self.blocks = Blocks()
+
+        def forward(self, ids):
+            return self.blocks(self.embed(ids))
+
+    torch.manual_seed(0)
+    path = tmp_path / "emb.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Embedded().eval(), (torch.zeros(2, dtype=torch.long),), str(path), dynamo=False,
+                          input_names=["ids"], dynamic_axes={"ids": {0: "n"}}, opset_version=17)
+    ids = np.arange(100, dtype=np.int64)
+    want = ort.InferenceSession(str(path)).run(None, {"ids": ids})[0]
+    for mode, tolerance, table in (("int8-weights", 0.01, "DequantizeLinear"), ("int4", INT4, "GatherBlockQuantized")):
+        quantized, report = quantize(ir.load(path), mode)
+        assert report.quantized == 8 and not report.float_left  # 7 Linear weights and the table
+        proto = ir.to_proto(quantized)
+        ops = collections.Counter(n.op_type for n in proto.graph.node)
+        assert ops["MatMulNBits"] == 7 and ops[table] >= 1 and "Gemm" not in ops
+        got = ort.InferenceSession(proto.SerializeToString()).run(None, {"ids": ids})[0]
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < tolerance, mode
 
 
 def test_weights_held_in_constant_nodes_are_lifted_and_quantized():
@@ -272,7 +323,7 @@ def test_a_pipeline_file_asks_for_quantization_and_a_wrong_mode_is_one_line(tmp_
     (tmp_path / "q.toml").write_text('target_ratio = 1.5\nquantize = "int4"\n')
     assert load_pipeline(tmp_path / "q.toml").quantize == "int4"
     (tmp_path / "bad.toml").write_text('quantize = "int2"\n')
-    with pytest.raises(ConfigError, match="quantize: must be one of none, int8, int4"):
+    with pytest.raises(ConfigError, match="quantize: must be one of none, int8, int8-weights, int4"):
         load_pipeline(tmp_path / "bad.toml")
 
 

@@ -32,7 +32,7 @@ def test_quantize_tool_small(tmp_path):
     model = r["models"][0]
     rows = {row["row"]: row for row in model["rows"]}
     budgets = [f"{b:g}" for b in r["budgets"]]
-    suffixes = ("", ", then int8 alone", " +int8", " +int4")
+    suffixes = ("", ", then int8 alone", " +int8", " +int8-weights", " +int4")
     expected = {"fp32", "int8 alone", "int4 alone", *(f"lfpass E={b}{q}" for b in budgets for q in suffixes)}
     assert set(rows) == expected and len(model["rows"]) == len(expected)
     fp32 = rows["fp32"]
@@ -72,7 +72,7 @@ def test_quantize_tool_small(tmp_path):
     for row, line in zip(model["rows"], table):
         assert line.startswith(f"| {row['row']} |") and f"{row['bytes']:,}" in line and f"{row['fresh']:.4f}" in line
     verdicts = text.split("### small", 1)[1]
-    assert "- (a) lfpass+int8 (`--quantize int8`), against `int8 alone`" in verdicts
+    assert "- (a) lfpass+quantization (`--quantize int8`, `int8-weights`, `int4`), against `int8 alone`" in verdicts
     assert "- fusion, then int8 alone" in verdicts and "(b)" not in verdicts  # (b): MiniLM only
     # the render of the JSON alone is the same text
     again = tmp_path / "AGAIN.md"
