@@ -325,6 +325,10 @@ def _raise_opset(source: Path, large: bool, version: int) -> tuple[Path, str]:
         converted = version_converter.convert_version(model, version)
     except Exception as exc:  # the converter's own error types: no adapter for some node
         raise ValueError(f"opset {opset} could not be raised to {version} ({exc})") from exc
+    metadata = {n.name: list(n.metadata_props) for n in model.graph.node if n.name and n.metadata_props}
+    for node in converted.graph.node:  # the converter drops what exporters write per node (module paths)
+        if node.name in metadata and not node.metadata_props:
+            node.metadata_props.extend(metadata[node.name])
     target = source.with_name(f"opset{version}.onnx")
     onnx.save(converted, str(target), save_as_external_data=large, location=f"opset{version}.data" if large else None)
     return target, f"opset {opset} raised to {version} (onnx version converter)"
@@ -375,6 +379,8 @@ def _weight_only(source: Path, model: ir.Model, mode: str, exclude: list[str], w
     ops = {n.name: n.op_type for n in model.graph}
     readers = weight_readers(model)
     nodes = {n for r in readers.values() for n in r}
+    depths = [model.graph.initializers[w].const_value.shape[0] for w, r in readers.items() if ops[r[0]] == "MatMul"]
+    block8, block_size = _block(BLOCK8, depths), _block(block_size, depths)
     gathers = sorted(n for n in nodes if ops[n] == "Gather" and n not in exclude)
     step = iter(range(1, 10))
     said: list[str] = []
@@ -403,8 +409,8 @@ def _weight_only(source: Path, model: ir.Model, mode: str, exclude: list[str], w
                     + (f" and {len(tables4)} Gather tables" if tables4 else ""))
     eight = [n for n in nodes if ops[n] == "MatMul" and n not in exclude and (mode != "int4" or n in wider)]
     if eight:
-        path = nbits(path, 8, BLOCK8, exclude, ("MatMul",))
-        said.append(f"8-bit symmetric blocks of {BLOCK8} for {len(eight)} MatMul weights")
+        path = nbits(path, 8, block8, exclude, ("MatMul",))
+        said.append(f"8-bit symmetric blocks of {block8} for {len(eight)} MatMul weights")
     rest = [g for g in gathers if g not in tables4]
     if rest:
         target = path.with_name(f"pass{next(step)}.onnx")
@@ -413,6 +419,14 @@ def _weight_only(source: Path, model: ir.Model, mode: str, exclude: list[str], w
         path = target
         said.append(f"8-bit per-channel Gather tables (quantize_dynamic) for {len(rest)}")
     return path, f"weights only, computed in float: {'; '.join(said)} (onnxruntime MatMulNBitsQuantizer)"
+
+
+def _block(largest: int, depths: Sequence[int]) -> int:
+    """The block size for weights of these input depths: ``largest``, or the greatest power of two
+    (16 at least, as MatMulNBits needs) no deeper than the shallowest weight, whose blocks
+    would otherwise be mostly padding (a depth of 64 in blocks of 128 stores twice its bytes)."""
+    shallowest = min(depths, default=largest)
+    return max(16, min(largest, 1 << (max(shallowest, 1).bit_length() - 1)))
 
 
 # -- under a budget ------------------------------------------------------------------------------
