@@ -10,6 +10,13 @@ output), of the same shape: removing it re-points every reader of the output to
 the input, and drops its nodes and the tensors only they read. The influence
 (``1 - cos`` per position between the two) is measured by exposing both as
 outputs of a copy run in onnxruntime. Planning is :mod:`lfpass.core.collapse`'s.
+
+Files whose names say nothing of modules (converters such as Paddle2ONNX write
+``conv2d_52.w_0``) are read by their structure instead: every ``Add`` of a value
+and a branch computed from it, ``x + f(x)``, is a residual span, the branch's
+nodes between ``x`` and the ``Add`` (a transformer's attention or MLP sublayer,
+a ResNet block with an identity shortcut), when nothing outside reads them and
+they hold weights. Spans inside a larger one are not listed.
 """
 
 from __future__ import annotations
@@ -49,11 +56,12 @@ def find_spans(model: ir.Model, sites: Sequence[Site]) -> list[Span]:
     """The blocks of ``model``'s main graph, in graph order, with their nodes and streams."""
     prefixes: dict[str, int] = {}
     for site in sites:
-        name = next(iter(enclosing(_dotted(site.name))), None)
+        path = _dotted(site.name)
+        name = next((p for p in enclosing(path) if p != path), None)  # a layer alone is no block: p2o.Conv.12
         if name is not None:
             prefixes[name] = prefixes.get(name, 0) + (0 if site.parts else site.numel)
     if not prefixes:
-        return []
+        return residual_spans(model, sites)
     graph = model.graph
     members: dict[str, list[ir.Node]] = {name: [] for name in prefixes}
     for node in graph:
@@ -86,17 +94,99 @@ def find_spans(model: ir.Model, sites: Sequence[Site]) -> list[Span]:
     return spans
 
 
+def residual_spans(model: ir.Model, sites: Sequence[Site]) -> list[Span]:
+    """The ``x + f(x)`` spans of ``model``'s main graph, in graph order, each named by its ``Add``'s
+    output: the nodes computing ``f(x)`` from ``x`` (others they read, a mask say, stay), closed
+    (only the ``Add`` reads them) and holding weights; none inside another."""
+    graph = model.graph
+    nodes = list(graph)
+    index = {id(n): i for i, n in enumerate(nodes)}
+    found = []
+    for add in nodes:
+        if add.op_type != "Add" or len(add.inputs) != 2 or not all(map(_dynamic, add.inputs)):
+            continue
+        for skip, branch in (add.inputs, reversed(add.inputs)):
+            body = _branch(skip, branch)
+            if body:
+                break
+        else:
+            continue
+        mine = set(map(id, body)) | {id(add)}
+        if any(o in graph.outputs or any(id(u.node) not in mine for u in o.uses()) for n in body for o in n.outputs):
+            continue  # read outside: removing it would cut something else
+        params = _own_params(body, mine)
+        if not params:
+            continue
+        body = sorted(body, key=lambda n: index[id(n)]) + [add]
+        found.append((mine, Span(Block(add.outputs[0].name or f"add.{index[id(add)]}", params,
+                                       _site_params(body, mine, sites)), body, skip, add.outputs[0])))
+    return [span for mine, span in found if not any(mine < other for other, _ in found)]
+
+
+def _dynamic(value: ir.Value | None) -> bool:
+    return value is not None and _stored(value) is None and not value.is_initializer()
+
+
+def _branch(skip: ir.Value, branch: ir.Value) -> list[ir.Node]:
+    """The nodes on the paths from ``skip`` to ``branch`` (empty when ``branch`` does not depend on it)."""
+    seen: dict[int, ir.Node] = {}
+    stack = [branch.producer()]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        stack.extend(v.producer() for v in node.inputs if _dynamic(v) and v is not skip)
+    reaches: dict[int, bool] = {}
+
+    def reach(node: ir.Node) -> bool:  # iterative: deep graphs overflow recursion
+        todo = [node]
+        while todo:
+            n = todo[-1]
+            if id(n) in reaches:
+                todo.pop()
+                continue
+            ins = [v.producer() for v in n.inputs if _dynamic(v) and v is not skip and v.producer() is not None
+                   and id(v.producer()) in seen]
+            pending = [m for m in ins if id(m) not in reaches]
+            if pending:
+                todo.extend(pending)
+                continue
+            reaches[id(n)] = any(v is skip for v in n.inputs) or any(reaches[id(m)] for m in ins)
+            todo.pop()
+        return reaches[id(node)]
+
+    return [n for n in seen.values() if reach(n)]
+
+
+def _site_params(nodes: list[ir.Node], mine: set[int], sites: Sequence[Site]) -> int:
+    """Elements of the plannable layers whose tensors only these nodes read."""
+    own = {v.name for n in nodes for v in n.inputs
+           if v is not None and _stored(v) is not None and all(id(u.node) in mine for u in v.uses())}
+    return sum(s.numel for s in sites if not s.parts and s.tensors and set(s.tensors) <= own)
+
+
 def _own_params(nodes: list[ir.Node], mine: set[int]) -> int:
-    """Elements of the initializers only these nodes read."""
+    """Elements of the stored tensors (initializers, ``Constant`` nodes) only these nodes read."""
     total, seen = 0, set()
     for n in nodes:
         for v in n.inputs:
-            if v is None or id(v) in seen or v.const_value is None:
+            if v is None or id(v) in seen or _stored(v) is None:
                 continue
             seen.add(id(v))
-            if all(id(u.node) in mine for u in v.uses()) and (v.is_initializer() or v.producer() is not None):
-                total += int(np.prod(v.const_value.shape)) if v.const_value.shape is not None else 0
+            if all(id(u.node) in mine for u in v.uses()):
+                total += int(np.prod(_stored(v).shape))
     return total
+
+
+def _stored(value: ir.Value) -> ir.TensorProtocol | None:
+    """The tensor ``value`` holds: an initializer's, a ``Constant`` node's (as converters write weights)."""
+    if value.const_value is not None:
+        return value.const_value
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].as_tensor()
+    return None
 
 
 def span_influence(model: ir.Model, spans: Sequence[Span], feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:

@@ -160,3 +160,54 @@ def test_a_deep_stack_goes_by_influence_with_a_bisection_over_how_many():
     assert len(plan.dropped) == 5 and len(runs) <= 5
     least = sorted(influence, key=influence.get)[:5]
     assert set(plan.dropped) == set(least)
+
+
+def _anonymous(path, out):
+    """``path`` with every node, initializer and value renamed ``n17``/``t3``/``v5`` and no
+    metadata: a converter's file, whose names say nothing of modules."""
+    import onnx
+
+    model = onnx.load(path)
+    keep = {v.name for v in (*model.graph.input, *model.graph.output)}
+    names: dict[str, str] = {}
+    rename = lambda n, prefix: n if not n or n in keep else names.setdefault(n, f"{prefix}{len(names)}")  # noqa: E731
+    for t in model.graph.initializer:
+        t.name = rename(t.name, "t")
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+        del node.metadata_props[:]
+        node.input[:] = [rename(x, "v") for x in node.input]
+        node.output[:] = [rename(x, "v") for x in node.output]
+    for v in model.graph.value_info:
+        v.name = rename(v.name, "v")
+    onnx.save(model, out)
+    return out
+
+
+def test_a_converters_file_is_collapsed_by_its_residual_structure(exported, tmp_path):
+    """No module paths: each ``x + f(x)`` with weights is a block, named by its Add's output."""
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from lfpass.onnx.collapse import residual_spans
+    from lfpass.onnx.sites import find_sites
+
+    model, path, calib = exported
+    anonymous = _anonymous(path, tmp_path / "anonymous.onnx")
+    graph = ir.load(anonymous)
+    spans = residual_spans(graph, find_sites(graph).plannable)
+    per_block = sum(p.numel() for p in model.blocks[0].parameters())
+    assert len(spans) == 6 and all(s.block.params == per_block for s in spans)
+    assert all(s.stream_in is not None and s.nodes[-1].op_type == "Add" for s in spans)
+    total = lfpass.unique_parameters(model)
+    config = FusionConfig(target_ratio=total / (total - 2 * per_block) - 1e-6, actions="collapse")
+    done = lfpass.optimize(anonymous, tmp_path / "collapsed.onnx", config, inputs=calib, check=False)
+    assert set(done.plan.dropped) == {spans[2].block.name, spans[4].block.name}, done.plan.message
+    assert done.params_after == total - 2 * per_block
+    onnx.checker.check_model(onnx.load(tmp_path / "collapsed.onnx"), full_check=True)
+    x = batches(1, seed=7)[0].numpy()
+    want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "collapsed.onnx")).run(None, {"x": x})[0]
+    cos = (want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.99
