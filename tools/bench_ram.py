@@ -1,23 +1,27 @@
 """Resident memory of onnxruntime sessions: does a shared tensor stay shared once loaded?
 
 A fused file stores each shared tensor once; what a deployment pays is the memory of
-the session that runs it. onnxruntime pre-packs the constant weight of every
-``MatMul``/``Gemm``/``Conv`` node for its kernels, per node: a tensor read by k nodes is
-then held k + 1 times, and every unshared weight twice. This measures, each in a fresh
-process (the resident set after creating the session and running it once, minus the
-resident set before), for MiniLM's ONNX file (``tools/budget_real.py`` exports it):
+the session that runs it. onnxruntime pre-packs the constant weight of ``MatMul``/
+``Gemm``/``Conv`` nodes for its kernels, per node: a tensor read by k nodes may then be
+held k + 1 times. This measures, each in a fresh process (the resident set after creating
+the session from the file and running it once, minus the resident set before), for
+MiniLM's ONNX file (``tools/budget_real.py`` exports it):
 
 - ``original``, ``fused`` (``lfpass optimize --actions tie --ratio R --merge mean``: ties
-  only, so tensors are shared), ``fused + int8`` (the same with ``--quantize int8``) and
-  ``int8 alone`` (onnxruntime's ``quantize_dynamic``);
-- each with onnxruntime's defaults and with ``session.disable_prepacking = 1``; the
-  session is made from the model's bytes, external data read in, so every tensor is
-  resident (from a file, onnxruntime may map external data and page in only what runs
-  touches: an embedding's unused rows, say).
+  only, so tensors are shared), ``fused + int8``, ``fused + int8-weights`` and ``fused +
+  int4`` (the same with ``--quantize``) and ``int8 alone`` (onnxruntime's
+  ``quantize_dynamic``);
+- each with onnxruntime's defaults and with ``session.disable_prepacking = 1``. Every
+  file is first written as one file, its external data inlined, and the session is made
+  from that path: onnxruntime then reads every tensor (from external data it may map the
+  file and page in only what a run touches, an embedding's unused rows say), and no copy
+  of the model is held by Python.
 
 Each row gives the file's bytes, the session's resident bytes (less those of a session on
-a model with the same inputs and no weights: what any session costs) and both as ratios
-to the original's, in the same run. Figures are a median of ``--repeat`` processes.
+a model with the same inputs and no weights: what any session costs), both as ratios to
+the original's, and the resident bytes beyond the file's: what the session holds besides
+the weights as stored (pre-packed copies, activations, kernels' buffers). Figures are a
+median of ``--repeat`` processes.
 
     python tools/bench_ram.py --out docs/BENCHMARKS.md --json /tmp/bench_ram.json   # a few minutes
     python tools/bench_ram.py --small                                              # seconds: the test
@@ -45,11 +49,11 @@ from benchlib import publish  # noqa: E402
 
 BEGIN, END = "<!-- bench-ram:begin -->", "<!-- bench-ram:end -->"
 MODES = {"defaults": {}, "no prepacking": {"session.disable_prepacking": "1"}}
+QUANTIZE = ("int8", "int8-weights", "int4")
 
 PROBE = r"""
 import gc, json, os, sys
 import numpy as np
-import onnx
 import onnxruntime as ort
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -59,13 +63,28 @@ options.log_severity_level = 3
 for k, v in config.items():
     options.add_session_config_entry(k, v)
 before = rss()
-data = onnx.load(path).SerializeToString()  # every tensor in memory: none left to be paged in lazily
-session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-del data
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 gc.collect()
 session.run(None, feed)
 print(json.dumps({"rss": rss() - before}))
 """
+
+
+def inlined(path: Path, work: Path) -> Path:
+    """``path`` as one file in ``work``, its external data inlined (the model is under 2 GB)."""
+    import onnx
+
+    if not any(f.name != path.name for f in _data_files(path)):
+        return path
+    target = work / f"{path.stem}.inline.onnx"
+    onnx.save(onnx.load(str(path)), str(target))
+    return target
+
+
+def _data_files(path: Path) -> list[Path]:
+    from lfpass.onnx.load import external_files, load_model
+
+    return [path, *external_files(load_model(path)).values()]
 
 
 def resident(path: Path, config: dict[str, str], feed: Path, repeat: int) -> int:
@@ -80,9 +99,9 @@ def resident(path: Path, config: dict[str, str], feed: Path, repeat: int) -> int
 
 def file_bytes(path: Path) -> int:
     """The model file and its external data files."""
-    from lfpass.onnx.load import disk_bytes, external_files, load_model
+    from lfpass.onnx.load import disk_bytes
 
-    return disk_bytes(path, list(external_files(load_model(path)).values()))
+    return disk_bytes(path, _data_files(path)[1:])
 
 
 def tiny(work: Path) -> tuple[Path, dict[str, np.ndarray]]:
@@ -137,10 +156,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         feed = {k: v[:4] for k, v in feed.items()}
     feed_path = work / "feed.npz"
     np.savez(feed_path, **feed)
-    files = {"original": model, "fused": work / "fused.onnx", "fused + int8": work / "fused.int8.onnx",
-             "int8 alone": work / "int8.onnx"}
+    files = {"original": model, "fused": work / "fused.onnx", **{f"fused + {q}": work / f"fused.{q}.onnx" for q in
+                                                                  QUANTIZE}, "int8 alone": work / "int8.onnx"}
     lfpass(model, files["fused"], args.ratio, [])
-    lfpass(model, files["fused + int8"], args.ratio, ["--quantize", "int8"])
+    for q in QUANTIZE:
+        lfpass(model, files[f"fused + {q}"], args.ratio, ["--quantize", q])
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(model, files["int8 alone"], per_channel=True, weight_type=QuantType.QInt8)
@@ -151,12 +171,13 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for name, path in files.items():
         for mode, config in MODES.items():
             rows.append({"model": name, "session": mode, "bytes": file_bytes(path),
-                         "rss": resident(path, config, feed_path, args.repeat) - overhead[mode]})
+                         "rss": resident(inlined(path, work), config, feed_path, args.repeat) - overhead[mode]})
             print(json.dumps(rows[-1]), flush=True)
     for row in rows:
         base = next(r for r in rows if r["model"] == "original" and r["session"] == row["session"])
         row["bytes_ratio"] = base["bytes"] / row["bytes"]
         row["rss_ratio"] = base["rss"] / max(row["rss"], 1)
+        row["beyond"] = row["rss"] - row["bytes"]
     return {"model": "tiny residual MLP (the test's)" if args.small else "all-MiniLM-L6-v2 (ONNX, dynamo exporter)",
             "ratio": args.ratio, "rows": rows}
 
@@ -166,11 +187,11 @@ def render(report: dict[str, Any]) -> str:
              f"{report['result']['model']}; fused: `--actions tie --merge mean --ratio {report['result']['ratio']:g}` "
              f"(ties, so tensors are shared). Resident: what one session adds to its process after one run, less what "
              f"a session of a model with the same inputs and no weights adds, median of {report['repeat']} processes.", "",
-             "| file | session | bytes on disk | resident | bytes ratio | resident ratio |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| file | session | bytes on disk | resident | bytes ratio | resident ratio | resident beyond the file |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in report["result"]["rows"]:
         lines.append(f"| {r['model']} | {r['session']} | {r['bytes'] / 2**20:.1f} MiB | {r['rss'] / 2**20:.1f} MiB "
-                     f"| {r['bytes_ratio']:.2f}x | {r['rss_ratio']:.2f}x |")
+                     f"| {r['bytes_ratio']:.2f}x | {r['rss_ratio']:.2f}x | {r['beyond'] / 2**20:.1f} MiB |")
     return "\n".join([*lines, "", END])
 
 
