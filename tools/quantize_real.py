@@ -59,6 +59,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 MODELS = ("minilm", "gpt", "ocr-det")
 QUANTIZE = ("int8", "int8-weights", "int4")
+DISTILL_STEPS, DISTILL_LR, DISTILL_BATCH = 300, 1e-4, 16  # quantization-aware retraining of the distilled row
 BASELINE = "int8 alone"
 TARGET_RATIO, TARGET_COSINE = 6.0, 0.99  # MiniLM's aim: 6x smaller than fp32 at embedding cosine >= 0.99
 WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}  # op -> its weight (table)
@@ -312,10 +313,16 @@ def lfpass_row(model: Path, calib: Path, out: Path, flags: list[str], timeout: f
 
 
 def plan_rows(budgets: list[float]) -> list[dict[str, Any]]:
-    """Every row of a model, in table order: what it is and the flags that make it."""
+    """Every row of a model, in table order: what it is and the flags that make it. ``budget``
+    ``"int8"``: int8 alone's fresh error, measured before the row runs (the same quality)."""
     rows = [{"row": "fp32", "kind": "fp32", "budget": None, "quantize": None},
             {"row": BASELINE, "kind": "alone", "budget": None, "quantize": "int8"},
             {"row": "int4 alone", "kind": "alone", "budget": None, "quantize": "int4"}]
+    rows += [{"row": f"lfpass +{q}, quantized alone", "kind": "lfpass", "budget": None, "quantize": q}
+             for q in QUANTIZE]
+    rows.append({"row": "lfpass +int4, distilled", "kind": "lfpass", "budget": None, "quantize": "int4",
+                 "distill": True})
+    rows += [{"row": f"lfpass E=int8's +{q}", "kind": "lfpass", "budget": "int8", "quantize": q} for q in QUANTIZE]
     for budget in budgets:
         rows.append({"row": f"lfpass E={budget:g}", "kind": "lfpass", "budget": budget, "quantize": None})
         rows.append({"row": f"lfpass E={budget:g}, then int8 alone", "kind": "then", "budget": budget,
@@ -325,8 +332,13 @@ def plan_rows(budgets: list[float]) -> list[dict[str, Any]]:
     return rows
 
 
-def flags_of(row: dict[str, Any], extra: list[str]) -> list[str]:
-    flags = ["--max-error", f"{row['budget']:g}", "--scope", "model", *extra]
+def flags_of(row: dict[str, Any], extra: list[str], calib: Path) -> list[str]:
+    """``--ratio 1`` where the row fuses nothing (quantized alone, or distilled: retrained onto the grid)."""
+    goal = ["--ratio", "1"] if row["budget"] is None else ["--max-error", f"{row['budget']:.4g}"]
+    flags = [*goal, "--scope", "model", *extra]
+    if row.get("distill"):
+        flags += ["--distill", str(calib), "--steps", str(DISTILL_STEPS), "--lr", f"{DISTILL_LR:g}",
+                  "--batch-size", str(DISTILL_BATCH)]
     return flags + (["--quantize", row["quantize"]] if row["quantize"] else [])
 
 
@@ -347,7 +359,7 @@ def make(row: dict[str, Any], path: Path, calib: Path, out: Path, fused: dict[fl
             row.update(alone("int8", source, out), flags=None)
             remove(source)
     else:
-        flags = flags_of(row, extra)
+        flags = flags_of(row, extra, calib)
         row.update(lfpass_row(path, calib, out, flags, timeout), flags=" ".join(flags))
         if row["written"] and row["quantize"] is None:
             fused[row["budget"]] = out  # kept for the row that quantizes it
@@ -366,7 +378,14 @@ def measure_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, 
     extra = ["--pooling", "mean"] if name == "minilm" else []
     fp32_bytes, fused, rows = disk_bytes(path), {}, []
     for row in plan_rows(args.budgets):
-        slug = row["row"].replace(", ", ".").replace(" ", "-").replace("=", "").replace("+", "")
+        if args.only and row["kind"] not in ("fp32", "alone") and not any(o in row["row"] for o in args.only):
+            continue
+        if row["budget"] == "int8":  # the same quality as int8 alone, as measured on these fresh samples
+            base = next((r for r in rows if r["row"] == BASELINE and r.get("fresh") is not None), None)
+            if base is None or base["fresh"] <= 0:
+                continue
+            row["budget"] = float(f"{base['fresh']:.4g}")
+        slug = row["row"].replace(", ", ".").replace(" ", "-").replace("=", "").replace("+", "").replace("'", "")
         target = make(row, path, calib_path, work / f"{name}.{slug}.onnx", fused, extra, args.timeout)
         if row["written"]:
             row["bytes"] = disk_bytes(target)
@@ -410,7 +429,7 @@ def against_int8(model: dict[str, Any], kind: str = "lfpass") -> str:
     if not ours:
         return f"- {label}: **not measured**: none of these rows wrote a file (see above)."
     smaller = [r for r in ours if r["bytes"] < base["bytes"]]
-    within = [r for r in smaller if r["fresh"] <= base["fresh"] + r["budget"]]
+    within = [r for r in smaller if r["fresh"] <= base["fresh"] + (r["budget"] or 0.0)]
     dominating = [r for r in ours if r["bytes"] <= base["bytes"] and r["fresh"] <= base["fresh"]
                   and (r["bytes"] < base["bytes"] or r["fresh"] < base["fresh"])]
     listed = ", ".join(f"`{r['row']}` ({r['bytes']:,} bytes, {base['bytes'] / r['bytes']:.2f}x smaller, fresh "
@@ -418,7 +437,9 @@ def against_int8(model: dict[str, Any], kind: str = "lfpass") -> str:
     head = (f"- {label}, against `{BASELINE}` ({base['bytes']:,} bytes, fresh error {base['fresh']:.4f}): rows "
             f"smaller with fresh error within int8 alone's + their budget: {listed}. ")
     if dominating:
-        return head + ("**Holds**: " + ", ".join(f"`{r['row']}`" for r in dominating)
+        how = lambda r: (f"fused {r['params_ratio']:.2f}x" if (r.get("params_ratio") or 1.0) > 1.0005  # noqa: E731
+                         else "nothing fused")
+        return head + ("**Holds**: " + ", ".join(f"`{r['row']}` ({how(r)})" for r in dominating)
                        + " at no more bytes and no more fresh error than int8 alone.")
     if within:
         return head + ("**Holds only within the budget**: every smaller row has a higher fresh error than int8 "
@@ -558,11 +579,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lfpass")
     p.add_argument("--work", type=Path, help="keep the models and inputs here (default: a temporary folder)")
+    p.add_argument("--only", help="comma-separated: run only the lfpass rows whose name holds one of these "
+                                  "(fp32 and the onnxruntime rows always run)")
+    p.add_argument("--merge", type=Path, metavar="JSON", help="with --json: start from this earlier report, its rows "
+                                                               "of the same name replaced by this run's")
     p.add_argument("--json", type=Path)
     p.add_argument("--out", type=Path, help="rewrite the part between the markers of this Markdown file")
     p.add_argument("--render", type=Path, metavar="JSON", help="run nothing: render this earlier --json to --out")
     args = p.parse_args(argv)
     args.models = ["small"] if args.small else args.models.split(",")
+    args.only = [o for o in (args.only or "").split(",") if o]
     args.budgets = [float(b) for b in (args.budgets or ("0.02,0.05" if args.small else "0.01,0.02,0.05")).split(",")]
     args.calib = args.calib if args.calib is not None else (64 if args.small else 256)
     args.fresh = args.fresh if args.fresh is not None else (32 if args.small else 256)
@@ -572,6 +598,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if any(not 0 < b < 2 for b in args.budgets):
         p.error("--budgets: each between 0 and 2 (a cosine error)")
     return args
+
+
+def merged(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """``earlier`` with ``now``'s models and rows in: a row of the same model and name replaced,
+    new rows placed in table order; the commands and seconds of both kept."""
+    budgets = sorted(set(earlier["budgets"]) | set(now["budgets"]))
+    rank = {r["row"]: i for i, r in enumerate(plan_rows(budgets))}
+    models = {m["model"]: m for m in earlier["models"]}
+    for model in now["models"]:
+        old = models.setdefault(model["model"], model)
+        if old is not model:
+            rows = {r["row"]: r for r in old["rows"]} | {r["row"]: r for r in model["rows"]}
+            old["rows"] = sorted(rows.values(), key=lambda r: rank.get(r["row"], len(rank)))
+    return {**earlier, "models": list(models.values()), "command": f"{earlier['command']}; then {now['command']}",
+            "seconds": earlier["seconds"] + now["seconds"], "budgets": budgets}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -592,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                   "machine": bench.machine() + (f", OMP_NUM_THREADS={args.threads}" if args.threads else ""),
                   "load": load, "seconds": time.perf_counter() - clock, "small": args.small,
                   "budgets": args.budgets, "seed": args.seed, "models": models}
+        if args.merge:
+            report = merged(json.loads(args.merge.read_text()), report)
         text = render(report)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -16,9 +16,10 @@ the held-out inputs (cosine and max error per output).
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,7 +35,9 @@ from lfpass.fx.frontend import readout_fn
 from lfpass.onnx.frontend import outputs as onnx_outputs
 from lfpass.onnx import inputs as onnx_inputs
 from lfpass.onnx.load import check_input_file, disk_bytes, external_files, read_model
+from lfpass.onnx.quantize import WEIGHT_ONLY
 from lfpass.onnx.validate import Validation, compare, run, score_outputs
+from lfpass.train.qat import retrain_quantized
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ class DistillResult:
     error: float | None = None  # the written file's error on the held-out inputs, under a budget
     max_error: float | None = None
     error_metric: str = "cosine"
+    quantized: Any = None  # lfpass.onnx.quantize.QuantReport: what --quantize did to the export
+    qat: Any = None  # lfpass.train.qat.QatResult: the quantization-aware retraining before it
 
     @property
     def within_budget(self) -> bool:
@@ -73,7 +78,9 @@ class DistillResult:
                 "bytes_ratio": self.bytes_before / max(self.bytes_after, 1),
                 "retrain": self.retrain.to_dict(), "export": self.export.to_dict(),
                 "against_original": self.validation.to_dict(), "error": self.error, "max_error": self.max_error,
-                "error_metric": self.error_metric}
+                "error_metric": self.error_metric, "quantized": self.quantized.to_dict() if self.quantized else None,
+                "qat": {"quality_rounded": self.qat.quality_rounded, "quality": self.qat.quality,
+                        "steps": self.qat.stats.steps, "kept": self.qat.kept} if self.qat else None}
 
 
 def _samples(feed: Mapping[str, np.ndarray], names: list[str], path: Path) -> tuple[torch.Tensor, ...]:
@@ -153,17 +160,33 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     else:
         result = retrain(module, task, config, schedule, checkpoint_dir=checkpoint_dir, resume=resume,
                          progress=progress)
+    qat = None
+    if config.quantize in WEIGHT_ONLY:  # the weights retrained onto the grid the quantizer writes
+        qat = retrain_quantized(result.model, weight_grids(result.model, config.quantize), task, schedule,
+                                progress=progress)
+        log.info("%s", qat.summary())
     held_out = task.eval_inputs
     legacy = opset is not None and opset < _DYNAMO_MIN_OPSET
+    target = output if config.quantize == "none" else output.with_name(f".{output.name}.float.onnx")
     try:
-        exported = export(result.model, tuple(held_out), output, input_names=names, output_names=outputs,
-                          opset=opset, dynamic_shapes=dynamic, dynamo=not legacy)
-    except TraceError as exc:
-        if not legacy:
-            raise
-        log.warning("the legacy exporter cannot keep opset %d (%s); exporting with the dynamo exporter", opset, exc)
-        exported = export(result.model, tuple(held_out), output, input_names=names, output_names=outputs,
-                          dynamic_shapes=dynamic)
+        try:
+            exported = export(result.model, tuple(held_out), target, input_names=names, output_names=outputs,
+                              opset=opset, dynamic_shapes=dynamic, dynamo=not legacy)
+        except TraceError as exc:
+            if not legacy:
+                raise
+            log.warning("the legacy exporter cannot keep opset %d (%s); exporting with the dynamo exporter", opset,
+                        exc)
+            exported = export(result.model, tuple(held_out), target, input_names=names, output_names=outputs,
+                              dynamic_shapes=dynamic)
+        quantized = None if target == output else _quantize_export(target, output, config.quantize)
+    finally:
+        if target != output:
+            for leftover in (target, *target.parent.glob(f"{glob.escape(target.name)}*.data")):
+                leftover.unlink(missing_ok=True)
+    if quantized is not None:  # what was checked against PyTorch is the float export; the file is this
+        exported = replace(exported, path=output,
+                           bytes=disk_bytes(output, list(external_files(read_model(output)[0]).values())))
     feeds = [dict(zip(names, (t.numpy() for t in held_out)))]
     validation = compare(run(path, feeds), run(output, feeds), config.atol, config.rtol, scores)
     error = None
@@ -173,7 +196,51 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
                              config.error_metric)
     log.info("distilled %s -> %s: ratio %.3f", path, output, result.ratio)
     return DistillResult(path, output, result, exported, validation, disk_bytes(path, data_files),
-                         exported.bytes, error, config.max_error, config.error_metric)
+                         exported.bytes, error, config.max_error, config.error_metric, quantized, qat)
+
+
+def weight_grids(module: torch.nn.Module, mode: str) -> dict[str, Any]:
+    """The grids onnxruntime's weight-only quantizer will put ``module``'s weights on once exported:
+    each ``torch.matmul`` on a 2-D parameter (a converted ``MatMul``: blocks along its first axis)
+    and each ``nn.Linear`` or ``linear`` weight (a ``Gemm``: along its second), 4-bit blocks for
+    ``int4`` and 8-bit ones for ``int8-weights``, of the sizes :mod:`lfpass.onnx.quantize` picks
+    for these depths. Other weights (convolutions, embedding tables) are rounded after export
+    without retraining."""
+    from torch import fx
+
+    from lfpass.onnx.quantize import BLOCK, BLOCK8, _block
+    from lfpass.train.qat import Grid
+
+    params = dict(module.named_parameters(remove_duplicate=False))
+    axes: dict[str, int] = {}
+    nodes = module.graph.nodes if isinstance(module, fx.GraphModule) else []
+    for node in nodes:
+        if node.op == "call_function" and node.target in (torch.matmul, torch.nn.functional.linear):
+            weight = node.args[1] if len(node.args) > 1 else None
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in params:
+                axes[weight.target] = 0 if node.target is torch.matmul else 1
+    for name, sub in module.named_modules(remove_duplicate=False):
+        if isinstance(sub, torch.nn.Linear):
+            axes[f"{name}.weight" if name else "weight"] = 1
+    axes = {n: a for n, a in axes.items() if params[n].dim() == 2 and params[n].is_floating_point()}
+    depths = [params[n].shape[a] for n, a in axes.items()]
+    bits, block = (4, _block(BLOCK, depths)) if mode == "int4" else (8, _block(BLOCK8, depths))
+    return {n: Grid(bits, block, a) for n, a in axes.items()}
+
+
+def _quantize_export(source: Path, output: Path, mode: str) -> Any:
+    """The exported float file at ``source`` quantized to ``mode`` (every weight the tools take),
+    written to ``output``; the report."""
+    import onnx_ir as ir
+
+    from lfpass.onnx.quantize import quantize
+    from lfpass.onnx.save import needs_external, staged, write
+
+    model = ir.load(source)
+    quantized, report = quantize(model, mode)
+    with staged(output, needs_external(quantized)) as where:
+        write(quantized, where, frozenset())
+    return report
 
 
 def _fuse_then_retrain(module: torch.nn.Module, task: Any, config: FusionConfig, schedule: Any, progress: bool):

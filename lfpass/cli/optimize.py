@@ -130,6 +130,10 @@ def run_distill(args: argparse.Namespace, config: FusionConfig) -> int:
     plan = result.retrain.plans[0] if result.retrain.plans else None
     if plan is not None and plan.message:
         note(plan.message)
+    if result.qat is not None:
+        note(result.qat.summary())
+    if result.quantized is not None:
+        note(f"quantized {result.quantized.summary()}")
     if args.report:
         write_text(args.report, json.dumps(result.to_dict(), indent=2, default=str))
     if not result.within_budget:

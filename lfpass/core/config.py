@@ -161,8 +161,9 @@ class FusionConfig:
             raise ConfigError(f"metric: unknown {self.metric!r} (known: {', '.join(METRICS)})")
         if self.merge != AUTO and self.merge not in MERGE_RULES:
             raise ConfigError(f"merge: unknown rule {self.merge!r} (known: {AUTO}, {', '.join(MERGE_RULES)})")
-        if self.target_ratio is not None and not (_is_number(self.target_ratio) and self.target_ratio > 1.0):
-            raise ConfigError(f"target_ratio: must be a finite number > 1, got {self.target_ratio!r}")
+        if self.target_ratio is not None and not (_is_number(self.target_ratio) and self.target_ratio >= 1.0):
+            raise ConfigError(f"target_ratio: must be a finite number >= 1 (1: fuse nothing), got "
+                              f"{self.target_ratio!r}")
         if self.threshold is not None and not _is_number(self.threshold):
             raise ConfigError(f"threshold: must be a finite number, got {self.threshold!r}")
         if self.target_ratio is None and self.threshold is None and self.max_error is None:

@@ -54,7 +54,7 @@ def test_paper_pipeline_is_the_papers_recipe():
         ('metirc = "cov"', "unknown key 'metirc'"),
         ('metric = "nope"', "metric: unknown 'nope'"),
         ('merge = "avg"', "merge: unknown rule 'avg'"),
-        ("target_ratio = 0.5", "target_ratio: must be a finite number > 1"),
+        ("target_ratio = 0.5", "target_ratio: must be a finite number >= 1"),
         ("target_ratio = nan", "target_ratio"),
         ("cross_role = 1", "cross_role: must be true or false"),
         ('kinds = "linear"', "kinds: must be a list"),

@@ -33,7 +33,10 @@ def test_quantize_tool_small(tmp_path):
     rows = {row["row"]: row for row in model["rows"]}
     budgets = [f"{b:g}" for b in r["budgets"]]
     suffixes = ("", ", then int8 alone", " +int8", " +int8-weights", " +int4")
-    expected = {"fp32", "int8 alone", "int4 alone", *(f"lfpass E={b}{q}" for b in budgets for q in suffixes)}
+    quantized = ("int8", "int8-weights", "int4")
+    expected = {"fp32", "int8 alone", "int4 alone", *(f"lfpass E={b}{q}" for b in budgets for q in suffixes),
+                *(f"lfpass +{q}, quantized alone" for q in quantized), "lfpass +int4, distilled",
+                *(f"lfpass E=int8's +{q}" for q in quantized)}
     assert set(rows) == expected and len(model["rows"]) == len(expected)
     fp32 = rows["fp32"]
     assert fp32["bytes"] == model["bytes"] and fp32["fresh"] < 1e-9  # the original against itself
@@ -45,7 +48,12 @@ def test_quantize_tool_small(tmp_path):
         if row["kind"] == "lfpass":
             assert row["exit"] in (0, 1), row["last"]  # 1: outside tolerance or budget, still written
             assert _number(row["seconds"]) and row["seconds"] > 0
-            assert _number(row["reported"]) and _number(row["params_ratio"]) and row["params_ratio"] >= 1.0
+            assert _number(row["params_ratio"]) and row["params_ratio"] >= 1.0
+            assert _number(row["reported"]) or row["budget"] is None  # a budget's error, on its held-out share
+            if row["budget"] is None:  # --ratio 1: quantized alone (or distilled onto the grid), nothing fused
+                assert row["params_ratio"] == 1.0 and "--ratio 1" in row["flags"]
+            if "distilled" in row["row"]:
+                assert "--distill" in row["flags"] and row["quantized"]["mode"] == "int4"
             assert row["bytes_reported"] == row["bytes"]  # lfpass's figure and the file on disk agree
         if row["quantize"]:
             assert row["bytes"] < fp32["bytes"], row
