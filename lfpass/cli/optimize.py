@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from lfpass.cli.inputs import resolve_inputs
 from lfpass.cli.options import (EXIT_OK, EXIT_VALIDATION, add_config_options, add_schedule_options,
                                 add_validation_options, config_from_args, schedule_overrides, with_tolerances)
 from lfpass.cli.output import MAX_OUTPUT_LINES, history_table, note, output_line, table
@@ -73,7 +74,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     try:
         result = optimize(
             args.model, args.output, config, args.plan, dry_run=args.dry_run, check=args.validate,
-            strict=args.strict, inputs=args.inputs, input_shapes=parse_input_shapes(args.input_shape),
+            strict=args.strict, inputs=resolve_inputs(args, args.model), input_shapes=parse_input_shapes(args.input_shape),
             samples=args.samples, external_data=args.external_data, progress=sys.stderr.isatty(),
             reads={"--plan": args.plan, "--pipeline": args.pipeline}, writes={"--report": args.report},
         )
@@ -163,7 +164,8 @@ def run_validate(args: argparse.Namespace) -> int:
     other = [v.name for v in onnx_inputs.runtime_inputs(candidate)]
     if sorted(names) != sorted(other):
         raise InputError(f"{args.candidate}: inputs {other} differ from {args.reference}'s {names}")
-    feeds = (onnx_inputs.load_npz(args.inputs, reference) if args.inputs is not None
+    given = resolve_inputs(args, args.reference)
+    feeds = (onnx_inputs.load_npz(given, reference) if given is not None
              else onnx_inputs.generate(reference, onnx_inputs.parse_input_shapes(args.input_shape), args.samples))
     scores = score_outputs(reference)
     random_note = onnx_inputs.random_input_note(reference, args.inputs is None)

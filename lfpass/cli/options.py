@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lfpass.cli.inputs import add_input_options
 from lfpass.core.config import FusionConfig, from_mapping, load_pipeline
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USAGE = 0, 1, 2
@@ -93,10 +94,13 @@ def add_validation_options(p: argparse.ArgumentParser) -> None:
     """The options of the onnxruntime comparison; shared by ``optimize`` and ``validate``."""
     p.add_argument("--atol", type=float, help="absolute tolerance (default 1e-3, or the pipeline's)")
     p.add_argument("--rtol", type=float, help="relative tolerance (default 1e-2, or the pipeline's)")
-    p.add_argument("--inputs", type=Path, help="an .npz of input arrays named after the model's inputs")
+    p.add_argument("--inputs", type=Path, help="calibration and validation inputs: an .npz of arrays named after "
+                                               "the model's inputs, one .npy array (a one-input model), a folder "
+                                               "of images, or a text file of one sample per line with --tokenizer")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMxDIM",
                    help="shape of an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)")
     p.add_argument("--samples", type=int, default=2, help="generated input batches to compare (default 2)")
+    add_input_options(p)
 
 
 def with_tolerances(config: FusionConfig, args: argparse.Namespace) -> FusionConfig:

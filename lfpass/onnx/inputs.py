@@ -291,12 +291,67 @@ def random_input_note(model: ir.Model, feeds_were_generated: bool) -> str | None
             f"for a meaningful check")
 
 
-def load_npz(path: str | Path, model: ir.Model, allow: tuple[str, ...] = ()) -> Samples:
-    """One feed from an ``.npz`` file whose arrays are named after the model's inputs,
-    checked against the model's declared inputs (``origin``: the file). Arrays named
-    in ``allow`` (calibration ``labels``) may be there too, unchecked."""
-    path = Path(path)
-    feed = _read_npz(path)
+class Given(dict):
+    """Arrays named after a model's inputs, made from something other than an ``.npz``: a folder
+    of images, a text file (:mod:`lfpass.data.calibration`), batches from Python; ``origin``
+    names it in messages."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], origin: str) -> None:
+        super().__init__(arrays)
+        self.origin = origin
+
+
+Source = "str | Path | Mapping[str, np.ndarray] | Iterable"  # what load_npz takes, in words
+
+
+def source_path(source: object) -> Path | None:
+    """The file ``source`` names (None for arrays or batches given in Python)."""
+    return Path(source) if isinstance(source, (str, Path)) else None
+
+
+def from_batches(batches: Iterable, model: ir.Model) -> Given:
+    """Batches from Python (dicts by input name, or tuples in the model's input order; numpy
+    arrays or anything ``numpy.asarray`` takes, torch tensors and a ``DataLoader``'s batches
+    included) as one feed, concatenated along the first axis."""
+    names = [v.name for v in runtime_inputs(model)]
+    parts: dict[str, list[np.ndarray]] = {}
+    for i, batch in enumerate(batches):
+        if isinstance(batch, Mapping):
+            items = dict(batch)
+        elif isinstance(batch, (tuple, list)):
+            if len(batch) != len(names):
+                raise InputError(f"batch {i} holds {len(batch)} arrays but the model has {len(names)} inputs "
+                                 f"({', '.join(names)})")
+            items = dict(zip(names, batch))
+        else:
+            if len(names) != 1:
+                raise InputError(f"batch {i} is one array but the model has {len(names)} inputs ({', '.join(names)}): "
+                                 "give dicts by name or tuples in that order")
+            items = {names[0]: batch}
+        for name, value in items.items():
+            parts.setdefault(name, []).append(np.asarray(value.detach().cpu() if hasattr(value, "detach") else value))
+    if not parts:
+        raise InputError("the calibration batches are empty")
+    try:
+        return Given({k: np.concatenate(v) for k, v in parts.items()}, "the given batches")
+    except ValueError as exc:
+        raise InputError(f"the given batches do not stack along their first axis ({first_line(exc)})") from None
+
+
+def load_npz(path: "Source", model: ir.Model, allow: tuple[str, ...] = ()) -> Samples:
+    """One feed from an ``.npz`` file whose arrays are named after the model's inputs (or from
+    arrays already made: a :class:`Given` or any mapping; or Python batches, see
+    :func:`from_batches`), checked against the model's declared inputs (``origin``: where
+    they came from). Arrays named in ``allow`` (calibration ``labels``) may be there too,
+    unchecked."""
+    if isinstance(path, Mapping):
+        feed, path = {k: np.asarray(v) for k, v in path.items()}, getattr(path, "origin", "the given inputs")
+    elif source_path(path) is None:
+        given = from_batches(path, model)
+        feed, path = dict(given), given.origin
+    else:
+        path = Path(path)
+        feed = _read_npz(path)
     inputs = runtime_inputs(model)
     names = {v.name for v in inputs} | (set(allow) & set(feed))
     missing, extra = sorted(names - set(feed)), sorted(set(feed) - names)
@@ -336,7 +391,7 @@ def _read_npz(path: Path) -> Feeds:
     return feed
 
 
-def _check_array(path: Path, value: ir.Value, array: np.ndarray, bound: dict[str, tuple[str, int]]) -> None:
+def _check_array(path: Path | str, value: ir.Value, array: np.ndarray, bound: dict[str, tuple[str, int]]) -> None:
     """Blame ``path`` when ``array`` cannot feed ``value``: empty, wrong dtype, rank,
     fixed size, or a named dimension that disagrees with another input's."""
     name = value.name

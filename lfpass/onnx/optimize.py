@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -221,7 +221,7 @@ def optimize(
     dry_run: bool = False,
     check: bool = True,
     strict: bool = False,
-    inputs: str | Path | None = None,
+    inputs: str | Path | Mapping[str, Any] | Iterable[Any] | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     samples: int = 2,
     external_data: bool | None = None,
@@ -235,7 +235,8 @@ def optimize(
     pipeline path; ``plan`` (a plan or its JSON path, from ``analyze
     --plan-out``) replaces planning; ``config``'s atol/rtol still judge
     validation. With ``check``, both models run in onnxruntime on ``inputs``
-    (an ``.npz``) or on ``samples`` generated feeds; a failure is marked in the
+    (an ``.npz``; arrays by input name; or batches from Python, a ``DataLoader``'s too) or on
+    ``samples`` generated feeds; a failure is marked in the
     result, or raises :class:`ValidationFailed` (and nothing is written) when
     ``strict``. ``external_data`` forces (or forbids) an external data file; by
     default the output keeps the input's form, and goes external past 2 GB.
@@ -250,11 +251,13 @@ def optimize(
         raise ConfigError(f"{', '.join(config.measuring)} {verb} how the error on calibration inputs is "
                           "measured: give --inputs CALIB.npz")
     path, output = Path(path), Path(output) if output is not None else default_output(Path(path))
-    read_paths = {"the input model": path, "--inputs": Path(inputs) if inputs is not None else None, **(reads or {})}
+    read_paths = {"the input model": path, "--inputs": onnx_inputs.source_path(inputs), **(reads or {})}
     clock = time.perf_counter()
     model, value_info, data_files = _read(path, read_paths, {"the output": None if dry_run else output,
                                                              **(writes or {})})
     loaded, clock = time.perf_counter() - clock, time.perf_counter()
+    if inputs is not None and onnx_inputs.source_path(inputs) is None and not isinstance(inputs, Mapping):
+        inputs = onnx_inputs.from_batches(inputs, model)  # read once: batches from a DataLoader are consumed
     if config.quantize != "none" and refusal(model, config.quantize):
         raise QuantizeError(f"{path}: {refusal(model, config.quantize)}")
     result, kept, fusion, static = _plan(path, model, given, config, plan, inputs, data_files, dry_run, progress)
@@ -332,7 +335,7 @@ def _read(path: Path, read_paths: Mapping[str, Path | None],
 
 
 def _plan(path: Path, model: ir.Model, given: FusionConfig, config: FusionConfig, plan: FusionPlan | None,
-          inputs: str | Path | None, data_files: list[Path], dry_run: bool,
+          inputs: Any, data_files: list[Path], dry_run: bool,
           progress: bool) -> tuple[OptimizeResult, Kept | None, LayerFusionPass | None, bool | None]:
     """The plan and its predicted figures: built already when it keeps the function (lossy by
     design, measured on held-out calibration inputs; ``given``, "auto" fields and all, goes to
@@ -389,7 +392,7 @@ def _quantization_error(model: ir.Model, config: FusionConfig, feed: onnx_inputs
     return measured[static], static, how
 
 
-def _calibration(model: ir.Model, config: FusionConfig, inputs: str | Path | None) -> list[onnx_inputs.Feeds] | None:
+def _calibration(model: ir.Model, config: FusionConfig, inputs: Any) -> list[onnx_inputs.Feeds] | None:
     """What a static int8 quantization calibrates on: the ``--inputs`` samples in batches (None
     without); under a budget only the statistics' share, so the shares that judge it stay unseen."""
     if config.quantize != "int8" or inputs is None:
@@ -455,7 +458,7 @@ def _planned(path: Path, found: OnnxSites, data_files: list[Path], plan: FusionP
                           dry_run=dry_run, message=message)
 
 
-def _feeds(model: ir.Model, config: FusionConfig, check: bool, inputs: str | Path | None,
+def _feeds(model: ir.Model, config: FusionConfig, check: bool, inputs: Any,
            input_shapes: dict[str, tuple[int, ...]] | None, samples: int) -> list[onnx_inputs.Feeds]:
     """The inputs validation runs on: the ``.npz`` given, else generated (read before the rewrite)."""
     if not check:
