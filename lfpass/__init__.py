@@ -38,6 +38,8 @@ _EXPORTS = {
     "FusionPlan": "lfpass.core.plan",
     "Site": "lfpass.core.sites",
     "optimize": "lfpass.onnx",
+    "save_pretrained": "lfpass.pretrained",
+    "load_pretrained": "lfpass.pretrained",
     "analyze_onnx": "lfpass.onnx",
 }
 
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from lfpass.fx.sites import unique_parameters
     from lfpass.fx.trace import trace
     from lfpass.onnx import analyze_onnx, optimize
+    from lfpass.pretrained import load_pretrained, save_pretrained
 
 
 def __getattr__(name: str) -> Any:

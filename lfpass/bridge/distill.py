@@ -126,7 +126,8 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     the result to ``output``. The input file is only read."""
     from lfpass.bridge.export import export
     from lfpass.bridge.to_torch import to_torch
-    from lfpass.train import Distillation, retrain
+    from lfpass.fx.sites import unique_parameters
+    from lfpass.train import Distillation, RetrainResult, retrain
 
     path, output, inputs = Path(path), Path(output), Path(inputs)
     given, config = config, config.resolved(schedule.stages == 1)  # auto: data-aware where the run fuses once
@@ -155,7 +156,9 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     module = to_torch(path)
     _check_conversion(module, path, names, samples)
     task = Distillation.from_model(module, samples, eval_fraction=eval_fraction, seed=schedule.seed)
-    if once:
+    if config.target_ratio == 1.0 and config.max_error is None and config.threshold is None:  # nothing to fuse
+        result = RetrainResult(module, [], [], task.evaluate(module), unique_parameters(module))
+    elif once:
         result = _fuse_then_retrain(module, task, given, schedule, progress)  # "auto" chosen by measurement
     else:
         result = retrain(module, task, config, schedule, checkpoint_dir=checkpoint_dir, resume=resume,
