@@ -113,7 +113,7 @@ def run_demo(quick: bool = False, seconds: float | None = None, out_dir: Path = 
             files.append(write_text(out_dir / f"plan_r{ratio:g}.json", plan.to_json()))
             files.append(out_dir / f"fused_r{ratio:g}.pt")
             _save_state(files[-1], fused)
-        onnx = onnx_rows(model, fused, RATIOS[-1], RATIOS[0], data, out_dir)
+        onnx = onnx_rows(model, fused, RATIOS[-1], data, out_dir)
         files += [Path(r["path"]) for r in onnx]
     result = {
         "rows": rows,
