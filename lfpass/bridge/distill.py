@@ -124,7 +124,6 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     (a :class:`lfpass.train.Schedule`), distilling from the original on the samples
     of the ``.npz`` ``inputs`` (first axis; ``eval_fraction`` held out), and write
     the result to ``output``. The input file is only read."""
-    from lfpass.bridge.export import export
     from lfpass.bridge.to_torch import to_torch
     from lfpass.fx.sites import unique_parameters
     from lfpass.train import Distillation, RetrainResult, retrain
@@ -163,8 +162,9 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     else:
         result = retrain(module, task, config, schedule, checkpoint_dir=checkpoint_dir, resume=resume,
                          progress=progress)
-    qat = None
+    qat, before = None, None
     if config.quantize in WEIGHT_ONLY:  # the weights retrained onto the grid the quantizer writes
+        before = {n: p.detach().clone() for n, p in result.model.named_parameters()}
         qat = retrain_quantized(result.model, weight_grids(result.model, config.quantize), task, schedule,
                                 progress=progress)
         log.info("%s", qat.summary())
@@ -172,16 +172,10 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     legacy = opset is not None and opset < _DYNAMO_MIN_OPSET
     target = output if config.quantize == "none" else output.with_name(f".{output.name}.float.onnx")
     try:
-        try:
-            exported = export(result.model, tuple(held_out), target, input_names=names, output_names=outputs,
-                              opset=opset, dynamic_shapes=dynamic, dynamo=not legacy)
-        except TraceError as exc:
-            if not legacy:
-                raise
-            log.warning("the legacy exporter cannot keep opset %d (%s); exporting with the dynamo exporter", opset,
-                        exc)
-            exported = export(result.model, tuple(held_out), target, input_names=names, output_names=outputs,
-                              dynamic_shapes=dynamic)
+        if before is not None and not result.plans:  # nothing fused: the input's own graph takes the weights
+            exported = _written_back(path, target, result.model, before, tuple(held_out), names)
+        else:
+            exported = _exported(result.model, held_out, target, names, outputs, opset, dynamic, legacy)
         quantized = None if target == output else _quantize_export(target, output, config.quantize)
     finally:
         if target != output:
@@ -200,6 +194,69 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     log.info("distilled %s -> %s: ratio %.3f", path, output, result.ratio)
     return DistillResult(path, output, result, exported, validation, disk_bytes(path, data_files),
                          exported.bytes, error, config.max_error, config.error_metric, quantized, qat)
+
+
+def _exported(model: torch.nn.Module, held_out: Any, target: Path, names: list[str], outputs: list[str],
+              opset: int | None, dynamic: Any, legacy: bool) -> Any:
+    """``model`` exported to ``target`` (the legacy exporter below opset 18, falling back to dynamo)."""
+    from lfpass.bridge.export import export
+
+    try:
+        return export(model, tuple(held_out), target, input_names=names, output_names=outputs, opset=opset,
+                      dynamic_shapes=dynamic, dynamo=not legacy)
+    except TraceError as exc:
+        if not legacy:
+            raise
+        log.warning("the legacy exporter cannot keep opset %d (%s); exporting with the dynamo exporter", opset, exc)
+        return export(model, tuple(held_out), target, input_names=names, output_names=outputs, dynamic_shapes=dynamic)
+
+
+def _written_back(path: Path, target: Path, module: torch.nn.Module, before: Mapping[str, torch.Tensor],
+                  held_out: tuple[torch.Tensor, ...], names: list[str]) -> Any:
+    """The input file with ``module``'s retrained weights written into the initializers they came from
+    (found by their values before retraining, in either orientation), saved to ``target``: its
+    graph, open dimensions and metadata stay the input's. Checked in onnxruntime against
+    ``module`` on ``held_out``; an :class:`lfpass.bridge.export.ExportResult`."""
+    import onnx_ir as ir
+
+    from lfpass.bridge.export import ExportResult
+    from lfpass.onnx.load import read_array
+    from lfpass.onnx.save import needs_external, staged, write
+
+    model = read_model(path)[0]
+    ir.external_data.load_to_model(model)
+    params = dict(module.named_parameters())
+    by_shape: dict[tuple, list[str]] = {}
+    for name, value in before.items():
+        by_shape.setdefault(tuple(value.shape), []).append(name)
+    written = 0
+    for init in list(model.graph.initializers.values()):
+        if init.const_value is None or len(init.const_value.shape) != 2:
+            continue
+        array = read_array(init.const_value)
+        for flip in (False, True):
+            candidate = torch.from_numpy(np.array(array.T if flip else array, copy=True))
+            match = next((n for n in by_shape.get(tuple(candidate.shape), ()) if torch.equal(before[n], candidate)),
+                         None)
+            if match is not None:
+                value = params[match].detach().cpu().numpy()
+                init.const_value = ir.tensor(np.ascontiguousarray(value.T if flip else value).astype(array.dtype),
+                                             name=init.name)
+                written += 1
+                break
+    with staged(target, needs_external(model)) as where:
+        write(model, where, frozenset())
+    with torch.no_grad():
+        expected = module.eval()(*held_out)
+    expected = [expected] if torch.is_tensor(expected) else list(expected)
+    got = run(target, [dict(zip(names, (t.numpy() for t in held_out)))])[0]
+    max_abs = max(float(np.abs(g - e.detach().numpy()).max()) for g, e in zip(got.values(), expected))
+    scale = max(float(np.abs(e.detach().numpy()).max()) for e in expected)
+    log.info("wrote %d retrained weights back into %s's graph", written, path.name)
+    return ExportResult(target, f"retrained weights written back into the input's graph ({written} tensors)",
+                        model.opset_imports.get("", 0), sum(p.numel() for p in params.values()), 0, 0, 0, 0,
+                        disk_bytes(target, list(external_files(read_model(target)[0]).values())), max_abs, scale,
+                        max_abs <= 1e-4 * max(scale, 1.0))
 
 
 def weight_grids(module: torch.nn.Module, mode: str) -> dict[str, Any]:
