@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lfpass.core.config import AUTO, FusionConfig
-from lfpass.core.errors import ConfigError, InputError, TraceError
+from lfpass.core.errors import ConfigError, InputError, TraceError, ValidationFailed
 from lfpass.core.fileio import check_paths
 from lfpass.core.keep import DATA_OPTIONS
 from lfpass.core.quality import Readout, output_error
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _DYNAMO_MIN_OPSET = 18  # below it, the legacy exporter writes the input's own opset
 _BATCHES = 8  # the training share of the inputs, cut into this many calibration batches
 _CONVERSION_ATOL = 1e-4  # of the output scale: onnx2torch must compute what the file does
+_FLOATS = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE"})
 
 
 @dataclass
@@ -213,8 +214,9 @@ def _exported(model: torch.nn.Module, held_out: Any, target: Path, names: list[s
 
 def _written_back(path: Path, target: Path, module: torch.nn.Module, before: Mapping[str, torch.Tensor],
                   held_out: tuple[torch.Tensor, ...], names: list[str]) -> Any:
-    """The input file with ``module``'s retrained weights written into the initializers they came from
-    (found by their values before retraining, in either orientation), saved to ``target``: its
+    """The input file with ``module``'s retrained parameters (weights, biases, norms) written into the
+    initializers they came from (found by their values before retraining, a matrix in either
+    orientation), saved to ``target``: its
     graph, open dimensions and metadata stay the input's. Checked in onnxruntime against
     ``module`` on ``held_out``; an :class:`lfpass.bridge.export.ExportResult`."""
     import onnx_ir as ir
@@ -231,10 +233,10 @@ def _written_back(path: Path, target: Path, module: torch.nn.Module, before: Map
         by_shape.setdefault(tuple(value.shape), []).append(name)
     written = 0
     for init in list(model.graph.initializers.values()):
-        if init.const_value is None or len(init.const_value.shape) != 2:
+        if init.const_value is None or init.const_value.dtype.name not in _FLOATS:
             continue
         array = read_array(init.const_value)
-        for flip in (False, True):
+        for flip in (False, True) if array.ndim == 2 else (False,):
             candidate = torch.from_numpy(np.array(array.T if flip else array, copy=True))
             match = next((n for n in by_shape.get(tuple(candidate.shape), ()) if torch.equal(before[n], candidate)),
                          None)
@@ -252,7 +254,10 @@ def _written_back(path: Path, target: Path, module: torch.nn.Module, before: Map
     got = run(target, [dict(zip(names, (t.numpy() for t in held_out)))])[0]
     max_abs = max(float(np.abs(g - e.detach().numpy()).max()) for g, e in zip(got.values(), expected))
     scale = max(float(np.abs(e.detach().numpy()).max()) for e in expected)
-    log.info("wrote %d retrained weights back into %s's graph", written, path.name)
+    log.info("wrote %d retrained tensors back into %s's graph", written, path.name)
+    if max_abs > 1e-4 * max(scale, 1.0):  # an initializer taken for another one of equal value, say
+        raise ValidationFailed(f"{path}: the retrained weights written back into its graph compute outputs "
+                               f"{max_abs:.3g} away from PyTorch's (scale {scale:.3g}); nothing written")
     return ExportResult(target, f"retrained weights written back into the input's graph ({written} tensors)",
                         model.opset_imports.get("", 0), sum(p.numel() for p in params.values()), 0, 0, 0, 0,
                         disk_bytes(target, list(external_files(read_model(target)[0]).values())), max_abs, scale,

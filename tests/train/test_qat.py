@@ -89,7 +89,7 @@ def test_distill_with_int4_writes_the_retrained_weights_and_beats_rounding(tmp_p
     data = json.loads(report.read_text())
     assert data["qat"]["kept"] and data["qat"]["quality"] > data["qat"]["quality_rounded"]
     assert data["quantized"]["quantized"] == 5 and data["bytes_after"] < data["bytes_before"] / 4
-    assert "written back into the input's graph (5 tensors)" in data["export"]["exporter"]  # nothing fused
+    assert "written back into the input's graph (10 tensors)" in data["export"]["exporter"]  # weights, biases
     assert data["export"]["passed"]  # the float file with the retrained weights computes what PyTorch does
     written = onnx.load(out)
     assert {n.op_type for n in written.graph.node} >= {"MatMulNBits"}
