@@ -30,7 +30,7 @@ from lfpass.core.config import AUTO, FusionConfig
 from lfpass.core.errors import ConfigError, InputError, TraceError, ValidationFailed
 from lfpass.core.fileio import check_paths
 from lfpass.core.keep import DATA_OPTIONS
-from lfpass.core.quality import Readout, output_error
+from lfpass.core.quality import MASK_INPUT, Readout, output_error
 from lfpass.fx.frontend import readout_fn
 from lfpass.onnx.frontend import outputs as onnx_outputs
 from lfpass.onnx import inputs as onnx_inputs
@@ -128,6 +128,7 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     from lfpass.bridge.to_torch import to_torch
     from lfpass.fx.sites import unique_parameters
     from lfpass.train import Distillation, RetrainResult, retrain
+    from lfpass.train.distil import masked_mean
 
     path, output, inputs = Path(path), Path(output), Path(inputs)
     given, config = config, config.resolved(schedule.stages == 1)  # auto: data-aware where the run fuses once
@@ -155,7 +156,8 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     del model
     module = to_torch(path)
     _check_conversion(module, path, names, samples)
-    task = Distillation.from_model(module, samples, eval_fraction=eval_fraction, seed=schedule.seed)
+    pool = masked_mean(names.index(MASK_INPUT)) if config.pooling == "mean" and MASK_INPUT in names else None
+    task = Distillation.from_model(module, samples, eval_fraction=eval_fraction, seed=schedule.seed, pool=pool)
     if config.target_ratio == 1.0 and config.max_error is None and config.threshold is None:  # nothing to fuse
         result = RetrainResult(module, [], [], task.evaluate(module), unique_parameters(module))
     elif once:

@@ -50,18 +50,22 @@ class Distillation:
     Inputs are a tensor, a tuple of tensors (positional arguments) or a dict
     of tensors (keyword arguments), samples along the first dimension.
     ``pick(output)`` chooses the tensor compared (default: the output itself,
-    its ``logits`` or ``last_hidden_state``, or its first element)."""
+    its ``logits`` or ``last_hidden_state``, or its first element); ``pool(picked,
+    inputs)``, differentiable, reduces it to what is compared (a sentence embedding
+    pooled over the positions an attention mask keeps, see :func:`masked_mean`)."""
 
     name = "distillation"
     higher_is_better = True
 
     def __init__(self, teacher: Callable[..., Any], train_inputs: Inputs, eval_inputs: Inputs, *,
-                 pick: Pick | None = None, loss: str = "mse", eval_batch_size: int = 64) -> None:
+                 pick: Pick | None = None, loss: str = "mse", eval_batch_size: int = 64,
+                 pool: Callable[[torch.Tensor, Any], torch.Tensor] | None = None) -> None:
         if loss not in LOSSES:
             raise ConfigError(f"loss: must be one of {', '.join(LOSSES)}, got {loss!r}")
         self.teacher, self.train_inputs, self.eval_inputs = teacher, train_inputs, eval_inputs
         self.n_train, self.n_eval = count(train_inputs), count(eval_inputs)
         self.pick: Pick = pick or main_output
+        self.pool = pool
         self.kind, self.eval_batch_size = loss, eval_batch_size
         self._eval_targets: list[torch.Tensor] | None = None
 
@@ -83,14 +87,18 @@ class Distillation:
         if isinstance(self.teacher, nn.Module) and device_of(self.teacher) != device:
             self.teacher = self.teacher.to(device)
         with torch.no_grad():
-            return self.pick(_tensors(call(self.teacher, inputs))).to(device)
+            return self._read(call(self.teacher, inputs), inputs).to(device)
+
+    def _read(self, output: Any, inputs: Inputs) -> torch.Tensor:
+        picked = self.pick(_tensors(output))
+        return picked if self.pool is None else self.pool(picked, inputs)
 
     def train_batches(self, batch_size: int, *, seed: int, rank: int = 0, world: int = 1) -> Iterator[Any]:
         for idx in index_batches(self.n_train, batch_size, seed=seed, rank=rank, world=world):
             yield select(self.train_inputs, idx)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        student = self.pick(call(model, batch)).float()
+        student = self._read(call(model, batch), batch).float()
         teacher = self.targets(batch, student.device).float()
         if self.kind == "mse":
             return F.mse_loss(student, teacher)
@@ -107,13 +115,25 @@ class Distillation:
                                   for c in chunks]
         cos_sum, sq_sum, elems = 0.0, 0.0, 0
         for c, target in zip(chunks, self._eval_targets):
-            student = self.pick(call(model, to_device(select(self.eval_inputs, c), device))).float()
+            chunk = to_device(select(self.eval_inputs, c), device)
+            student = self._read(call(model, chunk), chunk).float()
             target = target.to(device)
             cos_sum += float(F.cosine_similarity(_rows(student), _rows(target), dim=1).sum())
             sq_sum += float(((student - target) ** 2).sum())
             elems += target.numel()
         cosine = cos_sum / self.n_eval
         return {"quality": cosine, "cosine": cosine, "mse": sq_sum / max(elems, 1)}
+
+
+def masked_mean(at: int | str) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """A ``pool`` for :class:`Distillation`: the mean over the positions (axis 1) the mask input
+    ``at`` (a position in the inputs, or a name) keeps, as sentence embeddings are pooled."""
+    def pool(picked: torch.Tensor, inputs: Any) -> torch.Tensor:
+        mask = inputs[at].to(picked.dtype)
+        mask = mask.reshape(*mask.shape, *([1] * (picked.dim() - mask.dim())))
+        return (picked * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+    return pool
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -101,3 +101,26 @@ def test_distill_with_int4_writes_the_retrained_weights_and_beats_rounding(tmp_p
     alone = ort.InferenceSession(ir.to_proto(rtn).SerializeToString()).run(None, {"x": held})[0]
     got = ort.InferenceSession(str(out)).run(None, {"x": held})[0]
     assert cos(want, got) > cos(want, alone)  # retrained onto the grid: closer than rounding alone
+
+
+def test_distillation_pooled_over_the_mask_compares_sentence_embeddings():
+    """``pool=masked_mean(...)``: padding positions do not count, in the loss and in the quality."""
+    from lfpass.train.distil import masked_mean
+
+    class Tokens(torch.nn.Module):
+        def forward(self, x, mask):
+            return x * 2.0
+
+    x = torch.randn(8, 5, 4)
+    mask = torch.ones(8, 5, dtype=torch.long)
+    mask[:, 3:] = 0
+    task = Distillation(Tokens(), (x, mask), (x, mask), pool=masked_mean(1))
+
+    class Padded(torch.nn.Module):  # the teacher's function where the mask keeps, anything where it does not
+        def forward(self, x, mask):
+            return torch.where(mask.unsqueeze(-1).bool(), x * 2.0, torch.full_like(x, 99.0))
+
+    assert task.evaluate(Padded())["quality"] == pytest.approx(1.0)
+    assert float(task.loss(Padded(), (x, mask))) == pytest.approx(0.0, abs=1e-10)
+    unpooled = Distillation(Tokens(), (x, mask), (x, mask))
+    assert unpooled.evaluate(Padded())["quality"] < 0.9
