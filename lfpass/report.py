@@ -275,3 +275,142 @@ def class_label(cls: ClassKey, width: int = 100) -> str:
 
 def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
+# -- the one-page summary ----------------------------------------------------------------------
+
+SUMMARY_SUFFIXES = (".html", ".png")
+
+
+def decisions(plan: FusionPlan) -> list[tuple[str, int, str]]:
+    """Per compatibility class (largest first): its label, its layer count, and what the plan
+    does with it, in words (tied groups, factored layers, layers kept as they were)."""
+    where = plan.group_of()
+    factored = {m: f for f in plan.factors for m in f.members}
+    choices = dict(plan.choices)
+    rows = []
+    for cls, names in sorted(plan.classes, key=lambda kv: -len(kv[1])):
+        tied = {where[n] for n in names if n in where}
+        in_groups = sum(1 for n in names if n in where)
+        bases = {id(factored[n]) for n in names if n in factored and len(factored[n].members) > 1}
+        lowrank = sum(1 for n in names if n in factored and len(factored[n].members) == 1)
+        said = []
+        if tied:
+            said.append(f"{in_groups} layers tied into {len(tied)} shared tensor{'s' if len(tied) > 1 else ''}")
+        if bases:
+            said.append(f"{sum(1 for n in names if n in factored and len(factored[n].members) > 1)} layers on "
+                        f"{len(bases)} shared basis{'es' if len(bases) > 1 else ''}")
+        if lowrank:
+            said.append(f"{lowrank} per-layer low rank")
+        left = len(names) - in_groups - sum(1 for n in names if n in factored)
+        if left:
+            said.append(f"{left} kept as they were")
+        why = choices.get(cls.role or str(cls))  # the menu names a class by its role
+        rows.append((class_label(cls), len(names), "; ".join(said) + (f" ({why})" if why else "")))
+    return rows
+
+
+def summary_figure(plan: FusionPlan, title: str = "lfpass plan"):
+    """The summary as one matplotlib figure (the caller closes it): quality against ratio along
+    the plan's curve, the similarity heatmap, and the per-class decisions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heat = heatmap_figure(plan, max_classes=4) if plan.classes else None
+    image = None
+    if heat is not None:
+        heat.canvas.draw()
+        image = np.asarray(heat.canvas.buffer_rgba())
+        plt.close(heat)
+    rows = decisions(plan)
+    fig = plt.figure(figsize=(13, 9.5 + 0.22 * len(rows)))
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.93, bottom=0.02, hspace=0.25, wspace=0.25)
+    grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.4 + 0.05 * len(rows)], width_ratios=[1, 1.5])
+    ax = fig.add_subplot(grid[0, 0])
+    _curve_panel(ax, plan)
+    text = fig.add_subplot(grid[0, 1])
+    text.axis("off")
+    text.text(0, 1, _figures_text(plan), va="top", family="monospace", fontsize=9.5)
+    bottom = fig.add_subplot(grid[1, :])
+    bottom.axis("off")
+    if image is not None:
+        inset = bottom.inset_axes([0, 0.32, 1, 0.68])
+        inset.imshow(image)
+        inset.axis("off")
+    lines = [f"{label[:56]:<56} {n:>4}  {what if len(what) <= 80 else what[:77] + '...'}" for label, n, what in
+             rows[:14]]
+    bottom.text(0, 0.3, "per class (layers): what the plan does\n" + "\n".join(lines), va="top", family="monospace",
+                fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def _figures_text(plan: FusionPlan) -> str:
+    lines = [f"unique parameters  {plan.params_before:,} -> {plan.params_after:,}  ({plan.model_ratio:.3f}x model, "
+             f"{plan.layer_ratio:.3f}x layers)",
+             f"groups {len(plan.groups)}, factored layers {sum(len(f.members) for f in plan.factors)}, "
+             f"blocks removed {len(plan.dropped)}"]
+    if plan.max_error is not None:
+        lines.append(f"budget  error <= {plan.max_error:g} ({plan.error_metric or 'cosine'})")
+    if plan.error is not None:
+        lines.append(f"held-out error  {plan.error:.4g}")
+    lines += ["", *textwrap.wrap(plan.message, 70)[:14]]
+    return "\n".join(lines)
+
+
+def _curve_panel(ax, plan: FusionPlan) -> None:
+    """Error against ratio along the plan's curve (the budget as a line), or a note without one."""
+    if not plan.curve:
+        ax.text(0.5, 0.5, "no measured curve\n(a plan by weight similarity:\ngive calibration inputs and a budget)",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    ratios, errors = zip(*sorted(plan.curve))
+    ax.plot(ratios, errors, marker="o", ms=3)
+    if plan.max_error is not None:
+        ax.axhline(plan.max_error, color="C3", ls="--", lw=1, label=f"budget {plan.max_error:g}")
+        ax.legend(loc="upper left")
+    ax.set_xlabel("ratio (unique parameters before / after)")
+    ax.set_ylabel(f"measured error ({plan.error_metric or 'cosine'})")
+    ax.set_title("quality along the plan's curve")
+    ax.grid(alpha=0.3)
+
+
+def write_summary(plan: FusionPlan, path: str | Path, title: str = "lfpass plan") -> Path:
+    """The one-page summary (:func:`summary_figure`) as a PNG, or as an HTML page holding that
+    picture, the figures and the per-class decisions as text; written atomically."""
+    import base64
+    import html
+    import io
+
+    path = Path(path)
+    if path.suffix.lower() not in SUMMARY_SUFFIXES:
+        raise ValueError(f"{path}: a summary is .html or .png")
+    fig = summary_figure(plan, title)
+    import matplotlib.pyplot as plt
+
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    png = buf.getvalue()
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        if path.suffix.lower() == ".png":
+            Path(tmp).write_bytes(png)
+        else:
+            rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{n}</td><td>{html.escape(what)}</td></tr>"
+                           for label, n, what in decisions(plan))
+            Path(tmp).write_text(
+                "<!doctype html><html><head><meta charset='utf-8'>"
+                f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
+                "td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #ddd}img{max-width:100%}</style>"
+                f"</head><body><h1>{html.escape(title)}</h1><pre>{html.escape(_figures_text(plan))}</pre>"
+                f"<img alt='quality along the curve, the similarity heatmap, the decisions' "
+                f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+                f"<h2>Per class</h2><table><tr><th>class</th><th>layers</th><th>what the plan does</th></tr>{rows}"
+                "</table></body></html>\n", encoding="utf-8")
+    return path

@@ -16,7 +16,7 @@ from pathlib import Path
 from lfpass.cli.inputs import resolve_inputs
 from lfpass.cli.options import (EXIT_OK, EXIT_VALIDATION, add_config_options, add_schedule_options,
                                 add_validation_options, config_from_args, schedule_overrides, with_tolerances)
-from lfpass.cli.output import MAX_OUTPUT_LINES, history_table, note, output_line, table
+from lfpass.cli.output import MAX_OUTPUT_LINES, history_table, note, output_line, table, write_report
 from lfpass.core.config import AUTO, FusionConfig
 from lfpass.core.quality import describe
 from lfpass.core.errors import ConfigError, InputError, ValidationFailed
@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "budget holds for the fused and quantized model, each weight at its own width")
     p.add_argument("--plan", type=Path, help="apply this plan (from `analyze --plan-out`) instead of planning")
     p.add_argument("--dry-run", action="store_true", help="plan and print the predicted figures; write nothing")
-    p.add_argument("--report", type=Path, help="write the figures as JSON")
+    p.add_argument("--report", type=Path, help="write the figures as JSON, or (a .html or .png path) a one-page "
+                                               "summary: quality along the plan's curve, the heatmap, the decisions")
     p.add_argument("--explain", action="store_true", help="say why each candidate pair was or was not fused")
     p.add_argument("--strict", action="store_true", help="write nothing when validation fails")
     p.add_argument("--no-validate", dest="validate", action="store_false", help="skip the onnxruntime comparison")
@@ -82,7 +83,7 @@ def run_optimize(args: argparse.Namespace) -> int:
         if exc.result is not None:
             print(table(exc.result))
             if args.report:
-                write_text(args.report, json.dumps(exc.result.to_dict(), indent=2))
+                write_report(args.report, exc.result.to_dict(), exc.result.plan, f"lfpass optimize {args.model.name}")
         print(f"lfpass: error: {exc}", file=sys.stderr)
         return EXIT_VALIDATION
     print(table(result))
@@ -91,7 +92,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     if result.message:
         note(result.message)
     if args.report:
-        write_text(args.report, json.dumps(result.to_dict(), indent=2))
+        write_report(args.report, result.to_dict(), result.plan, f"lfpass optimize {args.model.name}")
     if result.validation is not None and not result.validation.passed:
         print(f"lfpass: validation outside tolerance: {result.validation.summary()}", file=sys.stderr)
         return EXIT_VALIDATION
@@ -136,7 +137,7 @@ def run_distill(args: argparse.Namespace, config: FusionConfig) -> int:
     if result.quantized is not None:
         note(f"quantized {result.quantized.summary()}")
     if args.report:
-        write_text(args.report, json.dumps(result.to_dict(), indent=2, default=str))
+        write_report(args.report, result.to_dict(), plan, f"lfpass optimize --distill {args.model.name}")
     if not result.within_budget:
         print(f"lfpass: held-out error {result.error:.4g} is over the budget {result.max_error:g}", file=sys.stderr)
         return EXIT_VALIDATION

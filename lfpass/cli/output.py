@@ -3,7 +3,9 @@ compared output, and notes (one ``lfpass:`` line each on stderr)."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lfpass.core.quality import describe
@@ -89,3 +91,15 @@ def history_table(result: Any) -> str:
 
 def _q(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def write_report(path: Path, data: dict, plan: Any = None, title: str = "lfpass") -> None:
+    """``--report``: the figures as JSON, or (``.html``/``.png``) the one-page summary of ``plan``
+    (:func:`lfpass.report.write_summary`: quality along its curve, the heatmap, the decisions)."""
+    from lfpass.core.fileio import write_text
+    from lfpass.report import SUMMARY_SUFFIXES, write_summary
+
+    if Path(path).suffix.lower() in SUMMARY_SUFFIXES and plan is not None:
+        write_summary(plan, path, title)
+    else:
+        write_text(path, json.dumps(data, indent=2, default=str))
