@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lfpass.core.config import AUTO, FusionConfig
-from lfpass.core.errors import ConfigError, InputError, TraceError, ValidationFailed
+from lfpass.core.errors import ConfigError, InputError, TraceError
 from lfpass.core.fileio import check_paths
 from lfpass.core.keep import DATA_OPTIONS
 from lfpass.core.quality import MASK_INPUT, Readout, output_error
@@ -175,9 +175,10 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     legacy = opset is not None and opset < _DYNAMO_MIN_OPSET
     target = output if config.quantize == "none" else output.with_name(f".{output.name}.float.onnx")
     try:
+        exported = None
         if before is not None and not result.plans:  # nothing fused: the input's own graph takes the weights
             exported = _written_back(path, target, result.model, before, tuple(held_out), names)
-        else:
+        if exported is None:
             exported = _exported(result.model, held_out, target, names, outputs, opset, dynamic, legacy)
         quantized = None if target == output else _quantize_export(target, output, config.quantize)
     finally:
@@ -220,11 +221,13 @@ def _written_back(path: Path, target: Path, module: torch.nn.Module, before: Map
     initializers they came from (found by their values before retraining, a matrix in either
     orientation), saved to ``target``: its
     graph, open dimensions and metadata stay the input's. Checked in onnxruntime against
-    ``module`` on ``held_out``; an :class:`lfpass.bridge.export.ExportResult`."""
+    ``module`` on ``held_out``; an :class:`lfpass.bridge.export.ExportResult`, or None when a
+    retrained tensor is no initializer of the file (a constant the conversion folded)."""
     import onnx_ir as ir
 
     from lfpass.bridge.export import ExportResult
     from lfpass.onnx.load import read_array
+    from lfpass.onnx.rewrite import FreshNames, add_initializer
     from lfpass.onnx.save import needs_external, staged, write
 
     model = read_model(path)[0]
@@ -233,21 +236,36 @@ def _written_back(path: Path, target: Path, module: torch.nn.Module, before: Map
     by_shape: dict[tuple, list[str]] = {}
     for name, value in before.items():
         by_shape.setdefault(tuple(value.shape), []).append(name)
-    written = 0
+    written, found, names_ = 0, set(), FreshNames(model)
     for init in list(model.graph.initializers.values()):
         if init.const_value is None or init.const_value.dtype.name not in _FLOATS:
             continue
+        if init.uses() and all(u.node.op_type == "Gather" and u.idx == 0 for u in init.uses()):
+            continue  # an embedding table: a buffer of the conversion, never retrained (a head's copy may be)
         array = read_array(init.const_value)
         for flip in (False, True) if array.ndim == 2 else (False,):
             candidate = torch.from_numpy(np.array(array.T if flip else array, copy=True))
             match = next((n for n in by_shape.get(tuple(candidate.shape), ()) if torch.equal(before[n], candidate)),
                          None)
             if match is not None:
+                found.add(match)
                 value = params[match].detach().cpu().numpy()
-                init.const_value = ir.tensor(np.ascontiguousarray(value.T if flip else value).astype(array.dtype),
-                                             name=init.name)
+                tensor = ir.tensor(np.ascontiguousarray(value.T if flip else value).astype(array.dtype))
+                tables = [u for u in init.uses() if u.node.op_type == "Gather" and u.idx == 0]
+                if tables and len(tables) < len(init.uses()):  # a table tied to a head: the head alone trained
+                    trained = add_initializer(model.graph, names_.fresh(f"{init.name}.retrained"), tensor)
+                    for use in [u for u in init.uses() if u not in tables]:
+                        use.node.replace_input_with(use.idx, trained)
+                else:
+                    tensor.name = init.name
+                    init.const_value = tensor
                 written += 1
                 break
+    missing = sorted(set(params) - found)
+    if missing:  # a tensor the conversion made (a folded constant): the export writes it instead
+        log.info("%d retrained tensors are not initializers of %s (%s, ...): exporting instead", len(missing),
+                 path.name, missing[0])
+        return None
     with staged(target, needs_external(model)) as where:
         write(model, where, frozenset())
     with torch.no_grad():
@@ -258,8 +276,9 @@ def _written_back(path: Path, target: Path, module: torch.nn.Module, before: Map
     scale = max(float(np.abs(e.detach().numpy()).max()) for e in expected)
     log.info("wrote %d retrained tensors back into %s's graph", written, path.name)
     if max_abs > 1e-4 * max(scale, 1.0):  # an initializer taken for another one of equal value, say
-        raise ValidationFailed(f"{path}: the retrained weights written back into its graph compute outputs "
-                               f"{max_abs:.3g} away from PyTorch's (scale {scale:.3g}); nothing written")
+        log.info("the retrained weights written back into %s's graph compute outputs %.3g away from PyTorch's "
+                 "(scale %.3g): exporting instead", path.name, max_abs, scale)
+        return None
     return ExportResult(target, f"retrained weights written back into the input's graph ({written} tensors)",
                         model.opset_imports.get("", 0), sum(p.numel() for p in params.values()), 0, 0, 0, 0,
                         disk_bytes(target, list(external_files(read_model(target)[0]).values())), max_abs, scale,
