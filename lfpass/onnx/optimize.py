@@ -340,8 +340,8 @@ def _plan(path: Path, model: ir.Model, given: FusionConfig, config: FusionConfig
     """The plan and its predicted figures: built already when it keeps the function (lossy by
     design, measured on held-out calibration inputs; ``given``, "auto" fields and all, goes to
     the calibrated path, which chooses them by measurement), else the fusion pass that will
-    apply it (``config``: "auto" resolved). The fourth value: under a budget with int8
-    quantization, whether static quantization measured better than dynamic (None: not chosen)."""
+    apply it (``config``: "auto" resolved). The fourth value: with int8 quantization and
+    calibration inputs, whether static quantization measured better than dynamic (None: not chosen)."""
     static = None
     if config.keeps_function or (plan is not None and plan.keeps_function):
         from lfpass.onnx.frontend import fuse_keeping_onnx  # the calibrated path, imported when taken
@@ -352,7 +352,13 @@ def _plan(path: Path, model: ir.Model, given: FusionConfig, config: FusionConfig
         if config.quantize != "none" and config.max_error is not None and feed is not None and plan is None:
             reserve, static, how = _quantization_error(model, given, feed)  # what fusion leaves to quantization
             given = given.replace(max_error=max(config.max_error - reserve, 0.0))
+        elif config.quantize == "int8" and feed is not None and not dry_run:  # no budget: still the better int8
+            _, static, how = _quantization_error(model, given, feed)
+            reserve = None
         kept = fuse_keeping_onnx(model, given, feed, plan, progress)
+        if static is not None and reserve is None:
+            kept.plan = replace(kept.plan, message=f"{kept.plan.message}; int8 measured on the inputs the planner "
+                                f"chooses on{how}")
         if reserve is not None:
             kept.plan = replace(kept.plan, max_error=config.max_error, message=f"{kept.plan.message}; fusion planned "
                                 f"within {given.max_error:.4g}: the original quantized to {config.quantize} alone "

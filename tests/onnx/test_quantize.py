@@ -107,14 +107,20 @@ def test_weights_read_through_transposes_are_folded_once_and_quantized():
 
 def test_static_int8_with_calibration_inputs_is_qdq_with_one_dequantize_per_tensor(exported, tmp_path):
     calib = tmp_path / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(2).standard_normal((128, 64)).astype(np.float32))
-    config = FusionConfig(target_ratio=1.8, ratio_scope="layers", merge="mean", actions="tie", quantize="int8")
-    done = lfpass.optimize(exported, tmp_path / "s8.onnx", config, inputs=calib, check=False)
-    assert "static int8 QDQ" in done.quantized.method
-    written = onnx.load(tmp_path / "s8.onnx")
+    x = np.random.default_rng(2).standard_normal((128, 64)).astype(np.float32)
+    np.savez(calib, x=x)
+    config = FusionConfig(target_ratio=1.8, ratio_scope="layers", merge="mean", actions="tie")
+    lfpass.optimize(exported, tmp_path / "fused.onnx", config, inputs=calib, check=False)
+    quantized, report = quantize(ir.load(tmp_path / "fused.onnx"), "int8", [{"x": x[i:i + 32]} for i in (0, 32, 64)])
+    assert "static int8 QDQ" in report.method
+    written = ir.to_proto(quantized)
     dq = collections.Counter(n.input[0] for n in written.graph.node if n.op_type == "DequantizeLinear")
     assert max(dq.values()) == 1  # one DequantizeLinear per quantized tensor, read by every member
     assert max(quantized_weights(written).values()) > 1
+    # through optimize, with inputs and no budget, static and dynamic are both measured and the better kept
+    done = lfpass.optimize(exported, tmp_path / "s8.onnx", config.replace(quantize="int8"), inputs=calib, check=False)
+    assert "int8 kept: static" in done.plan.message
+    assert ("static" in done.quantized.method) == ("(static int8 kept" in done.plan.message)
 
 
 def test_equal_scales_and_zero_points_are_stored_once():
