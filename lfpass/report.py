@@ -369,13 +369,16 @@ def _curve_panel(ax, plan: FusionPlan) -> None:
         ax.set_yticks([])
         return
     ratios, errors = zip(*sorted(plan.curve))
-    ax.plot(ratios, errors, marker="o", ms=3)
+    ax.scatter(ratios, errors, s=14, label="plans measured end to end")  # several rivals' curves: points, no line
+    if plan.error is not None:
+        ax.scatter([plan.ratio], [plan.error], marker="*", s=160, color="C2", zorder=3,
+                   label=f"written: {plan.ratio:.2f}x, held-out {plan.error:.3g}")
     if plan.max_error is not None:
         ax.axhline(plan.max_error, color="C3", ls="--", lw=1, label=f"budget {plan.max_error:g}")
-        ax.legend(loc="upper left")
     ax.set_xlabel("ratio (unique parameters before / after)")
     ax.set_ylabel(f"measured error ({plan.error_metric or 'cosine'})")
     ax.set_title("quality along the plan's curve")
+    ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
 
 
