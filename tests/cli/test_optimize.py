@@ -224,9 +224,15 @@ def test_nothing_fusable(tmp_path, capsys):
     assert _only(tmp_path) == ["one.onnx"]
 
 
-@pytest.mark.parametrize("ratio", ["1", "0.5", "-2", "nan", "inf"])
+@pytest.mark.parametrize("ratio", ["0.99", "0.5", "-2", "nan", "inf"])
 def test_invalid_ratio(tmp_path, model, capsys, ratio):
     _bad(capsys, tmp_path, "optimize", model, "--ratio", ratio, says="target_ratio")
+
+
+def test_a_ratio_of_1_fuses_nothing(tmp_path, model, capsys):
+    """``--ratio 1`` is how ``--quantize`` runs alone; without it there is nothing to write."""
+    code, _, err = _run(capsys, "optimize", model, "--ratio", "1", "-o", tmp_path / "o.onnx")
+    assert code == 0 and any("nothing to fuse" in line for line in err) and not (tmp_path / "o.onnx").exists()
 
 
 def test_unreachable_ratio_fuses_what_it_can(tmp_path, model, capsys):
