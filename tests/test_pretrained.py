@@ -75,3 +75,28 @@ def test_loading_into_a_model_of_other_names_is_one_line(fused, tmp_path):
         lfpass.load_pretrained(tmp_path / "saved", torch.nn.Linear(4, 4))
     with pytest.raises(lfpass.InputError, match="no model.safetensors"):
         lfpass.load_pretrained(tmp_path)
+
+
+def test_a_sentence_transformer_fuses_and_encodes_through_its_usual_api(tmp_path):
+    """Its Hugging Face model is fused in place of the original; ``encode`` runs as before, and
+    the fused model saved and loaded back encodes bit for bit."""
+    st = pytest.importorskip("sentence_transformers")
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                                   *(f"w{i}" for i in range(115))]) + "\n")
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    encoder = st.SentenceTransformer(str(tmp_path / "bert"), device="cpu")  # a plain model: mean pooling added
+    sentences = [" ".join(f"w{(i * 7 + j) % 115}" for j in range(3 + i % 5)) for i in range(12)]
+    before = encoder.encode(sentences, convert_to_tensor=True)
+    original = encoder[0].model
+    fused, plan = lfpass.fuse(original, lfpass.FusionConfig(target_ratio=1.3, merge="mean"))
+    encoder[0].model = fused
+    after = encoder.encode(sentences, convert_to_tensor=True)
+    assert after.shape == before.shape and not torch.equal(after, before)  # the fused model is the one encoding
+    assert lfpass.unique_parameters(encoder[0].model) == plan.params_after < lfpass.unique_parameters(original)
+    lfpass.save_pretrained(fused, tmp_path / "fused", plan)
+    encoder[0].model = lfpass.load_pretrained(tmp_path / "fused")
+    assert torch.equal(encoder.encode(sentences, convert_to_tensor=True), after)
