@@ -226,12 +226,18 @@ def _bits(path) -> list[int]:
                   if a.name == "bits")
 
 
-def test_under_a_budget_int4_keeps_the_most_sensitive_weights_at_8_bits(exported, tmp_path):
+def _tight(exported, tmp_path, mode: str):
+    """``optimize`` quantizing to ``mode`` under a quarter of what ``mode`` everywhere costs; the
+    result and that budget."""
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(3).standard_normal((256, 64)).astype(np.float32))
-    budget = _quarter_of(exported, "int4", np.load(calib)["x"])
-    done = lfpass.optimize(exported, tmp_path / "tight.onnx", FusionConfig(target_ratio=None, max_error=budget,
-                                                                         quantize="int4"), inputs=calib)
+    budget = _quarter_of(exported, mode, np.load(calib)["x"])
+    config = FusionConfig(target_ratio=None, max_error=budget, quantize=mode)
+    return lfpass.optimize(exported, tmp_path / "tight.onnx", config, inputs=calib), budget
+
+
+def test_under_a_budget_int4_keeps_the_most_sensitive_weights_at_8_bits(exported, tmp_path):
+    done, budget = _tight(exported, tmp_path, "int4")
     wider = done.quantized.eight_bit
     assert wider and all("4 bits broke the budget" in why for why in wider.values())
     assert not done.quantized.float_left and done.error <= budget * 1.5  # chosen on one share, verified on another
@@ -241,11 +247,7 @@ def test_under_a_budget_int4_keeps_the_most_sensitive_weights_at_8_bits(exported
 
 
 def test_layers_that_break_the_budget_stay_in_float_the_most_sensitive_first(exported, tmp_path):
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(3).standard_normal((256, 64)).astype(np.float32))
-    budget = _quarter_of(exported, "int8", np.load(calib)["x"])
-    done = lfpass.optimize(exported, tmp_path / "tight.onnx", FusionConfig(target_ratio=None, max_error=budget,
-                                                                         quantize="int8"), inputs=calib)
+    done, budget = _tight(exported, tmp_path, "int8")
     kept = done.quantized.float_left
     assert kept and all("broke the budget" in why for why in kept.values())
     assert 0 < done.quantized.quantized and done.error <= budget * 1.5
