@@ -25,6 +25,9 @@ float). What they lack, and this module adds, is only this:
   ``int8-weights``), then ``quantize_dynamic`` restricted to ``Gather`` for the
   tables 4 bits do not take. Under a budget each weight gets its own width
   (:func:`quantize_within`);
+- **blocks no deeper than the weights.** A block size past the shallowest
+  MatMul weight's depth pads every block of it (a depth of 64 in blocks of 128
+  stores twice its bytes): the block is the largest power of two that fits;
 - **what was not done, said.** A model already quantized, or whose weights are
   integer or float8, is refused in one line; a 4-bit run on a model with no
   ``MatMul`` says so; weights left in float (excluded, or of ops the tool
