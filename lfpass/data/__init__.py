@@ -7,27 +7,36 @@ their standard published layouts. Images come back as float32 tensors
 ``[N, C, H, W]`` normalised per channel, labels as int64.
 
 ``images`` holds the digit sets and :class:`Split`, ``cifar`` the CIFAR-10
-reader, ``text`` WikiText-2 and the language-model batching.
+reader, ``text`` WikiText-2 and the language-model batching, ``calibration``
+a model's inputs from a folder of images or a text file and a tokenizer
+(numpy only: the ONNX path imports it without torch).
 """
 
-from lfpass.data.cifar import CIFAR10_MEAN, CIFAR10_STD, cifar10
-from lfpass.data.images import MNIST_MEAN, MNIST_STD, Split, mnist_digits, sklearn_digits, stratified_split
-from lfpass.data.text import EOS, UNK, Vocab, batchify, lm_batches, wikitext2
+from __future__ import annotations
 
-__all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "EOS",
-    "MNIST_MEAN",
-    "MNIST_STD",
-    "UNK",
-    "Split",
-    "Vocab",
-    "batchify",
-    "cifar10",
-    "lm_batches",
-    "mnist_digits",
-    "sklearn_digits",
-    "stratified_split",
-    "wikitext2",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    **dict.fromkeys(("CIFAR10_MEAN", "CIFAR10_STD", "cifar10"), "lfpass.data.cifar"),
+    **dict.fromkeys(("MNIST_MEAN", "MNIST_STD", "Split", "mnist_digits", "sklearn_digits", "stratified_split"),
+                    "lfpass.data.images"),
+    **dict.fromkeys(("EOS", "UNK", "Vocab", "batchify", "lm_batches", "wikitext2"), "lfpass.data.text"),
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from lfpass.data.cifar import CIFAR10_MEAN, CIFAR10_STD, cifar10
+    from lfpass.data.images import MNIST_MEAN, MNIST_STD, Split, mnist_digits, sklearn_digits, stratified_split
+    from lfpass.data.text import EOS, UNK, Vocab, batchify, lm_batches, wikitext2
+
+
+def __getattr__(name: str) -> Any:
+    """Names are imported on first use: ``lfpass.data.calibration`` (the ONNX path's inputs) never
+    pays for torch."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lfpass.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
