@@ -20,7 +20,11 @@ lines), each row is a written ONNX file:
   with ``--pooling mean``, as ``budget_real.py`` runs it. lfpass runs by absolute path
   from an empty folder, ``OMP_NUM_THREADS=--threads``, its defaults otherwise;
 - ``lfpass E=..., then int8 alone``: the fusion-alone file quantized by the ``int8 alone``
-  call: fusion and quantization composed by hand, beside lfpass's own ``--quantize``.
+  call: fusion and quantization composed by hand, beside lfpass's own ``--quantize``;
+- ``lfpass +Q, quantized alone``: ``--ratio 1 --quantize Q`` (lfpass's quantization, nothing
+  fused); ``lfpass E=int8's +Q``: the budget set to ``int8 alone``'s own fresh error (the
+  same quality, to compare bytes); ``lfpass +int4, distilled``: ``--ratio 1 --distill
+  calib.npz --quantize int4``, the weights retrained onto the 4-bit grid first.
 
 Where onnxruntime's quantizer fails on a file whose weights are ``Constant`` nodes (as
 PP-OCRv4's converter wrote them: "Expected ... to be an initializer"), it is run again
@@ -39,6 +43,7 @@ the same.
     python tools/quantize_real.py --models ocr-det --budgets 0.01,0.05                         # the detector
     python tools/quantize_real.py --small        # a random residual MLP, under a minute: what the test runs
     python tools/quantize_real.py --render docs/quantize_real.json --out docs/QUANTIZE_REAL.md  # no runs
+    python tools/quantize_real.py --models gpt --only distilled --json new.json --merge docs/quantize_real.json
 """
 
 from __future__ import annotations
