@@ -88,3 +88,22 @@ def test_quantize_tool_small(tmp_path):
                            str(again)], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert again.read_text().split("<!-- quantize-real:begin -->")[1] == text.split("<!-- quantize-real:begin -->")[1]
+
+
+def test_merge_replaces_rows_of_the_same_name_and_keeps_table_order():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import quantize_real as qr
+
+    def report(rows, budgets, command):
+        return {"command": command, "seconds": 1.0, "budgets": budgets,
+                "models": [{"model": "m", "rows": [{"row": r, "v": command} for r in rows]}]}
+
+    earlier = report(["fp32", "int8 alone", "lfpass E=0.01", "lfpass E=0.01 +int8"], [0.01], "a")
+    now = report(["fp32", "lfpass +int4, distilled", "lfpass E=0.01 +int8"], [0.05], "b")
+    merged = qr.merged(earlier, now)
+    rows = merged["models"][0]["rows"]
+    assert [r["row"] for r in rows] == ["fp32", "int8 alone", "lfpass +int4, distilled", "lfpass E=0.01",
+                                        "lfpass E=0.01 +int8"]
+    assert {r["row"]: r["v"] for r in rows}["lfpass E=0.01 +int8"] == "b"  # re-measured: the newer run's
+    assert {r["row"]: r["v"] for r in rows}["int8 alone"] == "a" and merged["budgets"] == [0.01, 0.05]
+    assert merged["command"] == "a; then b" and merged["seconds"] == 2.0
