@@ -32,7 +32,7 @@ import re
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import onnx_ir as ir
@@ -301,7 +301,7 @@ class Given(dict):
         self.origin = origin
 
 
-Source = "str | Path | Mapping[str, np.ndarray] | Iterable"  # what load_npz takes, in words
+Source = Union[str, Path, Mapping[str, np.ndarray], Iterable]  # what load_npz reads inputs from
 
 
 def source_path(source: object) -> Path | None:
@@ -338,7 +338,7 @@ def from_batches(batches: Iterable, model: ir.Model) -> Given:
         raise InputError(f"the given batches do not stack along their first axis ({first_line(exc)})") from None
 
 
-def load_npz(path: "Source", model: ir.Model, allow: tuple[str, ...] = ()) -> Samples:
+def load_npz(path: Source, model: ir.Model, allow: tuple[str, ...] = ()) -> Samples:
     """One feed from an ``.npz`` file whose arrays are named after the model's inputs (or from
     arrays already made: a :class:`Given` or any mapping; or Python batches, see
     :func:`from_batches`), checked against the model's declared inputs (``origin``: where
