@@ -84,7 +84,7 @@ class DistillResult:
                         "steps": self.qat.stats.steps, "kept": self.qat.kept} if self.qat else None}
 
 
-def _samples(feed: Mapping[str, np.ndarray], names: list[str], path: Path) -> tuple[torch.Tensor, ...]:
+def _samples(feed: Mapping[str, np.ndarray], names: list[str], path: Path | str) -> tuple[torch.Tensor, ...]:
     tensors = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names)
     counts = {t.shape[0] if t.dim() else 0 for t in tensors}
     if len(counts) != 1 or counts.pop() < 2:
@@ -117,7 +117,7 @@ def _dynamic_axes(model) -> tuple[dict[int, str], ...] | None:
     return tuple(axes) if any(axes) else None
 
 
-def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, config: FusionConfig, schedule: Any, *,
+def distill_onnx(path: str | Path, output: str | Path, inputs: Any, config: FusionConfig, schedule: Any, *,
                  eval_fraction: float = 0.1, checkpoint_dir: str | Path | None = None, resume: bool = False,
                  progress: bool = False, reads: Mapping[str, Path | None] | None = None,
                  writes: Mapping[str, Path | None] | None = None) -> DistillResult:
@@ -130,7 +130,8 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     from lfpass.train import Distillation, RetrainResult, retrain
     from lfpass.train.distil import masked_mean
 
-    path, output, inputs = Path(path), Path(output), Path(inputs)
+    path, output = Path(path), Path(output)
+    inputs = Path(inputs) if onnx_inputs.source_path(inputs) is not None else inputs  # or arrays made already
     given, config = config, config.resolved(schedule.stages == 1)  # auto: data-aware where the run fuses once
     once = config.keeps_function or (given.actions != AUTO and given.uses_menu(True))  # fuses once, calibrated
     if once and schedule.stages != 1:
@@ -143,7 +144,7 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("distilling an ONNX file runs in one process; under torchrun, retrain a PyTorch model")
     check_input_file(path)
-    check_paths({"the input model": path, "--distill": inputs, **(reads or {})},
+    check_paths({"the input model": path, "--distill": onnx_inputs.source_path(inputs), **(reads or {})},
                 {"the output": output, **(writes or {})})
     model = read_model(path)[0]
     data_files = list(external_files(model).values())
@@ -151,7 +152,7 @@ def distill_onnx(path: str | Path, output: str | Path, inputs: str | Path, confi
     names = [v.name for v in onnx_inputs.runtime_inputs(model)]
     outputs = [v.name for v in model.graph.outputs]
     opset, dynamic = model.opset_imports.get("", None), _dynamic_axes(model)
-    samples = _samples(onnx_inputs.load_npz(inputs, model)[0], names, inputs)
+    samples = _samples(onnx_inputs.load_npz(inputs, model)[0], names, getattr(inputs, "origin", inputs))
     scores = score_outputs(model)
     del model
     module = to_torch(path)

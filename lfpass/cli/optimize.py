@@ -45,9 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--external-data", action="store_true", default=None,
                    help="store tensors in NAME.onnx.data (default: as the input does, or past 2 GB)")
     add_validation_options(p)
-    p.add_argument("--distill", type=Path, metavar="INPUTS.npz",
+    p.add_argument("--distill", type=Path, metavar="INPUTS",
                    help="retrain: convert to PyTorch, fuse in stages distilling from the original on these "
-                        "inputs (first axis: samples), export; see the schedule options")
+                        "inputs (as --inputs takes them: an .npz, one .npy, a folder of images, or a text file "
+                        "with --tokenizer), export; see the schedule options")
     add_schedule_options(p)
     p.set_defaults(func=run_optimize)
 
@@ -116,7 +117,8 @@ def run_distill(args: argparse.Namespace, config: FusionConfig) -> int:
     if (config.keeps_function or (config.actions != AUTO and config.uses_menu(True))) and "stages" not in overrides:
         overrides["stages"] = 1  # data-aware options and the plan menu fuse once, then distil
     schedule = Schedule(**overrides)
-    result = distill_onnx(args.model, output, args.distill, config, schedule, checkpoint_dir=args.checkpoint_dir,
+    inputs = resolve_inputs(args, args.model, given=args.distill)  # an .npz, or arrays from images or text
+    result = distill_onnx(args.model, output, inputs, config, schedule, checkpoint_dir=args.checkpoint_dir,
                           resume=args.resume, progress=sys.stderr.isatty(),
                           reads={"--pipeline": args.pipeline}, writes={"--report": args.report})
     print(history_table(result.retrain))

@@ -146,3 +146,17 @@ def test_a_npy_array_and_python_batches_feed_a_one_input_model(tmp_path, capsys)
     assert by_loader.error == pytest.approx(by_dicts.error)
     with pytest.raises(lfpass.InputError, match="holds 2 arrays but the model has 1 inputs"):
         lfpass.optimize(src, tmp_path / "d.onnx", config, inputs=[(x[:8], x[:8])])
+
+
+def test_distillation_reads_a_folder_of_images_too(tmp_path, capsys):
+    pytest.importorskip("onnx2torch")
+    src = tmp_path / "cnn.onnx"
+    converter_cnn(src)
+    folder = _images(tmp_path / "images", n=24)
+    rc = main(["optimize", str(src), "--distill", str(folder), "--ratio", "1.2", "--stages", "1", "--steps", "3",
+               "-o", str(tmp_path / "d.onnx")])
+    err = capsys.readouterr().err
+    assert rc in (0, 1) and "internal error" not in err and (tmp_path / "d.onnx").exists(), err
+    (tmp_path / "empty").mkdir()
+    rc = main(["optimize", str(src), "--distill", str(tmp_path / "empty"), "--ratio", "1.2"])
+    _one_line_error(capsys, rc, "no image files")
