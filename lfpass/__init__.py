@@ -9,10 +9,9 @@ for importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lfpass import _moved
+from lfpass import _lazy, _moved
 
 __version__ = "0.1.0"
 
@@ -59,13 +58,7 @@ if TYPE_CHECKING:
     from lfpass.pretrained import load_pretrained, save_pretrained
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lfpass' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = _lazy.exports("lfpass", globals(), _EXPORTS)
 
 
 def __dir__() -> list[str]:

@@ -14,8 +14,9 @@ a model's inputs from a folder of images or a text file and a tokenizer
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lfpass import _lazy
 
 _EXPORTS = {
     **dict.fromkeys(("CIFAR10_MEAN", "CIFAR10_STD", "cifar10"), "lfpass.data.cifar"),
@@ -31,12 +32,5 @@ if TYPE_CHECKING:
     from lfpass.data.text import EOS, UNK, Vocab, batchify, lm_batches, wikitext2
 
 
-def __getattr__(name: str) -> Any:
-    """Names are imported on first use: ``lfpass.data.calibration`` (the ONNX path's inputs) never
-    pays for torch."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lfpass.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+# names are imported on first use: lfpass.data.calibration (the ONNX path's inputs) never pays for torch
+__getattr__ = _lazy.exports("lfpass.data", globals(), _EXPORTS)
