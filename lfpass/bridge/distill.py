@@ -295,7 +295,7 @@ def weight_grids(module: torch.nn.Module, mode: str) -> dict[str, Any]:
     without retraining."""
     from torch import fx
 
-    from lfpass.onnx.quantize import BLOCK, BLOCK8, _block
+    from lfpass.onnx.quantize import BLOCK, BLOCK8, block_size_for
     from lfpass.train.qat import Grid
 
     params = dict(module.named_parameters(remove_duplicate=False))
@@ -311,7 +311,7 @@ def weight_grids(module: torch.nn.Module, mode: str) -> dict[str, Any]:
             axes[f"{name}.weight" if name else "weight"] = 1
     axes = {n: a for n, a in axes.items() if params[n].dim() == 2 and params[n].is_floating_point()}
     depths = [params[n].shape[a] for n, a in axes.items()]
-    bits, block = (4, _block(BLOCK, depths)) if mode == "int4" else (8, _block(BLOCK8, depths))
+    bits, block = (4, block_size_for(BLOCK, depths)) if mode == "int4" else (8, block_size_for(BLOCK8, depths))
     return {n: Grid(bits, block, a) for n, a in axes.items()}
 
 

@@ -32,6 +32,7 @@ from lfpass.core.errors import PlanError
 from lfpass.core.sites import Site
 from lfpass.onnx.names import from_namespace, from_node_name
 from lfpass.onnx.runtime import exposing, session
+from lfpass.onnx.sites import stored
 
 
 @dataclass
@@ -124,7 +125,7 @@ def residual_spans(model: ir.Model, sites: Sequence[Site]) -> list[Span]:
 
 
 def _dynamic(value: ir.Value | None) -> bool:
-    return value is not None and _stored(value) is None and not value.is_initializer()
+    return value is not None and stored(value) is None and not value.is_initializer()
 
 
 def _branch(skip: ir.Value, branch: ir.Value) -> list[ir.Node]:
@@ -162,7 +163,7 @@ def _branch(skip: ir.Value, branch: ir.Value) -> list[ir.Node]:
 def _site_params(nodes: list[ir.Node], mine: set[int], sites: Sequence[Site]) -> int:
     """Elements of the plannable layers whose tensors only these nodes read."""
     own = {v.name for n in nodes for v in n.inputs
-           if v is not None and _stored(v) is not None and all(id(u.node) in mine for u in v.uses())}
+           if v is not None and stored(v) is not None and all(id(u.node) in mine for u in v.uses())}
     return sum(s.numel for s in sites if not s.parts and s.tensors and set(s.tensors) <= own)
 
 
@@ -171,22 +172,12 @@ def _own_params(nodes: list[ir.Node], mine: set[int]) -> int:
     total, seen = 0, set()
     for n in nodes:
         for v in n.inputs:
-            if v is None or id(v) in seen or _stored(v) is None:
+            if v is None or id(v) in seen or stored(v) is None:
                 continue
             seen.add(id(v))
             if all(id(u.node) in mine for u in v.uses()):
-                total += int(np.prod(_stored(v).shape))
+                total += int(np.prod(stored(v).shape))
     return total
-
-
-def _stored(value: ir.Value) -> ir.TensorProtocol | None:
-    """The tensor ``value`` holds: an initializer's, a ``Constant`` node's (as converters write weights)."""
-    if value.const_value is not None:
-        return value.const_value
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return node.attributes["value"].as_tensor()
-    return None
 
 
 def span_influence(model: ir.Model, spans: Sequence[Span], feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:

@@ -383,7 +383,7 @@ def _weight_only(source: Path, model: ir.Model, mode: str, exclude: list[str], w
     readers = weight_readers(model)
     nodes = {n for r in readers.values() for n in r}
     depths = [model.graph.initializers[w].const_value.shape[0] for w, r in readers.items() if ops[r[0]] == "MatMul"]
-    block8, block_size = _block(BLOCK8, depths), _block(block_size, depths)
+    block8, block_size = block_size_for(BLOCK8, depths), block_size_for(block_size, depths)
     gathers = sorted(n for n in nodes if ops[n] == "Gather" and n not in exclude)
     step = iter(range(1, 10))
     said: list[str] = []
@@ -424,7 +424,7 @@ def _weight_only(source: Path, model: ir.Model, mode: str, exclude: list[str], w
     return path, f"weights only, computed in float: {'; '.join(said)} (onnxruntime MatMulNBitsQuantizer)"
 
 
-def _block(largest: int, depths: Sequence[int]) -> int:
+def block_size_for(largest: int, depths: Sequence[int]) -> int:
     """The block size for weights of these input depths: ``largest``, or the greatest power of two
     (16 at least, as MatMulNBits needs) no deeper than the shallowest weight, whose blocks
     would otherwise be mostly padding (a depth of 64 in blocks of 128 stores twice its bytes)."""

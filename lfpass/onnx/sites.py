@@ -104,9 +104,20 @@ def _attr(attr: ir.Attr) -> Any:
 
 
 def tensor_of(holder: ir.Value) -> ir.TensorProtocol:
-    if holder.const_value is not None:
-        return holder.const_value
-    return holder.producer().attributes["value"].as_tensor()
+    tensor = stored(holder)
+    assert tensor is not None, holder.name
+    return tensor
+
+
+def stored(value: ir.Value) -> ir.TensorProtocol | None:
+    """The tensor ``value`` holds: an initializer's, or a ``Constant`` node's (as converters write
+    weights); None for a value computed at run time."""
+    if value.const_value is not None:
+        return value.const_value
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].as_tensor()
+    return None
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
