@@ -177,7 +177,8 @@ def prepare(model: ir.Model) -> dict[str, int]:
 
 def _lift_constants(graph: ir.Graph) -> int:
     """``Constant`` nodes holding a weight (read, directly or through a ``Transpose``, as a
-    MatMul/Gemm/Conv weight; as converters such as Paddle2ONNX write them) become initializers
+    MatMul/Gemm/Conv weight, or as a Gather's table; as converters such as Paddle2ONNX write them)
+    become initializers
     of the same name: the quantizers take initializers only."""
     lifted = 0
     for node in list(graph):
@@ -200,9 +201,10 @@ def _lift_constants(graph: ir.Graph) -> int:
 
 
 def _read_as_weight(value: ir.Value) -> bool:
-    """Whether ``value`` is a MatMul/Gemm/Conv weight input, directly or through ``Transpose`` nodes."""
+    """Whether ``value`` is a MatMul/Gemm/Conv weight input, directly or through ``Transpose`` nodes,
+    or a Gather's table."""
     return any(_read_as_weight(u.node.outputs[0]) if u.node.op_type == "Transpose"
-               else _WEIGHTED.get(u.node.op_type) == u.idx for u in value.uses())
+               else _WEIGHTED.get(u.node.op_type, _TABLES.get(u.node.op_type)) == u.idx for u in value.uses())
 
 
 def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

@@ -297,6 +297,28 @@ def test_weights_held_in_constant_nodes_are_lifted_and_quantized():
     assert list(quantized_weights(ir.to_proto(quantized)).values()) == [1]
 
 
+@pytest.mark.parametrize("mode", ["int8-weights", "int4"])
+def test_a_converters_constant_node_weights_and_table_take_the_weight_only_modes(mode):
+    """Unrelated names, a MatMul weight and an embedding table both in Constant nodes (as converters
+    write them): lifted, quantized, and the model still runs."""
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((50, 64)).astype(np.float32), "p2o.w_0")
+    w = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "p2o.w_1")
+    graph = helper.make_graph([helper.make_node("Constant", [], ["c0"], value=table),
+                               helper.make_node("Constant", [], ["c1"], value=w),
+                               helper.make_node("Gather", ["c0", "ids"], ["e"]),
+                               helper.make_node("MatMul", ["e", "c1"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    ids = np.arange(50, dtype=np.int64)
+    want = ort.InferenceSession(ir.to_proto(model).SerializeToString()).run(None, {"ids": ids})[0]
+    quantized, report = quantize(model, mode)
+    assert report.prepared["constants as initializers"] == 2 and report.quantized == 2 and not report.float_left
+    got = ort.InferenceSession(ir.to_proto(quantized).SerializeToString()).run(None, {"ids": ids})[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < (0.01 if mode == "int8-weights" else INT4)
+
+
 def test_a_model_with_external_data_is_quantized(exported, tmp_path):
     """A file whose tensors live in a data file beside it (as the dynamo exporter writes large models)."""
     proto = onnx.load(exported)
