@@ -354,7 +354,6 @@ def _plan(path: Path, model: ir.Model, given: FusionConfig, config: FusionConfig
             given = given.replace(max_error=max(config.max_error - reserve, 0.0))
         elif config.quantize == "int8" and feed is not None and not dry_run:  # no budget: still the better int8
             _, static, how = _quantization_error(model, given, feed)
-            reserve = None
         kept = fuse_keeping_onnx(model, given, feed, plan, progress)
         if static is not None and reserve is None:
             kept.plan = replace(kept.plan, message=f"{kept.plan.message}; int8 measured on the inputs the planner "
