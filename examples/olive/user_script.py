@@ -34,18 +34,24 @@ def mnist_digits(data_name: str = "test", count: int = 256, **kwargs):
 
 @Registry.register_dataset()
 def token_batches(lines: str | None = None, tokenizer: str | None = None, count: int = 128, seq: int = 16,
-                  vocab: int = 120, seed: int = 0, **kwargs):
-    """Inputs ``input_ids`` and ``attention_mask`` for a BERT-style model (labels 0): a text file of
-    one sentence per line tokenized by a Hugging Face tokenizer saved on disk (``lines``,
-    ``tokenizer``: what ``lfpass optimize --inputs lines.txt --tokenizer DIR`` reads), or without
-    them ``count`` random token sequences below ``vocab`` (a model's smoke test)."""
+                  vocab: int = 120, seed: int = 0, labels_from: str | None = None, **kwargs):
+    """Inputs ``input_ids`` and ``attention_mask`` for a BERT-style model: a text file of one sentence
+    per line tokenized by a Hugging Face tokenizer saved on disk (``lines``, ``tokenizer``: what
+    ``lfpass optimize --inputs lines.txt --tokenizer DIR`` reads), or without them ``count`` random
+    token sequences below ``vocab``. Labels: the classes the classifier ``labels_from`` (an ONNX
+    file, the original) picks, so Olive's accuracy is agreement with the original; else 0."""
     if lines and tokenizer:
         from lfpass.data.calibration import InputSpec, text_lines
 
         specs = [InputSpec(n, np.dtype(np.int64), (None, seq)) for n in ("input_ids", "attention_mask")]
         arrays = text_lines(lines, tokenizer, specs, max_length=seq, limit=count)
-        return _Pairs(arrays, np.zeros(len(arrays["input_ids"]), np.int64))
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(5, vocab, (count, seq)).astype(np.int64)
-    mask = np.ones((count, seq), np.int64)
-    return _Pairs({"input_ids": ids, "attention_mask": mask}, np.zeros(count, np.int64))
+    else:
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(5, vocab, (count, seq)).astype(np.int64)
+        arrays = {"input_ids": ids, "attention_mask": np.ones((count, seq), np.int64)}
+    labels = np.zeros(len(arrays["input_ids"]), np.int64)
+    if labels_from:
+        import onnxruntime as ort
+
+        labels = ort.InferenceSession(labels_from).run(None, arrays)[0].argmax(-1).astype(np.int64)
+    return _Pairs(arrays, labels)
