@@ -11,6 +11,9 @@ MiniLM's ONNX file (``tools/budget_real.py`` exports it):
   only, so tensors are shared), ``fused + int8``, ``fused + int8-weights`` and ``fused +
   int4`` (the same with ``--quantize``) and ``int8 alone`` (onnxruntime's
   ``quantize_dynamic``);
+- ``original, tie laid out``: with ``--model gpt2`` (a random-init GPT-2 of 124 M
+  parameters, 476 MB, whose embedding table is its head: what lfpass writes for a float
+  file, :func:`lfpass.onnx.tied.lay_out_tables`, nothing else changed);
 - each with onnxruntime's defaults and with ``session.disable_prepacking = 1``. Every
   file is first written as one file, its external data inlined, and the session is made
   from that path: onnxruntime then reads every tensor (from external data it may map the
@@ -24,6 +27,7 @@ the weights as stored (pre-packed copies, activations, kernels' buffers). Figure
 median of ``--repeat`` processes.
 
     python tools/bench_ram.py --out docs/BENCHMARKS.md --json /tmp/bench_ram.json   # a few minutes
+    python tools/bench_ram.py --model gpt2 --out docs/BENCHMARKS.md                # GPT-2 (124 M)
     python tools/bench_ram.py --small                                              # seconds: the test
 """
 
@@ -47,7 +51,8 @@ sys.path.insert(0, str(HERE))
 import budget_real as br  # noqa: E402
 from benchlib import publish  # noqa: E402
 
-BEGIN, END = "<!-- bench-ram:begin -->", "<!-- bench-ram:end -->"
+MARKERS = {"minilm": ("<!-- bench-ram:begin -->", "<!-- bench-ram:end -->"),
+           "gpt2": ("<!-- bench-ram-gpt2:begin -->", "<!-- bench-ram-gpt2:end -->")}
 MODES = {"defaults": {}, "no prepacking": {"session.disable_prepacking": "1"}}
 QUANTIZE = ("int8", "int8-weights", "int4")
 
@@ -149,15 +154,29 @@ def lfpass(model: Path, out: Path, ratio: float, extra: list[str]) -> None:
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    laid_out = None
     if args.small:
         model, feed = tiny(work)
+    elif args.model == "gpt2":
+        model, feed = gpt2(work)
+        laid_out = work / "laid_out.onnx"
     else:
         model, feed, _ = br.minilm(work, args.cache, 8, args.seed)
         feed = {k: v[:4] for k, v in feed.items()}
     feed_path = work / "feed.npz"
     np.savez(feed_path, **feed)
-    files = {"original": model, "fused": work / "fused.onnx", **{f"fused + {q}": work / f"fused.{q}.onnx" for q in
-                                                                  QUANTIZE}, "int8 alone": work / "int8.onnx"}
+    files = {"original": model, **({"original, tie laid out": laid_out} if laid_out else {}),
+             "fused": work / "fused.onnx", **{f"fused + {q}": work / f"fused.{q}.onnx" for q in QUANTIZE},
+             "int8 alone": work / "int8.onnx"}
+    if laid_out is not None:
+        import onnx_ir as ir
+
+        from lfpass.onnx.tied import lay_out_tables
+
+        original = ir.load(model)
+        if not lay_out_tables(original):
+            raise RuntimeError(f"{model}: no tied table to lay out")
+        ir.save(original, laid_out)
     lfpass(model, files["fused"], args.ratio, [])
     for q in QUANTIZE:
         lfpass(model, files[f"fused + {q}"], args.ratio, ["--quantize", q])
@@ -178,12 +197,27 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         row["bytes_ratio"] = base["bytes"] / row["bytes"]
         row["rss_ratio"] = base["rss"] / max(row["rss"], 1)
         row["beyond"] = row["rss"] - row["bytes"]
-    return {"model": "tiny residual MLP (the test's)" if args.small else "all-MiniLM-L6-v2 (ONNX, dynamo exporter)",
-            "ratio": args.ratio, "rows": rows}
+    name = ("tiny residual MLP (the test's)" if args.small else
+            "GPT-2 (random init, 124 M parameters, embedding tied to the head; ONNX, dynamo exporter; sessions run "
+            "4 sequences of 16 tokens)" if args.model == "gpt2" else "all-MiniLM-L6-v2 (ONNX, dynamo exporter)")
+    return {"model": name, "ratio": args.ratio, "rows": rows}
+
+
+def gpt2(work: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """GPT-2's own shape (12 x 768, vocabulary 50257), random weights: memory does not depend on
+    their values. Exported once into ``work``."""
+    from bench_optimize import export_gpt2
+
+    path = work / "gpt2.onnx"
+    if not path.exists():
+        export_gpt2(path, 12, 768, 50257, 1024)
+    ids = np.random.default_rng(0).integers(0, 50257, (4, 16)).astype(np.int64)
+    return path, {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [BEGIN, "", f"`{report['command']}` ({report['machine']}; load {report['load']}). Model: "
+    begin, end = report["markers"]
+    lines = [begin, "", f"`{report['command']}` ({report['machine']}; load {report['load']}). Model: "
              f"{report['result']['model']}; fused: `--actions tie --merge mean --ratio {report['result']['ratio']:g}` "
              f"(ties, so tensors are shared). Resident: what one session adds to its process after one run, less what "
              f"a session of a model with the same inputs and no weights adds, median of {report['repeat']} processes.", "",
@@ -192,12 +226,13 @@ def render(report: dict[str, Any]) -> str:
     for r in report["result"]["rows"]:
         lines.append(f"| {r['model']} | {r['session']} | {r['bytes'] / 2**20:.1f} MiB | {r['rss'] / 2**20:.1f} MiB "
                      f"| {r['bytes_ratio']:.2f}x | {r['rss_ratio']:.2f}x | {r['beyond'] / 2**20:.1f} MiB |")
-    return "\n".join([*lines, "", END])
+    return "\n".join([*lines, "", end])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="a tiny MLP instead of MiniLM: checks the tool")
+    p.add_argument("--model", choices=sorted(MARKERS), default="minilm")
     p.add_argument("--ratio", type=float, default=1.5)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -206,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--out", type=Path, help="rewrite the part between this tool's markers of this Markdown file")
     args = p.parse_args(argv)
-    publish("bench_ram.py", argv, args, measure, render, (BEGIN, END), "Sessions in memory", repeat=args.repeat)
+    markers = MARKERS[args.model]
+    publish("bench_ram.py", argv, args, measure, lambda r: render({**r, "markers": markers}), markers,
+            "Sessions in memory", repeat=args.repeat)
     return 0
 
 

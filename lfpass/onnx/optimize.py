@@ -27,6 +27,7 @@ from lfpass.onnx.fusion_pass import LayerFusionPass
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
 from lfpass.onnx.quantize import QuantizeError, QuantReport, quantize_within, refusal
 from lfpass.onnx.quantize import quantize as quantize_model
+from lfpass.onnx.tied import lay_out_tables
 from lfpass.onnx.save import DataFile, needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
 from lfpass.onnx.validate import Validation, score_outputs, validate
@@ -431,6 +432,12 @@ def _rewrite(result: OptimizeResult, model: ir.Model, value_info: Any, kept: Kep
             fusion.store = DataFile(where)
         fusion(model)
     result.params_after = count_params(model)
+    if quantize == "none":  # quantizing stores a tied table once its own way (lfpass.onnx.tied)
+        laid_out = lay_out_tables(model)
+        if laid_out:
+            result.message = "\n".join(m for m in (result.message, f"{len(laid_out)} embedding table(s) stored once, "
+                                                    "in their tied head's orientation (onnxruntime held a transposed "
+                                                    "copy)") if m)
     result.seconds["rewrite"] = time.perf_counter() - clock
     if quantize != "none":
         clock = time.perf_counter()

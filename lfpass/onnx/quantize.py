@@ -17,6 +17,10 @@ float). What they lack, and this module adds, is only this:
   one transposed initializer (one per tensor, however many read it) and every
   plain ``Gemm`` on an initializer becomes ``MatMul`` (+ ``Add`` for its bias),
   its weight stored ``[in, out]`` once;
+- **one table for an embedding tied to its head.** A language model's table is
+  also its head's weight, transposed: the head is quantized as a MatMul weight
+  and the ``Gather`` reads that quantized tensor (:mod:`lfpass.onnx.tied`)
+  rather than a second copy the tools would make;
 - **no duplicates after.** Scales and zero points that come out bit-identical
   (and any other equal tensors) are stored once;
 - **weight-only passes composed.** ``int8-weights`` and ``int4`` run the tools
@@ -53,6 +57,7 @@ from lfpass.core.errors import InputError
 from lfpass.onnx.load import _quiet, read_array
 from lfpass.onnx.rewrite import FreshNames, add_initializer
 from lfpass.onnx.save import needs_external
+from lfpass.onnx.tied import find_ties, tie_tables
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,7 @@ class QuantReport:
     eight_bit: dict[str, str] = field(default_factory=dict)
     prepared: dict[str, int] = field(default_factory=dict)
     deduplicated: int = 0
+    tied: dict[str, str] = field(default_factory=dict)  # embedding table -> the head whose quantized tensor it reads
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,8 +100,10 @@ class QuantReport:
     def summary(self) -> str:
         left = f", {len(self.float_left)} left in float" if self.float_left else ""
         wider = f", {len(self.eight_bit)} of them at 8 bits" if self.eight_bit else ""
+        tied = (f", {len(self.tied)} embedding table(s) stored as their output head's quantized weight"
+                if self.tied else "")
         return (f"{self.mode}: {self.quantized} weight tensors quantized ({self.shared} of them read by several "
-                f"nodes, each stored once){wider}{left}; {self.method}")
+                f"nodes, each stored once){wider}{tied}{left}; {self.method}")
 
 
 def refusal(model: ir.Model, mode: str) -> str:
@@ -279,7 +287,8 @@ def quantize(model: ir.Model, mode: str, feeds: Sequence[dict[str, np.ndarray]] 
     if mode in WEIGHT_ONLY and not any(ops[n] in ("MatMul", "Gather") for r in readers.values() for n in r):
         raise QuantizeError(f"{mode} quantizes MatMul weights and Gather tables (onnxruntime's MatMulNBits); the "
                             "model has no MatMul on a weight and no Gather on a float table: nothing quantized")
-    exclude = sorted({n for w in keep_float for n in readers.get(w, [])})
+    ties = _tables_to_tie(model, mode, keep_float, eight_bit)
+    exclude = sorted({n for w in keep_float for n in readers.get(w, [])} | set(ties))
     wider = sorted({n for w in eight_bit for n in readers.get(w, [])}) if mode == "int4" else []
     with tempfile.TemporaryDirectory(prefix="lfpass-quantize-") as tmp, _quiet("root"):
         large = needs_external(model)  # past protobuf's 2 GB: the tools read and write external data
@@ -293,6 +302,7 @@ def quantize(model: ir.Model, mode: str, feeds: Sequence[dict[str, np.ndarray]] 
         quantized = ir.load(out)
         ir.external_data.load_to_model(quantized)  # in memory before the folder goes
     report = QuantReport(mode, method, prepared=prepared)
+    report.tied = tie_tables(quantized, ties)
     report.deduplicated = deduplicate(quantized)
     left = weight_readers(quantized)
     for name in readers:
@@ -304,6 +314,21 @@ def quantize(model: ir.Model, mode: str, feeds: Sequence[dict[str, np.ndarray]] 
             if mode == "int4" and name in eight_bit:
                 report.eight_bit[name] = "kept at 8 bits"
     return quantized, report
+
+
+def _tables_to_tie(model: ir.Model, mode: str, keep_float: Sequence[str], eight_bit: Sequence[str]) -> dict[str, str]:
+    """The ``Gather`` nodes whose table will read its head's quantized tensor (:mod:`lfpass.onnx.tied`)
+    -> the head: not when either is kept in float, nor when the table is kept at 8 bits and its
+    head is not."""
+    nodes = {n.name: n for n in model.graph}
+    ties = {}
+    for gather, head in find_ties(model).items():
+        table = nodes[gather].inputs[0].name
+        if table in keep_float or head in keep_float or (mode == "int4" and table in eight_bit
+                                                          and head not in eight_bit):
+            continue
+        ties[gather] = head
+    return ties
 
 
 def _name_nodes(model: ir.Model) -> None:
