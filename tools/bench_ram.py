@@ -14,6 +14,8 @@ MiniLM's ONNX file (``tools/budget_real.py`` exports it):
 - ``original, tie laid out``: with ``--model gpt2`` (a random-init GPT-2 of 124 M
   parameters, 476 MB, whose embedding table is its head: what lfpass writes for a float
   file, :func:`lfpass.onnx.tied.lay_out_tables`, nothing else changed);
+- ``fused, held once`` and ``fused + int8, held once``: the same with ``--hold-shared-once``
+  (:mod:`lfpass.onnx.prepack`: shared tensors not pre-packed per node);
 - each with onnxruntime's defaults and with ``session.disable_prepacking = 1``. Every
   file is first written as one file, its external data inlined, and the session is made
   from that path: onnxruntime then reads every tensor (from external data it may map the
@@ -166,8 +168,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     feed_path = work / "feed.npz"
     np.savez(feed_path, **feed)
     files = {"original": model, **({"original, tie laid out": laid_out} if laid_out else {}),
-             "fused": work / "fused.onnx", **{f"fused + {q}": work / f"fused.{q}.onnx" for q in QUANTIZE},
-             "int8 alone": work / "int8.onnx"}
+             "fused": work / "fused.onnx", "fused, held once": work / "fused.held.onnx",
+             **{f"fused + {q}": work / f"fused.{q}.onnx" for q in QUANTIZE},
+             "fused + int8, held once": work / "fused.int8.held.onnx", "int8 alone": work / "int8.onnx"}
     if laid_out is not None:
         import onnx_ir as ir
 
@@ -178,8 +181,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             raise RuntimeError(f"{model}: no tied table to lay out")
         ir.save(original, laid_out)
     lfpass(model, files["fused"], args.ratio, [])
+    lfpass(model, files["fused, held once"], args.ratio, ["--hold-shared-once"])
     for q in QUANTIZE:
         lfpass(model, files[f"fused + {q}"], args.ratio, ["--quantize", q])
+    lfpass(model, files["fused + int8, held once"], args.ratio, ["--quantize", "int8", "--hold-shared-once"])
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(model, files["int8 alone"], per_channel=True, weight_type=QuantType.QInt8)

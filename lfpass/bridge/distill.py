@@ -291,8 +291,9 @@ def weight_grids(module: torch.nn.Module, mode: str) -> dict[str, Any]:
     each ``torch.matmul`` on a 2-D parameter (a converted ``MatMul``: blocks along its first axis)
     and each ``nn.Linear`` or ``linear`` weight (a ``Gemm``: along its second), 4-bit blocks for
     ``int4`` and 8-bit ones for ``int8-weights``, of the sizes :mod:`lfpass.onnx.quantize` picks
-    for these depths. Other weights (convolutions, embedding tables) are rounded after export
-    without retraining."""
+    for these depths; under ``int4`` embedding tables too, on the 4-bit quantizer's ``Gather``
+    grid (the same blocks along each row). Other weights (convolutions, 8-bit tables) are
+    rounded after export without retraining."""
     from torch import fx
 
     from lfpass.onnx.quantize import BLOCK, BLOCK8, block_size_for
@@ -312,7 +313,32 @@ def weight_grids(module: torch.nn.Module, mode: str) -> dict[str, Any]:
     axes = {n: a for n, a in axes.items() if params[n].dim() == 2 and params[n].is_floating_point()}
     depths = [params[n].shape[a] for n, a in axes.items()]
     bits, block = (4, block_size_for(BLOCK, depths)) if mode == "int4" else (8, block_size_for(BLOCK8, depths))
-    return {n: Grid(bits, block, a) for n, a in axes.items()}
+    grids = {n: Grid(bits, block, a) for n, a in axes.items()}
+    if mode == "int4":  # 4-bit tables: blocks of the same size along each row (int8-weights: per row, not blocks)
+        grids.update({name: Grid(4, block, 1) for name in _tables(module) if name not in grids})
+    return grids
+
+
+def _tables(module: torch.nn.Module) -> list[str]:
+    """The embedding tables of ``module`` (2-D floating-point tensors a lookup reads rows of): an
+    ``nn.Embedding``'s weight, or the constant an ONNX ``Gather`` on axis 0 reads (onnx2torch keeps
+    it as a buffer: not trained, but rounded while the rest retrains, so the rest learns around it)."""
+    from torch import fx
+
+    names = [f"{name}.weight" for name, sub in module.named_modules() if isinstance(sub, torch.nn.Embedding)]
+    nodes = module.graph.nodes if isinstance(module, fx.GraphModule) else []
+    for node in nodes:
+        if node.op != "call_module" or type(module.get_submodule(node.target)).__name__ != "OnnxGather":
+            continue
+        table = node.args[0] if node.args else None
+        if getattr(module.get_submodule(node.target), "_axis", 0) != 0 or not isinstance(table, fx.Node) \
+                or table.op != "get_attr":
+            continue
+        tensor = module.get_parameter(table.target) if table.target in dict(module.named_parameters()) else \
+            module.get_buffer(table.target)
+        if tensor.dim() == 2 and tensor.is_floating_point():
+            names.append(table.target)
+    return names
 
 
 def _quantize_export(source: Path, output: Path, mode: str) -> Any:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lfpass.cli.inputs import resolve_inputs
-from lfpass.cli.options import (EXIT_OK, EXIT_VALIDATION, add_config_options, add_schedule_options,
+from lfpass.cli.options import (EXIT_OK, EXIT_USAGE, EXIT_VALIDATION, add_config_options, add_schedule_options,
                                 add_validation_options, config_from_args, schedule_overrides, with_tolerances)
 from lfpass.cli.output import MAX_OUTPUT_LINES, history_table, note, output_line, table, write_report
 from lfpass.core.config import AUTO, FusionConfig
@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "kernels), int8-weights 8-bit MatMul weights and embedding tables computed in float "
                         "(far more accurate on transformers), int4 4-bit blocks for both; under --max-error the "
                         "budget holds for the fused and quantized model, each weight at its own width")
+    p.add_argument("--hold-shared-once", action="store_true",
+                   help="declare each shared tensor an overridable initializer, so onnxruntime holds it once "
+                        "rather than pre-packing a copy for every node that reads it (less memory; those nodes "
+                        "run unpacked, slower)")
     p.add_argument("--plan", type=Path, help="apply this plan (from `analyze --plan-out`) instead of planning")
     p.add_argument("--dry-run", action="store_true", help="plan and print the predicted figures; write nothing")
     p.add_argument("--report", type=Path, help="write the figures as JSON, or (a .html or .png path) a one-page "
@@ -79,6 +83,7 @@ def run_optimize(args: argparse.Namespace) -> int:
             strict=args.strict, inputs=resolve_inputs(args, args.model), input_shapes=parse_input_shapes(args.input_shape),
             samples=args.samples, external_data=args.external_data, progress=sys.stderr.isatty(),
             reads={"--plan": args.plan, "--pipeline": args.pipeline}, writes={"--report": args.report},
+            hold_shared_once=args.hold_shared_once,
         )
     except ValidationFailed as exc:
         if exc.result is not None:
@@ -106,6 +111,10 @@ def run_optimize(args: argparse.Namespace) -> int:
 
 def run_distill(args: argparse.Namespace, config: FusionConfig) -> int:
     """``optimize --distill``: ONNX in, fuse and distil in PyTorch, ONNX out."""
+    if args.hold_shared_once:
+        print("lfpass: error: --hold-shared-once applies to optimize without --distill (run optimize on the "
+              "distilled file: --ratio 1 --hold-shared-once)", file=sys.stderr)
+        return EXIT_USAGE
     from lfpass.bridge.distill import distill_onnx
     from lfpass.onnx.optimize import default_output
     from lfpass.train import Schedule

@@ -27,6 +27,7 @@ from lfpass.onnx.fusion_pass import LayerFusionPass
 from lfpass.onnx.load import check_input_file, count_params, disk_bytes, external_files, read_model
 from lfpass.onnx.quantize import QuantizeError, QuantReport, quantize_within, refusal
 from lfpass.onnx.quantize import quantize as quantize_model
+from lfpass.onnx.prepack import hold_shared_once
 from lfpass.onnx.tied import lay_out_tables
 from lfpass.onnx.save import DataFile, needs_external, staged, write
 from lfpass.onnx.sites import OnnxSites, find_sites
@@ -229,6 +230,7 @@ def optimize(
     progress: bool = False,
     reads: Mapping[str, Path | None] | None = None,
     writes: Mapping[str, Path | None] | None = None,
+    hold_shared_once: bool = False,
 ) -> OptimizeResult:
     """Fuse the model at ``path`` into ``output`` (default ``NAME.fused.onnx``).
 
@@ -264,7 +266,7 @@ def optimize(
     result, kept, fusion, static = _plan(path, model, given, config, plan, inputs, data_files, dry_run, progress)
     result.seconds.update(load=loaded, plan=time.perf_counter() - clock)
     _defaults(result, given, inputs is not None and plan is None)
-    if (result.plan.empty and config.quantize == "none") or dry_run:
+    if (result.plan.empty and config.quantize == "none" and not hold_shared_once) or dry_run:
         return result
     check = check and (kept is None or kept.plan.max_error is None)  # a budget judges by its held-out error
     feeds = _feeds(model, config, check, inputs, input_shapes, samples)
@@ -276,7 +278,7 @@ def optimize(
     calibration = _calibration(model, config, inputs) if static is not False else None  # dynamic measured better
     with contextlib.ExitStack() as stack:
         where = _rewrite(result, model, value_info, kept, fusion, output, keep, external_data, data_files, stack,
-                         config.quantize, calibration)
+                         config.quantize, calibration, hold_shared_once)
         del model, fusion  # onnxruntime loads the files: free the graph before it does
         if check:
             _check(result, where.model, output, feeds, scores, config, strict, progress)
@@ -415,7 +417,7 @@ def _calibration(model: ir.Model, config: FusionConfig, inputs: Any) -> list[onn
 def _rewrite(result: OptimizeResult, model: ir.Model, value_info: Any, kept: Kept | None,
              fusion: LayerFusionPass | None, output: Path, keep: list[Path], external_data: bool | None,
              data_files: list[Path], stack: contextlib.ExitStack, quantize: str = "none",
-             calibration: list[onnx_inputs.Feeds] | None = None) -> Any:
+             calibration: list[onnx_inputs.Feeds] | None = None, hold_shared: bool = False) -> Any:
     """Apply the plan (or take the kept build), quantize it if asked, and write it to a staged
     output; the staged files."""
     # an output that will be external for sure is staged first, and each merged tensor goes
@@ -448,6 +450,10 @@ def _rewrite(result: OptimizeResult, model: ir.Model, value_info: Any, kept: Kep
             model, result.quantized = quantize_model(model, quantize, calibration)
         result.seconds["quantize"] = time.perf_counter() - clock
         result.message = "\n".join(m for m in (result.message, f"quantized {result.quantized.summary()}") if m)
+    if hold_shared:
+        marked = hold_shared_once(model)
+        result.message = "\n".join(m for m in (result.message, f"{len(marked)} shared tensor(s) declared overridable: "
+                                                "onnxruntime holds each once, unpacked") if m)
     if where is None:
         external = external_data if external_data is not None else bool(data_files) or needs_external(model)
         if not external and needs_external(model):

@@ -123,15 +123,22 @@ class QatResult:
 def retrain_quantized(model: nn.Module, grids: Mapping[str, Grid], task: Task, schedule: Schedule, *,
                       progress: bool = True) -> QatResult:
     """Retrain ``model`` in place for ``schedule.steps_per_stage`` steps on ``task`` with the weights
-    named in ``grids`` fake-quantized, then round them onto their grids. Retraining that measures
+    named in ``grids`` fake-quantized, then round them onto their grids (buffers ``grids`` names, the
+    tables a conversion keeps as constants, are rounded first and stay so). Retraining that measures
     worse on ``task``'s held-out samples than rounding alone is undone (the rounded original
     weights are kept, and said)."""
-    missing = sorted(set(grids) - {n for n, _ in model.named_parameters(remove_duplicate=False)})
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    missing = sorted(set(grids) - params - set(buffers))
     if missing:
         raise TrainingError(f"quantization-aware retraining: {missing[0]!r} is not a parameter of the model")
-    if not grids:
+    if not set(grids) & params:
         raise TrainingError("quantization-aware retraining: no weight to quantize")
     started = time.perf_counter()
+    with torch.no_grad():  # constants (an ONNX file's embedding tables) are not trained: on their grid from now
+        for name in set(grids) & set(buffers):
+            buffers[name].copy_(rounded(buffers[name], grids[name]))
+    grids = {n: g for n, g in grids.items() if n in params}
     before = copy.deepcopy(model.state_dict())
     snap(model, grids)
     quality_rounded = task.evaluate(model)["quality"]

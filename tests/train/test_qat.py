@@ -124,3 +124,47 @@ def test_distillation_pooled_over_the_mask_compares_sentence_embeddings():
     assert float(task.loss(Padded(), (x, mask))) == pytest.approx(0.0, abs=1e-10)
     unpooled = Distillation(Tokens(), (x, mask), (x, mask))
     assert unpooled.evaluate(Padded())["quality"] < 0.9
+
+
+def test_a_table_on_the_grid_is_what_the_4_bit_gather_writes_to_the_bit():
+    """An embedding table rounded by ``rounded`` (blocks along each row) comes back unchanged from
+    onnxruntime's 4-bit ``GatherBlockQuantized``: the grid the retraining rounds tables on."""
+    table = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    on_grid = rounded(table, Grid(4, 32, axis=1)).numpy()
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])],
+                              [numpy_helper.from_array(on_grid, "table")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    quantized, report = quantize(model, "int4", block_size=32)
+    assert report.quantized == 1
+    got = ort.InferenceSession(ir.to_proto(quantized).SerializeToString()).run(None, {"ids": np.arange(50)})[0]
+    assert np.array_equal(got, on_grid)
+
+
+def test_an_onnx_files_table_is_rounded_while_the_rest_retrains(tmp_path):
+    from lfpass.bridge.distill import weight_grids
+    from lfpass.bridge.to_torch import to_torch
+
+    class Lookup(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(40, 64)
+            self.out = torch.nn.Linear(64, 64)
+
+        def forward(self, ids):
+            return self.out(torch.tanh(self.embed(ids)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "lookup.onnx"
+    torch.onnx.export(Lookup().eval(), (torch.randint(0, 40, (2, 5)),), str(path), dynamo=False,
+                      input_names=["ids"], dynamic_axes={"ids": {0: "b", 1: "s"}}, opset_version=17)
+    module = to_torch(path)
+    grids = weight_grids(module, "int4")
+    tables = [n for n in grids if n in dict(module.named_buffers())]
+    assert len(tables) == 1 and grids[tables[0]] == Grid(4, 32, 1)
+    assert tables[0] not in weight_grids(module, "int8-weights")  # 8-bit tables are rows, not blocks
+    task = Distillation.from_model(module, torch.randint(0, 40, (64, 5)), eval_fraction=0.25)
+    retrain_quantized(module, grids, task, Schedule(stages=1, steps_per_stage=5, lr=1e-3), progress=False)
+    table = module.get_buffer(tables[0])
+    assert torch.equal(table, rounded(table, Grid(4, 32, 1)))
