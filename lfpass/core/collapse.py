@@ -36,11 +36,12 @@ GREEDY = 12  # stacks up to this many blocks choose by measurement, block by blo
 @dataclass(frozen=True)
 class Block:
     """One residual block of a stack: its name (the module path, ``encoder.layer.3``), the
-    unique parameters that go with it, and how many of them sit in plannable layers."""
+    unique parameters that go with it, how many of them sit in plannable layers, and those layers."""
 
     name: str
     params: int
     layer_params: int = 0
+    layers: tuple[str, ...] = ()  # the plannable layers inside it (what another action may not also take)
 
 
 def enclosing(path: str) -> list[str]:

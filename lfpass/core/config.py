@@ -31,7 +31,7 @@ PLAIN_DEFAULTS = {"merge": "mean", "align": "none"}
 DATA_DEFAULTS = {"merge": "regmean", "align": "weights"}
 MEASURED_MERGES = ("regmean", "mean")  # under a budget, an "auto" merge is measured per group among these
 MEASURED_ALIGNS = ("weights", "none")  # ... and an "auto" alignment per plan among these
-COLLAPSE = "collapse"  # remove whole residual blocks (lfpass.core.collapse): asked for alone, never auto
+COLLAPSE = "collapse"  # remove whole residual blocks (lfpass.core.collapse): asked for, never auto
 ACTIONS = ("tie", "residual", "basis", "lowrank")  # the plan menu (lfpass.core.menu); "tie" alone: the tie planners
 _META_KEYS = ("name", "description")
 _MEASURING = ("error_output", "pooling", "margin")
@@ -83,9 +83,12 @@ class FusionConfig:
     ``"basis"`` (a shared basis with per-member coefficients) and
     ``"lowrank"`` (per-layer activation-aware SVD); the planner spends the
     ratio or the budget on the least damage per parameter saved among them.
-    ``"collapse"``, given alone, removes whole residual blocks instead, least
-    influential first (:mod:`lfpass.core.collapse`), so inference runs fewer
-    layers; it needs calibration inputs.
+    ``"collapse"`` removes whole residual blocks, least influential first
+    (:mod:`lfpass.core.collapse`), so inference runs fewer layers; it needs
+    calibration inputs. Alone, it reaches the ratio or the budget by blocks;
+    with other actions (and ``max_error``, which it then needs) it removes as
+    many blocks as keep the budget while the other actions still reach the
+    target within it on the layers left, and plans those.
     ``"auto"``: the full menu when calibration inputs come and a ratio or a
     budget is asked for, unless an option only the tie planners honour is
     set (``align`` other than auto, ``residual_rank``, ``metric='output'``,
@@ -195,9 +198,9 @@ class FusionConfig:
             bad = [v for v in value if v not in (*ACTIONS, COLLAPSE)]
             if bad:
                 raise ConfigError(f"actions: unknown {bad[0]!r} (known: {', '.join((*ACTIONS, COLLAPSE))})")
-            if COLLAPSE in value and len(set(value)) > 1:
-                raise ConfigError(f"actions: {COLLAPSE!r} plans alone (removing whole blocks); give it without "
-                                  f"{', '.join(v for v in value if v != COLLAPSE)}")
+            if COLLAPSE in value and len(set(value)) > 1 and self.max_error is None:
+                raise ConfigError(f"actions: {COLLAPSE!r} with {', '.join(v for v in value if v != COLLAPSE)} "
+                                  f"removes as many blocks as a budget keeps, then plans the rest: give max_error")
             object.__setattr__(self, "actions", tuple(dict.fromkeys(value)))
         if not (_is_int(self.residual_rank) and self.residual_rank >= 0):
             raise ConfigError(f"residual_rank: must be an integer >= 0, got {self.residual_rank!r}")
@@ -237,9 +240,10 @@ class FusionConfig:
         return self.replace(**auto) if auto else self
 
     def menu(self, has_data: bool) -> tuple[str, ...]:
-        """The plan actions to choose among (``actions``, with ``"auto"`` made concrete)."""
+        """The plan actions to choose among (``actions``, with ``"auto"`` made concrete; depth
+        collapse is planned before them, not among them)."""
         if self.actions != AUTO:
-            return tuple(self.actions)
+            return tuple(a for a in self.actions if a != COLLAPSE)
         tie_only = (self.align not in (AUTO, "none") or self.residual_rank > 0 or self.metric == "output"
                     or self.granularity == "block" or (self.target_ratio is None and self.max_error is None))
         return ("tie",) if not has_data or tie_only else ACTIONS
@@ -251,7 +255,7 @@ class FusionConfig:
 
     @property
     def collapses(self) -> bool:
-        """Whether the plan removes whole residual blocks (``actions = ["collapse"]``)."""
+        """Whether the plan removes whole residual blocks (``"collapse"`` among the ``actions``)."""
         return self.actions != AUTO and COLLAPSE in self.actions
 
     @property

@@ -27,7 +27,7 @@ from lfpass.core.align import AlignReport, Skipped, align_spaces, cross_pairs, l
 from lfpass.core.bases import BasisFit, plan_factors
 from lfpass.core.budget import NEVER, plan_within_budget, with_options
 from lfpass.core.calibration import Calibration, CalibrationError
-from lfpass.core.collapse import plan_collapse
+from lfpass.core.collapse import dropping, plan_collapse
 from lfpass.core.config import AUTO, MEASURED_ALIGNS, MEASURED_MERGES, FusionConfig
 from lfpass.core.dense import plan_values
 from lfpass.core.errors import ConfigError
@@ -209,6 +209,8 @@ def fuse_keeping(frontend: Frontend, config: FusionConfig, batches: Sequence[Any
     total = frontend.count(frontend.model)
     if plan is not None:
         check_plan(plan, found.by_name())
+    elif config.collapses and menu:
+        plan = _collapsed_then_menu(frontend, config, total, calib, stats, actions, evaluate, probe, progress)
     elif config.collapses:
         plan = _collapsed(frontend, config, total, calib, evaluate if chosen_on is not None else None, progress)
     elif menu:
@@ -243,6 +245,51 @@ def _collapsed(frontend: Frontend, config: FusionConfig, total: int, batches: Se
     base = replace(base, target_ratio=config.target_ratio, threshold=None, max_overshoot=None, align="none",
                    error_metric=config.error_metric, max_error=config.max_error, message="")
     return plan_collapse(base, frontend.blocks(), frontend.influence(batches), config, evaluate)
+
+
+def _collapsed_then_menu(frontend: Frontend, config: FusionConfig, total: int, batches: Sequence[Any],
+                         stats: Calibration | None, actions: Sequence[str], evaluate: Any, probe: Any,
+                         progress: bool) -> FusionPlan:
+    """Depth first, then the menu: whole blocks removed as depth collapse removes them (in the
+    order it measures, while the error keeps the budget, up to the target); when they fall short
+    of the target, as many of them as still let the menu reach it within the budget on the
+    layers left (found by bisection over how many: one budgeted menu plan per step), and the
+    menu's plan for those. Without a target, the most blocks the budget allows, then the menu
+    as far as the budget goes. Speed before size: each block removed is work no inference does."""
+    found = frontend.found
+    depth = _collapsed(frontend, config, total, batches, evaluate, progress)
+    if config.target_ratio is not None and depth.ratio + 1e-12 >= config.target_ratio:
+        return replace(depth, message=f"depth first: the blocks removed reach the target within the budget, "
+                                      f"nothing else planned; {depth.message}")
+    blocks = {b.name: b for b in frontend.blocks()}
+    order = [blocks[name] for name in depth.dropped]
+    start = replace(depth, dropped=(), params_after=depth.params_before, layer_params_after=depth.layer_params_before)
+
+    def menu_after(k: int) -> FusionPlan:
+        removed = order[:k]
+        return plan_menu(found.plannable, found.load, config, total, stats, actions, evaluate, progress, probe,
+                         start=dropping(start, removed), skip={n for b in removed for n in b.layers})
+
+    def reaches(plan: FusionPlan) -> bool:
+        return config.target_ratio is None or plan.ratio + 1e-12 >= config.target_ratio
+
+    tried: dict[int, FusionPlan] = {len(order): menu_after(len(order))}
+    k = len(order)
+    if not reaches(tried[k]):
+        lo, hi = -1, len(order)  # lo reaches (or none does), hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            tried[mid] = menu_after(mid)
+            lo, hi = (mid, hi) if reaches(tried[mid]) else (lo, mid)
+        k = max(lo, 0)
+        if k not in tried:
+            tried[k] = menu_after(k)
+    plan = tried[k]
+    steps = ", ".join(f"{n} block(s): ratio {tried[n].ratio:.3f}" for n in sorted(tried))
+    head = (f"depth first: {len(order)} block(s) removable within the budget ({depth.message}); the menu on the "
+            f"layers left, per count of blocks removed ({steps}): kept {k} removed"
+            + (f" ({', '.join(b.name for b in order[:k])})" if k else ""))
+    return replace(plan, message=f"{head}; then {plan.message}")
 
 
 def _budgeted(found: Any, config: FusionConfig, total: int, evaluate: Any, progress: bool,

@@ -36,7 +36,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -396,26 +396,36 @@ def _lam_for(menu: Menu, needed: int) -> float:
 
 def plan_menu(sites: Sequence[Site], load: LoadTensor, config: FusionConfig, params_total: int,
               stats: Calibration | None, actions: Sequence[str], evaluate: Evaluate | None = None,
-              progress: bool = False, probe: Evaluate | None = None) -> FusionPlan:
+              progress: bool = False, probe: Evaluate | None = None, start: FusionPlan | None = None,
+              skip: Collection[str] = ()) -> FusionPlan:
     """The menu's plan for ``config``'s ``target_ratio`` and/or ``max_error``. ``evaluate(plan)``:
     the measured error of the model a plan makes; a budget needs it, and with it the menu's plan
     is also measured against per-layer low rank alone at the same size, and the better one kept
     (the closed form prices each layer's own error, not how errors add up through the model).
     ``probe(plan)``: how far a plan moves the model's outputs (:func:`relative_change`); with it
-    each layer's damage is weighted by its measured sensitivity (:func:`sensitivities`)."""
+    each layer's damage is weighted by its measured sensitivity (:func:`sensitivities`).
+    ``start``: a plan every plan here builds on (whole blocks removed: its ``dropped`` and
+    counts), the layers named in ``skip`` (those inside them) left out; the target counts
+    what ``start`` saved already."""
     base = plan_fusion(sites, load, config.replace(target_ratio=None, threshold=NEVER, max_overshoot=None,
                                                    granularity="tensor"), params_total, progress=progress)
     base = replace(base, target_ratio=config.target_ratio, threshold=None, max_overshoot=None, align="none",
                    residual_rank=0, error_metric=config.error_metric, max_error=config.max_error, message="")
+    if start is not None:
+        base = replace(base, dropped=start.dropped, params_after=start.params_after,
+                       layer_params_after=start.layer_params_after)
     planned = config.replace(granularity="tensor")
+    left = [s for s in sites if s.name not in skip]
     classes = [(key, [s.name for s in members])  # single layers too: per-layer low rank needs no partner
-               for key, members in compatibility_classes(select_sites(sites, planned), config.cross_role).items()]
-    menu = Menu(sites, classes, load, stats, config, actions, progress)
-    scope_before = base.params_before if config.ratio_scope == "model" else base.layer_params_before
-    base = replace(base, max_ratio=scope_before / max(scope_before - menu.ceiling(), 1))
+               for key, members in compatibility_classes(select_sites(left, planned), config.cross_role).items()]
+    menu = Menu(left, classes, load, stats, config, actions, progress)
+    model_scope = config.ratio_scope == "model"
+    scope_before = base.params_before if model_scope else base.layer_params_before
+    scope_start = base.params_after if model_scope else base.layer_params_after
+    base = replace(base, max_ratio=scope_before / max(scope_start - menu.ceiling(), 1))
     needed = None
     if config.target_ratio is not None:
-        needed = max(scope_before - math.floor(scope_before / config.target_ratio), 0)
+        needed = max(scope_start - math.floor(scope_before / config.target_ratio), 0)
     how = "closed-form damage from calibration statistics" if stats is not None else "closed-form weight damage " \
           "(no calibration inputs: inputs taken as white)"
     head = [f"plan menu ({', '.join(actions)}), {how}", *menu.notes]
@@ -514,8 +524,8 @@ def _uniform(base: FusionPlan, menu: Menu, config: FusionConfig, needed: int) ->
         factors.append(Factored((name,), int(rank), cls.key, out, in_, float(curve.damage[at]), menu.stats is not None))
         saved += out * in_ - int(rank) * (out + in_)
     return replace(base, groups=(), factors=tuple(factors), choices=(("all classes", "uniform low rank: one "
-                   "fraction of each layer's full rank"),), params_after=base.params_before - saved,
-                   layer_params_after=base.layer_params_before - saved)
+                   "fraction of each layer's full rank"),), params_after=base.params_after - saved,
+                   layer_params_after=base.layer_params_after - saved)
 
 
 def _bisect(plans: list[FusionPlan], evaluate: Evaluate, budget: float, curve: list,
@@ -554,7 +564,7 @@ def _budgeted(base: FusionPlan, menu: Menu, rivals: Sequence[tuple[str, Callable
         plans, seen = [], set()
         for f in np.linspace(0, 1, _GRID + 1)[1:]:
             plan = make(int(top * f))
-            if plan is not None and plan.params_after not in seen and plan.params_after < base.params_before:
+            if plan is not None and plan.params_after not in seen and plan.params_after < base.params_after:
                 seen.add(plan.params_after)
                 plans.append(plan)
         plans.sort(key=lambda p: -p.params_after)
@@ -620,7 +630,7 @@ def _plan(base: FusionPlan, menu: Menu, lam: float, config: FusionConfig, needed
                                           cls.key, numel, int(curve.params[i]) - numel, damage, int(curve.ranks[i])))
         choices.append((cls.label, _why(cls, cut, picks, lam)))
     plan = replace(base, groups=tuple(groups), factors=tuple(factors), choices=tuple(choices),
-                   params_after=base.params_before - saved, layer_params_after=base.layer_params_before - saved)
+                   params_after=base.params_after - saved, layer_params_after=base.layer_params_after - saved)
     return plan
 
 

@@ -48,11 +48,13 @@ def find_blocks(model: nn.Module, sites: Sequence[Site]) -> list[Block]:
         raise PlanError("depth collapse needs the model as an nn.Module with its blocks (a torch.export graph "
                         "inlines them): pass the module itself")
     holders: dict[str, int] = {}
+    layers: dict[str, list[str]] = {}
     for site in sites:
         name = next((b for b in enclosing(site.name)
                      if isinstance(_get(model, b.rpartition(".")[0]), (nn.ModuleList, nn.Sequential))), None)
         if name is not None:
             holders[name] = holders.get(name, 0) + (0 if site.parts else site.numel)
+            layers.setdefault(name, []).append(site.name)
     owners: dict[int, set[str]] = {}
     for path, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), set()).add(path)
@@ -61,7 +63,7 @@ def find_blocks(model: nn.Module, sites: Sequence[Site]) -> list[Block]:
     blocks = []
     for name in sorted(holders, key=lambda n: order.get(n, len(order))):
         own = sum(numel[i] for i, paths in owners.items() if all(p.startswith(name + ".") for p in paths))
-        blocks.append(Block(name, own, holders[name]))
+        blocks.append(Block(name, own, holders[name], tuple(layers[name])))
     return blocks
 
 

@@ -56,11 +56,13 @@ def _path(node: ir.Node) -> str:
 def find_spans(model: ir.Model, sites: Sequence[Site]) -> list[Span]:
     """The blocks of ``model``'s main graph, in graph order, with their nodes and streams."""
     prefixes: dict[str, int] = {}
+    layers: dict[str, list[str]] = {}
     for site in sites:
         path = _dotted(site.name)
         name = next((p for p in enclosing(path) if p != path), None)  # a layer alone is no block: p2o.Conv.12
         if name is not None:
             prefixes[name] = prefixes.get(name, 0) + (0 if site.parts else site.numel)
+            layers.setdefault(name, []).append(site.name)
     if not prefixes:
         return residual_spans(model, sites)
     graph = model.graph
@@ -89,7 +91,7 @@ def find_spans(model: ir.Model, sites: Sequence[Site]) -> list[Span]:
         leaving = {id(o): o for n in nodes for o in n.outputs
                    if id(o) in outputs or any(id(u.node) not in mine for u in o.uses())}
         params = _own_params(nodes, mine)
-        block = Block(name, params, prefixes[name])
+        block = Block(name, params, prefixes[name], tuple(layers[name]))
         ok = len(stream_in) == 1 and len(leaving) == 1
         spans.append(Span(block, nodes, stream_in[0] if ok else None, next(iter(leaving.values())) if ok else None))
     return spans
@@ -119,8 +121,10 @@ def residual_spans(model: ir.Model, sites: Sequence[Site]) -> list[Span]:
         if not params:
             continue
         body = sorted(body, key=lambda n: index[id(n)]) + [add]
+        inside = _sites_within(body, mine, sites)
         found.append((mine, Span(Block(add.outputs[0].name or f"add.{index[id(add)]}", params,
-                                       _site_params(body, mine, sites)), body, skip, add.outputs[0])))
+                                       sum(s.numel for s in inside), tuple(s.name for s in inside)),
+                                 body, skip, add.outputs[0])))
     return [span for mine, span in found if not any(mine < other for other, _ in found)]
 
 
@@ -160,11 +164,11 @@ def _branch(skip: ir.Value, branch: ir.Value) -> list[ir.Node]:
     return [n for n in seen.values() if reach(n)]
 
 
-def _site_params(nodes: list[ir.Node], mine: set[int], sites: Sequence[Site]) -> int:
-    """Elements of the plannable layers whose tensors only these nodes read."""
+def _sites_within(nodes: list[ir.Node], mine: set[int], sites: Sequence[Site]) -> list[Site]:
+    """The plannable layers whose tensors only these nodes read."""
     own = {v.name for n in nodes for v in n.inputs
            if v is not None and stored(v) is not None and all(id(u.node) in mine for u in v.uses())}
-    return sum(s.numel for s in sites if not s.parts and s.tensors and set(s.tensors) <= own)
+    return [s for s in sites if not s.parts and s.tensors and set(s.tensors) <= own]
 
 
 def _own_params(nodes: list[ir.Node], mine: set[int]) -> int:

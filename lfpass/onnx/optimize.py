@@ -433,13 +433,16 @@ def _rewrite(result: OptimizeResult, model: ir.Model, value_info: Any, kept: Kep
         if where is not None:
             fusion.store = DataFile(where)
         fusion(model)
-    result.params_after = count_params(model)
     if quantize == "none":  # quantizing stores a tied table once its own way (lfpass.onnx.tied)
+        counted = count_params(model)
         laid_out = lay_out_tables(model)
         if laid_out:
+            fewer = counted - count_params(model)
             result.message = "\n".join(m for m in (result.message, f"{len(laid_out)} embedding table(s) stored once, "
                                                     "in their tied head's orientation (onnxruntime held a transposed "
-                                                    "copy)") if m)
+                                                    "copy)" + (f": {fewer} parameters the input stored twice"
+                                                               if fewer else "")) if m)
+    result.params_after = count_params(model)
     result.seconds["rewrite"] = time.perf_counter() - clock
     if quantize != "none":
         clock = time.perf_counter()

@@ -77,11 +77,37 @@ def test_a_budget_removes_as_many_blocks_as_keep_it():
     assert "measured least end to end" in tight.message
 
 
-def test_collapse_is_asked_for_alone_and_needs_calibration_inputs():
-    with pytest.raises(ConfigError, match="'collapse' plans alone"):
+def test_collapse_with_other_actions_needs_a_budget_and_all_need_calibration_inputs():
+    with pytest.raises(ConfigError, match="give max_error"):
         FusionConfig(actions="collapse,lowrank")
+    assert FusionConfig(actions="collapse,lowrank", max_error=0.1).menu(True) == ("lowrank",)
     with pytest.raises(ConfigError, match="need calibration inputs"):
         lfpass.fuse(Net().eval(), FusionConfig(target_ratio=1.2, actions="collapse"))
+
+
+def test_collapse_then_the_menu_removes_the_blocks_the_budget_allows_and_plans_the_rest():
+    """Depth first: the two near-idle blocks go (a third breaks the budget), and low rank on the
+    layers left reaches the target; every plan within the budget, the removed blocks' layers
+    not factored."""
+    model = Net().eval()
+    total = lfpass.unique_parameters(model)
+    config = FusionConfig(target_ratio=1.6, max_error=0.01, actions="collapse,lowrank")
+    fused, plan = lfpass.fuse(model, config, calibration=batches(12))
+    assert set(plan.dropped) == {"blocks.2", "blocks.4"} and plan.factors
+    factored = {m for f in plan.factors for m in f.members}
+    assert not any(m.startswith(("blocks.2.", "blocks.4.")) for m in factored)
+    assert plan.ratio >= 1.6 - 1e-9 and lfpass.unique_parameters(fused) == plan.params_after
+    assert plan.params_after < total - 2 * sum(p.numel() for p in model.blocks[0].parameters())
+    assert plan.error <= 0.01 and "depth first" in plan.message
+    assert all(isinstance(fused.blocks[i], SkipBlock) for i in (2, 4))
+    # with no target: as many blocks as the budget allows, then the menu as far as it goes
+    _, free = lfpass.fuse(model, FusionConfig(target_ratio=None, max_error=0.01, actions="collapse,lowrank"),
+                          calibration=batches(12))
+    assert set(free.dropped) == {"blocks.2", "blocks.4"} and free.factors and free.error <= 0.01
+    # blocks that reach the target alone leave nothing for the menu
+    _, depth = lfpass.fuse(model, FusionConfig(target_ratio=1.4, max_error=0.01, actions="collapse,lowrank"),
+                           calibration=batches(12))
+    assert set(depth.dropped) == {"blocks.2", "blocks.4"} and not depth.factors
 
 
 def test_a_model_without_a_stack_of_residual_blocks_says_so():
