@@ -14,6 +14,10 @@ this measures in one process, interleaved with the original:
 
     python tools/bench_collapse.py --out docs/BENCHMARKS.md --json /tmp/bench_collapse.json   # minutes
     python tools/bench_collapse.py --small                                                   # the test's
+
+With ``--budget E`` it also plans MiniLM three ways within one budget (no target): the plan
+menu alone, depth collapse alone, and collapse with the menu (blocks first, the menu on the
+layers left): what each buys in size and in latency at the same error.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import budget_real as br  # noqa: E402
 from benchlib import publish  # noqa: E402
 
 BEGIN, END = "<!-- bench-collapse:begin -->", "<!-- bench-collapse:end -->"
+BUDGET_PLANS = (("plan menu", "tie,residual,basis,lowrank"), ("collapse", "collapse"),
+                ("collapse + menu", "collapse,tie,residual,basis,lowrank"))
 
 
 def tiny(work: Path, n: int, seed: int) -> tuple[Path, dict[str, np.ndarray], Any]:
@@ -122,8 +128,25 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                      "depth_left": 1 - len(done.plan.dropped) / len(blocks),
                      "fresh": br.error(readout(reference, fresh), readout(got, fresh))})
         print(json.dumps(rows[-1]), flush=True)
+    budget = []
+    for name, actions in (() if args.budget is None else BUDGET_PLANS):
+        out = work / f"budget.{name.replace(' ', '')}.onnx"
+        config = FusionConfig(target_ratio=None, max_error=args.budget, actions=actions,
+                              pooling="none" if args.small else "mean")
+        clock = time.perf_counter()
+        done = lfpass.optimize(path, out, config, inputs=work / "calib.npz", check=False)
+        seconds = time.perf_counter() - clock
+        sessions = {"original": ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]),
+                    "planned": ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])}
+        times = latency(sessions, batch, args.repeat)
+        got = br.run_onnx(out, fresh)
+        budget.append({"plan": name, "actions": actions, "removed": len(done.plan.dropped),
+                       "factored": len(done.plan.factors), "tied": len(done.plan.groups), "ratio": done.ratio,
+                       "latency_ratio": times["planned"] / times["original"], "error": done.plan.error,
+                       "fresh": br.error(readout(reference, fresh), readout(got, fresh)), "seconds": seconds})
+        print(json.dumps(budget[-1]), flush=True)
     return {"model": "tiny residual MLP (the test's)" if args.small else "all-MiniLM-L6-v2 (ONNX, dynamo exporter)",
-            "blocks": len(blocks), "rows": rows}
+            "blocks": len(blocks), "rows": rows, "budget": args.budget, "budget_rows": budget}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -138,6 +161,15 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"| {row['removed']} of {row['of']} ({', '.join(row['blocks'])}) | {row['ratio']:.3f} "
                      f"| {row['latency_original'] * 1e3:.1f} ms | {row['latency'] * 1e3:.1f} ms "
                      f"| **{row['latency_ratio']:.3f}** | {row['depth_left']:.3f} | {row['fresh']:.4f} |")
+    if r.get("budget_rows"):
+        lines += ["", f"One budget, three plans (`--max-error {r['budget']:g}`, no target; the error on the planner's "
+                      "held-out share, then on fresh samples; latency as above):", "",
+                  "| plan | `--actions` | blocks removed | layers factored / ties | ratio (params) | latency ratio "
+                  "| held-out error | fresh error | planning |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in r["budget_rows"]:
+            lines.append(f"| {row['plan']} | `{row['actions']}` | {row['removed']} | {row['factored']} / "
+                         f"{row['tied']} | {row['ratio']:.3f} | **{row['latency_ratio']:.3f}** | {row['error']:.4f} "
+                         f"| {row['fresh']:.4f} | {row['seconds']:.0f} s |")
     return "\n".join([*lines, "", END])
 
 
@@ -145,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="a tiny residual MLP instead of MiniLM: checks the tool")
     p.add_argument("--max-blocks", type=int, default=3)
+    p.add_argument("--budget", type=float, help="also plan within this error: the menu, collapse, both")
     p.add_argument("--calib", type=int, default=128)
     p.add_argument("--fresh", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
