@@ -124,7 +124,8 @@ def retrain_quantized(model: nn.Module, grids: Mapping[str, Grid], task: Task, s
                       progress: bool = True) -> QatResult:
     """Retrain ``model`` in place for ``schedule.steps_per_stage`` steps on ``task`` with the weights
     named in ``grids`` fake-quantized, then round them onto their grids (buffers ``grids`` names, the
-    tables a conversion keeps as constants, are rounded first and stay so). Retraining that measures
+    tables a conversion keeps as constants, are rounded while it trains and is measured, then put
+    back: the quantizer rounds them the same way). Retraining that measures
     worse on ``task``'s held-out samples than rounding alone is undone (the rounded original
     weights are kept, and said)."""
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -135,10 +136,22 @@ def retrain_quantized(model: nn.Module, grids: Mapping[str, Grid], task: Task, s
     if not set(grids) & params:
         raise TrainingError("quantization-aware retraining: no weight to quantize")
     started = time.perf_counter()
-    with torch.no_grad():  # constants (an ONNX file's embedding tables) are not trained: on their grid from now
-        for name in set(grids) & set(buffers):
-            buffers[name].copy_(rounded(buffers[name], grids[name]))
+    tables = {name: buffers[name].detach().clone() for name in set(grids) & set(buffers)}
+    with torch.no_grad():  # constants (an ONNX file's embedding tables) are not trained: on their grid meanwhile
+        for name, value in tables.items():
+            buffers[name].copy_(rounded(value, grids[name]))
     grids = {n: g for n, g in grids.items() if n in params}
+    try:
+        return _retrain(model, grids, task, schedule, progress, started)
+    finally:  # as they were: the quantizer rounds them the same way, and the file keeps them as they came
+        with torch.no_grad():
+            for name, value in tables.items():
+                buffers[name].copy_(value)
+
+
+def _retrain(model: nn.Module, grids: Mapping[str, Grid], task: Task, schedule: Schedule, progress: bool,
+             started: float) -> QatResult:
+    """:func:`retrain_quantized` once the constants are on their grids (``grids``: the parameters')."""
     before = copy.deepcopy(model.state_dict())
     snap(model, grids)
     quality_rounded = task.evaluate(model)["quality"]
