@@ -263,12 +263,11 @@ def _collapsed_then_menu(frontend: Frontend, config: FusionConfig, total: int, b
                                       f"nothing else planned; {depth.message}")
     blocks = {b.name: b for b in frontend.blocks()}
     order = [blocks[name] for name in depth.dropped]
-    start = replace(depth, dropped=(), params_after=depth.params_before, layer_params_after=depth.layer_params_before)
 
-    def menu_after(k: int) -> FusionPlan:
+    def menu_after(k: int) -> FusionPlan:  # the menu's plan with the first k blocks of the order removed
         removed = order[:k]
         return plan_menu(found.plannable, found.load, config, total, stats, actions, evaluate, progress, probe,
-                         start=dropping(start, removed), skip={n for b in removed for n in b.layers})
+                         start=dropping(depth, removed), skip={n for b in removed for n in b.layers})
 
     def reaches(plan: FusionPlan) -> bool:
         return config.target_ratio is None or plan.ratio + 1e-12 >= config.target_ratio
