@@ -320,7 +320,7 @@ def lfpass_row(model: Path, calib: Path, out: Path, flags: list[str], timeout: f
     return row
 
 
-def plan_rows(budgets: list[float]) -> list[dict[str, Any]]:
+def plan_rows(budgets: list[float], distill_steps: int = DISTILL_STEPS) -> list[dict[str, Any]]:
     """Every row of a model, in table order: what it is and the flags that make it. ``budget``
     ``"int8"``: int8 alone's fresh error, measured before the row runs (the same quality)."""
     rows = [{"row": "fp32", "kind": "fp32", "budget": None, "quantize": None},
@@ -329,7 +329,7 @@ def plan_rows(budgets: list[float]) -> list[dict[str, Any]]:
     rows += [{"row": f"lfpass +{q}, quantized alone", "kind": "lfpass", "budget": None, "quantize": q}
              for q in QUANTIZE]
     rows.append({"row": "lfpass +int4, distilled", "kind": "lfpass", "budget": None, "quantize": "int4",
-                 "distill": True})
+                 "distill": distill_steps})
     rows += [{"row": f"lfpass E=int8's +{q}", "kind": "lfpass", "budget": "int8", "quantize": q} for q in QUANTIZE]
     for budget in budgets:
         rows.append({"row": f"lfpass E={budget:g}", "kind": "lfpass", "budget": budget, "quantize": None})
@@ -348,7 +348,7 @@ def flags_of(row: dict[str, Any], extra: list[str], calib: Path) -> list[str]:
         extra = extra[:at] + extra[at + 2:]
     flags = [*goal, "--scope", "model", *extra]
     if row.get("distill"):
-        flags += ["--distill", str(calib), "--steps", str(DISTILL_STEPS), "--lr", f"{DISTILL_LR:g}",
+        flags += ["--distill", str(calib), "--steps", str(row["distill"]), "--lr", f"{DISTILL_LR:g}",
                   "--batch-size", str(DISTILL_BATCH)]
     return flags + (["--quantize", row["quantize"]] if row["quantize"] else [])
 
@@ -388,7 +388,7 @@ def measure_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, 
     reference = readout(br.run_onnx(path, fresh), fresh)
     extra = ["--pooling", "mean"] if name == "minilm" else []
     fp32_bytes, fused, rows = disk_bytes(path), {}, []
-    for row in plan_rows(args.budgets):
+    for row in plan_rows(args.budgets, args.distill_steps):
         if args.only and row["kind"] not in ("fp32", "alone") and not any(o in row["row"] for o in args.only):
             continue
         if row["budget"] == "int8":  # the same quality as int8 alone, as measured on these fresh samples
@@ -586,6 +586,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--calib", type=int, help="calibration samples given to lfpass (default 256, or 64 with --small)")
     p.add_argument("--fresh", type=int, help="samples the error is measured on afterwards (default 256, or 32)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per optimize run")
+    p.add_argument("--distill-steps", type=int, default=DISTILL_STEPS,
+                   help=f"quantization-aware retraining steps of the distilled row (default {DISTILL_STEPS})")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for lfpass (0: leave it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lfpass")
