@@ -216,8 +216,8 @@ def _replace_lookup(graph: ir.Graph, names: FreshNames, gather: ir.Node, form: _
 
 def _lookup(graph: ir.Graph, names: FreshNames, form: _Float | _Int8 | _Blocks, ids: ir.Value,
             base: str) -> tuple[list[ir.Node], ir.Value]:
-    """The nodes that look ``ids`` up in the quantized head, and the value they give (the rows
-    of the table, dequantized, shaped ``ids.shape + [width]``)."""
+    """The nodes that look ``ids`` up in the head's tensor (``form``: float, 8-bit or blocks), and
+    the value they give: the table's rows, dequantized, shaped ``ids.shape + [width]``."""
     made: list[ir.Node] = []
 
     def const(label: str, array: np.ndarray) -> ir.Value:
