@@ -63,6 +63,9 @@ class LfpassFusion(Pass):
             "pooling": PassConfigParam(type_=str, default_value="none",
                                        description="what the error is read on: none, mean (over attention_mask), "
                                                    "cls"),
+            "hold_shared_once": PassConfigParam(type_=bool, default_value=False,
+                                                description="declare shared tensors overridable so onnxruntime "
+                                                            "holds each once, unpacked (less memory, slower)"),
             "calibration_batches": PassConfigParam(type_=int, default_value=0,
                                                    description="batches taken from the data config (0: all)"),
         }
@@ -82,7 +85,8 @@ class LfpassFusion(Pass):
                               quantize=config.quantize, pooling=config.pooling)
         with tempfile.TemporaryDirectory(prefix="lfpass-olive-") as tmp:
             written = Path(tmp) / "fused.onnx"
-            result = optimize(model.model_path, written, fusion, inputs=batches, check=False)
+            result = optimize(model.model_path, written, fusion, inputs=batches, check=False,
+                              hold_shared_once=config.hold_shared_once)
             report = Path(output_model_path).parent / REPORT
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(json.dumps(result.to_dict(), indent=2, default=str))
