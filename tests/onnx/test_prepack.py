@@ -56,3 +56,14 @@ def test_the_cli_writes_a_file_holding_its_shared_tensors_once_even_with_nothing
     assert inputs == ["x", "shared"]
     x = np.random.default_rng(2).standard_normal((2, 16)).astype(np.float32)
     np.testing.assert_array_equal(_run(out, x), _run(path, x))
+
+
+def test_with_distill_the_flag_is_refused_in_one_line(tmp_path, capsys):
+    from lfpass.cli import main
+
+    path = _model(tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.zeros((8, 16), np.float32))
+    assert main(["optimize", str(path), "--distill", str(tmp_path / "c.npz"), "--hold-shared-once"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--hold-shared-once" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.onnx"]  # nothing written
