@@ -39,9 +39,6 @@ import onnx_ir as ir
 from lfpass.onnx.load import read_array
 from lfpass.onnx.rewrite import FreshNames, add_initializer
 
-_FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
-
-
 def find_ties(model: ir.Model) -> dict[str, str]:
     """``Gather`` nodes (by name) whose table is an initializer equal to the transpose of another
     initializer read as a ``MatMul`` weight -> that weight's name. Run after ``prepare`` (heads
@@ -70,7 +67,7 @@ def find_ties(model: ir.Model) -> dict[str, str]:
 
 def _float_matrix(value: ir.Value | None) -> bool:
     return (value is not None and value.is_initializer() and value.const_value is not None
-            and value.const_value.dtype in _FLOATS and len(value.const_value.shape) == 2)
+            and value.const_value.dtype.is_floating_point() and len(value.const_value.shape) == 2)
 
 
 @dataclass
