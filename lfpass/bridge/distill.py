@@ -327,6 +327,7 @@ def _tables(module: torch.nn.Module) -> list[str]:
 
     names = [f"{name}.weight" for name, sub in module.named_modules() if isinstance(sub, torch.nn.Embedding)]
     nodes = module.graph.nodes if isinstance(module, fx.GraphModule) else []
+    held = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     for node in nodes:
         if node.op != "call_module" or type(module.get_submodule(node.target)).__name__ != "OnnxGather":
             continue
@@ -334,9 +335,8 @@ def _tables(module: torch.nn.Module) -> list[str]:
         if getattr(module.get_submodule(node.target), "_axis", 0) != 0 or not isinstance(table, fx.Node) \
                 or table.op != "get_attr":
             continue
-        tensor = module.get_parameter(table.target) if table.target in dict(module.named_parameters()) else \
-            module.get_buffer(table.target)
-        if tensor.dim() == 2 and tensor.is_floating_point():
+        tensor = held.get(table.target)
+        if tensor is not None and tensor.dim() == 2 and tensor.is_floating_point():
             names.append(table.target)
     return names
 

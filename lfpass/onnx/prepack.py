@@ -14,12 +14,16 @@ graph input (an *overridable initializer*, its stored value the default), which
 onnxruntime does not treat as a constant, so no node packs it. The outputs are
 unchanged and no caller needs to feed the new inputs; the price is that the
 nodes reading a shared tensor run on the unpacked layout (GPT-2: 1.18x the
-latency of the packed session, for 0.87x of its memory).
+latency of the packed session, for 0.87x of its memory), with none of the graph
+optimizations that need them constant (onnxruntime says so, one warning per
+tensor, at its default log level).
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
+
+from lfpass.onnx.quantize import lift_constants
 
 # op -> the input holding the weight its kernel pre-packs
 PACKED = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "MatMulInteger": 1, "ConvInteger": 1,
@@ -30,8 +34,10 @@ PACKED = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "MatMulInteger"
 def hold_shared_once(model: ir.Model) -> list[str]:
     """Each initializer that two or more nodes read as a pre-packed weight declared a graph input
     too (its value the default), in place; their names. Tensors ``lfpass`` shares are the ones
-    this finds, but any file's are taken."""
+    this finds, but any file's are taken; weights held in ``Constant`` nodes (as converters
+    write them) become initializers of the same name first."""
     graph = model.graph
+    lift_constants(graph)  # a converter's weights in Constant nodes: only an initializer can be overridden
     readers: dict[str, int] = {}
     for node in graph:
         at = PACKED.get(node.op_type)

@@ -55,7 +55,7 @@ import onnx_ir as ir
 
 from lfpass.core.errors import InputError
 from lfpass.onnx.load import _quiet, read_array
-from lfpass.onnx.rewrite import FreshNames, add_initializer
+from lfpass.onnx.rewrite import FreshNames, add_initializer, take_over
 from lfpass.onnx.save import needs_external
 from lfpass.onnx.tied import find_ties, tie_tables
 
@@ -136,7 +136,7 @@ def prepare(model: ir.Model) -> dict[str, int]:
     nodes on an initializer rewritten as ``MatMul`` (+ ``Add``). Returns how many of each."""
     graph, names = model.graph, FreshNames(model)
     made: dict[tuple[str, tuple[int, ...]], ir.Value] = {}
-    counts = {"constants as initializers": _lift_constants(graph), "transposes folded": 0, "gemms as matmul": 0}
+    counts = {"constants as initializers": lift_constants(graph), "transposes folded": 0, "gemms as matmul": 0}
 
     def transposed(value: ir.Value, perm: tuple[int, ...]) -> ir.Value:
         key = (value.name, perm)
@@ -176,18 +176,18 @@ def prepare(model: ir.Model) -> dict[str, int]:
             graph.insert_before(node, add)
             result = add.outputs[0]
             result.name = names.fresh(f"{out.name}.add")
-        _take_over(graph, out, result)
+        take_over(out, result)
         graph.remove(node, safe=True)
         counts["gemms as matmul"] += 1
     _drop_unused(graph)
     return counts
 
 
-def _lift_constants(graph: ir.Graph) -> int:
+def lift_constants(graph: ir.Graph) -> int:
     """``Constant`` nodes holding a weight (read, directly or through a ``Transpose``, as a
     MatMul/Gemm/Conv weight, or as a Gather's table; as converters such as Paddle2ONNX write them)
-    become initializers
-    of the same name: the quantizers take initializers only."""
+    become initializers of the same name (the quantizers take initializers only; onnxruntime
+    treats both as constants). How many were lifted."""
     lifted = 0
     for node in list(graph):
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or "value" not in node.attributes:
@@ -213,14 +213,6 @@ def _read_as_weight(value: ir.Value) -> bool:
     or a Gather's table."""
     return any(_read_as_weight(u.node.outputs[0]) if u.node.op_type == "Transpose"
                else _WEIGHTED.get(u.node.op_type, _TABLES.get(u.node.op_type)) == u.idx for u in value.uses())
-
-
-def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """``new`` stands for ``old`` everywhere, graph outputs (and their names) included."""
-    name, shape, dtype = old.name, old.shape, old.type
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = None
-    new.name, new.shape, new.type = name, shape, dtype
 
 
 def _initializer(value: ir.Value | None) -> bool:

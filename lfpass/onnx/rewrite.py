@@ -73,6 +73,14 @@ def _as_array(merged: np.ndarray, like: ir.TensorProtocol) -> np.ndarray:
     return np.ascontiguousarray(merged)
 
 
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """``new`` stands for ``old`` everywhere, graph outputs included, under ``old``'s name, shape and type."""
+    name, shape, dtype = old.name, old.shape, old.type
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name, new.shape, new.type = name, shape, dtype
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, store: Store = in_memory) -> ir.Value:
     tensor = store(array, name)
     value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)

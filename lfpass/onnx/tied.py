@@ -37,7 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lfpass.onnx.load import read_array
-from lfpass.onnx.rewrite import FreshNames, add_initializer
+from lfpass.onnx.rewrite import FreshNames, add_initializer, take_over
 
 def find_ties(model: ir.Model) -> dict[str, str]:
     """``Gather`` nodes (by name) whose table is an initializer equal to the transpose of another
@@ -141,11 +141,8 @@ def tie_tables(model: ir.Model, ties: Mapping[str, str]) -> dict[str, str]:
         form = _quantized_head(graph, head)
         if gather is None or form is None:
             continue
-        table = gather.inputs[0]
+        done[gather.inputs[0].name] = head
         _replace_lookup(graph, names, gather, form)
-        if not table.uses() and table.name in graph.initializers:
-            del graph.initializers[table.name]
-        done[table.name] = head
     return done
 
 
@@ -157,7 +154,6 @@ def lay_out_tables(model: ir.Model) -> dict[str, str]:
     read the transposed initializer and the lookups gather its columns; the values are the
     same, bit for bit. The tables laid out so -> their transposed initializer's name."""
     graph, names = model.graph, FreshNames(model)
-    done: dict[str, str] = {}
     tables = [v for v in graph.initializers.values() if _float_matrix(v)]
     for table in tables:
         users = list(table.uses())
@@ -166,23 +162,16 @@ def lay_out_tables(model: ir.Model) -> dict[str, str]:
                       and all(v.node.op_type == "MatMul" and v.idx == 1 for v in u.node.outputs[0].uses())]
         if not gathers or not transposes or len(gathers) + len(transposes) != len(users):
             continue
-        array = np.ascontiguousarray(read_array(table.const_value).T)
-        head = add_initializer(graph, names.fresh(f"{table.name}.T"), array)
-        for node in transposes:
+        head = add_initializer(graph, names.fresh(f"{table.name}.T"),
+                               np.ascontiguousarray(read_array(table.const_value).T))
+        for node in transposes:  # the head reads a transposed initializer: the table is then tied by value
             node.outputs[0].replace_all_uses_with(head)
             graph.remove(node, safe=True)
-        for user in gathers:
-            _replace_lookup(graph, names, user, _Float(head))
-        if not table.uses():
-            del graph.initializers[table.name]
-        done[table.name] = head.name
+    done: dict[str, str] = {}
     nodes = {n.name: n for n in graph}
-    for gather, head in find_ties(model).items():  # the legacy exporter's tie: two initializers, equal
-        table = nodes[gather].inputs[0]
+    for gather, head in find_ties(model).items():  # the legacy exporter's tie too: two initializers, equal
+        done[nodes[gather].inputs[0].name] = head
         _replace_lookup(graph, names, nodes[gather], _Float(graph.initializers[head]))
-        if not table.uses():
-            del graph.initializers[table.name]
-        done[table.name] = head
     return done
 
 
@@ -199,16 +188,16 @@ def _swaps(node: ir.Node) -> bool:
 
 
 def _replace_lookup(graph: ir.Graph, names: FreshNames, gather: ir.Node, form: _Float | _Int8 | _Blocks) -> None:
-    """``gather`` (a lookup in a table) replaced by the same lookup in ``form``, its output's name kept."""
+    """``gather`` (a lookup in a table) replaced by the same lookup in ``form``, its output's name
+    kept; the table dropped once nothing reads it."""
+    table = gather.inputs[0]
     new, out = _lookup(graph, names, form, gather.inputs[1], gather.name)
     for node in new:
         graph.insert_before(gather, node)
-    old = gather.outputs[0]
-    name, shape, dtype = old.name, old.shape, old.type
-    old.replace_all_uses_with(out, replace_graph_outputs=True)
-    old.name = None
-    out.name, out.shape, out.type = name, shape, dtype
+    take_over(gather.outputs[0], out)
     graph.remove(gather, safe=True)
+    if not table.uses() and table.name in graph.initializers:
+        del graph.initializers[table.name]
 
 
 def _lookup(graph: ir.Graph, names: FreshNames, form: _Float | _Int8 | _Blocks, ids: ir.Value,

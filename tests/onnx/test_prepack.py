@@ -45,6 +45,22 @@ def test_only_the_shared_tensor_becomes_overridable_and_the_outputs_stay(tmp_pat
     assert hold_shared_once(model) == []  # marked once
 
 
+def test_a_converters_shared_weight_in_a_constant_node_is_held_once_too(tmp_path):
+    """Converters (Paddle2ONNX) write weights as Constant nodes, which cannot be overridden: the
+    shared one becomes an initializer of the same name first."""
+    proto = onnx.load(_model(tmp_path / "m.onnx"))
+    shared = next(t for t in proto.graph.initializer if t.name == "shared")
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["shared"], value=shared))
+    proto.graph.initializer.remove(shared)
+    path = tmp_path / "converter.onnx"
+    onnx.save(proto, path)
+    x = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float32)
+    model = ir.load(path)
+    assert hold_shared_once(model) == ["shared"]
+    assert not any(n.op_type == "Constant" for n in model.graph)
+    np.testing.assert_array_equal(_run(model, x), _run(path, x))
+
+
 def test_the_cli_writes_a_file_holding_its_shared_tensors_once_even_with_nothing_to_fuse(tmp_path):
     path = _model(tmp_path / "m.onnx")
     out = tmp_path / "held.onnx"
